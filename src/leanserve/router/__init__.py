@@ -1,0 +1,1 @@
+"""Smart scheduling across replicas: routing policies, an OpenAI-compatible proxy, an autoscaler."""
