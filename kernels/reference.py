@@ -1,0 +1,132 @@
+"""Plain-torch references for the paged-attention kernels.
+
+These are the semantics every backend must reproduce, and the attention path the CPU runner uses.
+Layouts (shared with the Triton kernels in this folder):
+
+- ``k_cache``/``v_cache``: ``[num_blocks, block_size, num_kv_heads, head_dim]``, one pair per layer.
+- ``block_tables``: ``[num_seqs, max_blocks_per_seq]`` int32; entry ``j`` of row ``b`` is the physical
+  block holding tokens ``j*block_size .. (j+1)*block_size-1`` of sequence ``b``. Unused entries may
+  hold anything (they are never read past ``context_lens``).
+- ``context_lens``: ``[num_seqs]`` int32, the number of tokens of each sequence whose K/V are in the
+  cache, *including* the tokens of the current step (their K/V are written before attention runs).
+- ``slot_mapping``: ``[num_tokens]`` int64, the flat slot ``block * block_size + offset`` of each new
+  token; ``-1`` marks a padding token whose K/V must not be written.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def write_kv_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Scatter ``key``/``value`` ``[num_tokens, num_kv_heads, head_dim]`` into their cache slots."""
+    num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
+    valid = slot_mapping >= 0
+    if not bool(valid.all()):
+        key, value, slot_mapping = key[valid], value[valid], slot_mapping[valid]
+    flat_k = k_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
+    flat_v = v_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
+    flat_k.index_copy_(0, slot_mapping, key.to(k_cache.dtype))
+    flat_v.index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+
+
+def gather_kv(
+    cache: torch.Tensor, block_tables: torch.Tensor, max_context_len: int
+) -> torch.Tensor:
+    """Read ``[num_seqs, max_context_len, num_kv_heads, head_dim]`` from the cache via the block table."""
+    block_size = cache.shape[1]
+    num_blocks_needed = (max_context_len + block_size - 1) // block_size
+    tables = block_tables[:, :num_blocks_needed].long()
+    gathered = cache[tables]  # [num_seqs, blocks, block_size, kv_heads, head_dim]
+    num_seqs = tables.shape[0]
+    return gathered.reshape(num_seqs, num_blocks_needed * block_size, *cache.shape[2:])[
+        :, :max_context_len
+    ]
+
+
+def paged_decode_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    max_context_len: int | None = None,
+) -> torch.Tensor:
+    """One query token per sequence: ``query [num_seqs, num_heads, head_dim]`` -> same shape.
+
+    Grouped-query attention: query head ``h`` reads KV head ``h // (num_heads // num_kv_heads)``.
+    """
+    num_seqs, num_heads, head_dim = query.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    if max_context_len is None:
+        max_context_len = int(context_lens.max())
+    keys = gather_kv(k_cache, block_tables, max_context_len)  # [S, L, KVH, D]
+    values = gather_kv(v_cache, block_tables, max_context_len)
+    compute_dtype = torch.float32 if query.dtype != torch.float64 else torch.float64
+    # [S, KVH, G, D] @ [S, KVH, D, L] -> [S, KVH, G, L]; no repeat of K/V for the groups.
+    q = query.view(num_seqs, num_kv_heads, group, head_dim).to(compute_dtype)
+    k = keys.permute(0, 2, 3, 1).to(compute_dtype)
+    scores = torch.matmul(q, k) * scale
+    positions = torch.arange(max_context_len, device=query.device)
+    padding = positions[None, :] >= context_lens[:, None].to(positions.dtype)  # [S, L]
+    scores.masked_fill_(padding[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    v = values.permute(0, 2, 1, 3).to(compute_dtype)  # [S, KVH, L, D]
+    out = torch.matmul(probs, v)  # [S, KVH, G, D]
+    return out.reshape(num_seqs, num_heads, head_dim).to(query.dtype)
+
+
+def paged_prefill_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention for a chunk of new tokens per sequence, variable lengths in one call.
+
+    ``query [total_new_tokens, num_heads, head_dim]`` holds the sequences' chunks back to back;
+    ``cu_seqlens_q [num_seqs + 1]`` their offsets. The chunk of sequence ``b`` occupies positions
+    ``context_lens[b] - q_len_b .. context_lens[b] - 1``; each of its tokens attends to every cached
+    key at or before its own position (the cached prefix plus the chunk, causally).
+    """
+    num_heads, _head_dim = query.shape[1], query.shape[2]
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(query)
+    starts = cu_seqlens_q.tolist()
+    lens = context_lens.tolist()
+    compute_dtype = torch.float32 if query.dtype != torch.float64 else torch.float64
+    for b in range(len(lens)):
+        q_start, q_end, ctx = starts[b], starts[b + 1], lens[b]
+        q_len = q_end - q_start
+        if q_len == 0:
+            continue
+        keys = gather_kv(k_cache, block_tables[b : b + 1], ctx)[0]  # [L, KVH, D]
+        values = gather_kv(v_cache, block_tables[b : b + 1], ctx)[0]
+        q = query[q_start:q_end].transpose(0, 1).to(compute_dtype)  # [H, Q, D]
+        k = keys.transpose(0, 1).to(compute_dtype)  # [KVH, L, D]
+        v = values.transpose(0, 1).to(compute_dtype)
+        q_positions = torch.arange(ctx - q_len, ctx, device=query.device)
+        k_positions = torch.arange(ctx, device=query.device)
+        allowed = k_positions[None, :] <= q_positions[:, None]  # [Q, L]
+        attn = torch.nn.functional.scaled_dot_product_attention(
+            q.unsqueeze(0),
+            k.unsqueeze(0),
+            v.unsqueeze(0),
+            attn_mask=allowed,
+            scale=scale,
+            enable_gqa=group > 1,
+        )[0]
+        out[q_start:q_end] = attn.transpose(0, 1).to(query.dtype)
+    return out

@@ -1,0 +1,336 @@
+"""The synchronous engine: add requests, call ``step()`` until they finish.
+
+One step = schedule a batch, run it through the model, then apply the sampled tokens: detokenize,
+check stop conditions, free what finished. ``AsyncEngine`` drives this loop on a background thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from leanserve.engine.block_manager import BlockManager
+from leanserve.engine.config import EngineConfig
+from leanserve.engine.detokenizer import IncrementalDetokenizer
+from leanserve.engine.scheduler import Scheduler, SchedulerConfig
+from leanserve.engine.sequence import FinishReason, Sequence, SequenceStatus
+from leanserve.model.config import ModelConfig
+from leanserve.model.loader import load_model
+from leanserve.model.runner import ModelRunner, StepSeq, allocate_kv_cache
+from leanserve.model.sampler import SampleRequest
+from leanserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+_CPU_KV_CAP_BYTES = 4 << 30
+
+
+class RequestError(ValueError):
+    """A request the engine cannot take (too long, malformed); the API turns it into a 400."""
+
+    def __init__(self, message: str, code: str | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.param = param
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request (incremental: only what is new)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    text_delta: str
+    logprobs: list[TokenLogprob] | None
+    finished: bool
+    finish_reason: str | None
+    stop_reason: str | int | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_cached_tokens: int
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # sent once, with the first output
+    arrival_time: float = 0.0
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    num_preemptions: int = 0
+
+
+@dataclass
+class StepStats:
+    """What the last step did, for metrics and the overhead report."""
+
+    num_seqs: int = 0
+    num_prefill_tokens: int = 0
+    num_decode_tokens: int = 0
+    num_preempted: int = 0
+    step_seconds: float = 0.0
+    forward_seconds: float = 0.0
+
+
+def _available_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    with open("/proc/meminfo") as f:
+        info = dict(line.split(":", 1) for line in f)
+    return int(info["MemAvailable"].strip().split()[0]) * 1024
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, progress: bool = False) -> None:
+        from leanserve.model.embedded import resolve_model_path
+
+        self.config = config
+        self.device = config.resolve_device()
+        self.dtype = config.resolve_dtype(self.device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
+        torch.manual_seed(config.seed)
+        self.model_dir = Path(resolve_model_path(config.model, config.cache_dir))
+        self.model_config = ModelConfig.from_pretrained(self.model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.model = load_model(self.model_dir, self.device, self.dtype, progress=progress)
+        self.weight_bytes = sum(
+            t.numel() * t.element_size() for t in [*self.model.parameters(), *self.model.buffers()]
+        )
+        self.eos_token_ids = set(self.model_config.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(self.tokenizer.eos_token_id)
+
+        num_blocks = self._num_kv_blocks()
+        bs = config.block_size
+        self.max_model_len = min(
+            config.max_model_len or self.model_config.max_position_embeddings,
+            self.model_config.max_position_embeddings,
+            num_blocks * bs,
+        )
+        kv = allocate_kv_cache(self.model_config, num_blocks, bs, self.dtype, self.device)
+        self.runner = ModelRunner(self.model, kv, bs, self.device)
+        self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                enable_chunked_prefill=config.enable_chunked_prefill,
+            ),
+            self.block_manager,
+        )
+        self.seqs: dict[str, Sequence] = {}
+        self.detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self.last_step = StepStats()
+        logger.info(
+            "KV cache: %d blocks = %d tokens = max concurrency %.1f at full context (%d tokens)",
+            num_blocks, num_blocks * bs, num_blocks * bs / self.max_model_len, self.max_model_len,
+        )
+
+    def _num_kv_blocks(self) -> int:
+        c = self.config
+        bytes_per_block = self.model_config.kv_bytes_per_token(self.dtype.itemsize) * c.block_size
+        budget = c.kv_cache_memory
+        if isinstance(budget, float) and budget <= 1.0:
+            budget = int(budget * _available_memory(self.device))
+            if self.device.type == "cpu":
+                budget = min(budget, _CPU_KV_CAP_BYTES)
+        num_blocks = int(budget) // bytes_per_block
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_memory={c.kv_cache_memory} holds no {bytes_per_block}-byte block")
+        return num_blocks
+
+    # ---- requests -------------------------------------------------------------------------------
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_token_ids:
+            raise RequestError("the prompt is empty", param="prompt")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"token ids out of range [0, {vocab}): {bad[:5]}", param="prompt")
+        total = len(prompt_token_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise RequestError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you "
+                f"requested {total} tokens ({len(prompt_token_ids)} in the prompt, {params.max_tokens} "
+                "for the completion). Please reduce the prompt or max_tokens.",
+                code="context_length_exceeded",
+                param="max_tokens",
+            )
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        priority: int = 0,
+        arrival_time: float | None = None,
+    ) -> None:
+        if request_id in self.seqs:
+            raise RequestError(f"duplicate request id {request_id!r}")
+        self.validate(prompt_token_ids, params)
+        seq = Sequence(request_id, list(prompt_token_ids), params, priority=priority)
+        if arrival_time is not None:
+            seq.arrival_time = arrival_time
+        if params.prompt_logprobs is not None:
+            seq.prompt_logprobs = [None]  # the first prompt token has no prediction
+        self.seqs[request_id] = seq
+        self.detokenizers[request_id] = IncrementalDetokenizer(
+            self.tokenizer,
+            seq.prompt_token_ids,
+            stop=list(params.stop),
+            include_stop_str_in_output=params.include_stop_str_in_output,
+            skip_special_tokens=params.skip_special_tokens,
+        )
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        seq = self.seqs.get(request_id)
+        if seq is None:
+            return None
+        self._finish(seq, FinishReason.ABORT)
+        return self._output(seq, [], None)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        start = time.perf_counter()
+        batch = self.scheduler.schedule()
+        stats = StepStats(num_preempted=len(batch.preempted))
+        if not batch:
+            self.last_step = stats
+            return []
+        now = time.monotonic()
+        step_seqs = []
+        for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=False):
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = now
+            reaches_end = seq.num_computed_tokens + num_new == len(seq.token_ids)
+            want_prompt = (
+                seq.prompt_logprobs is not None
+                and len(seq.prompt_logprobs) == seq.num_computed_tokens + 1
+                and seq.num_computed_tokens < seq.num_prompt_tokens - 1
+            )
+            step_seqs.append(
+                StepSeq(
+                    token_ids=seq.token_ids,
+                    num_computed=seq.num_computed_tokens,
+                    num_new=num_new,
+                    block_table=seq.block_table,
+                    num_prompt_tokens=seq.num_prompt_tokens,
+                    sample=SampleRequest(seq.params, seq.prompt_token_ids, seq.output_token_ids)
+                    if reaches_end
+                    else None,
+                    prompt_logprobs=seq.params.prompt_logprobs if want_prompt else None,
+                )
+            )
+            if num_new == 1:
+                stats.num_decode_tokens += 1
+            else:
+                stats.num_prefill_tokens += num_new
+        forward_start = time.perf_counter()
+        results = self.runner.execute(step_seqs)
+        stats.forward_seconds = time.perf_counter() - forward_start
+        outputs = []
+        now = time.monotonic()
+        for seq, num_new, result in zip(batch.seqs, batch.num_new_tokens, results, strict=False):
+            seq.num_computed_tokens += num_new
+            if result.prompt_logprobs:
+                seq.prompt_logprobs.extend(
+                    TokenLogprob(seq.token_ids[len(seq.prompt_logprobs)], lp, top)
+                    for lp, top in result.prompt_logprobs
+                )
+            if result.token_id is None:
+                self.block_manager.cache_full_blocks(seq)
+                continue
+            if seq.params.max_tokens == 0:  # prompt scoring only (echo with max_tokens=0)
+                self._finish(seq, FinishReason.LENGTH)
+                outputs.append(self._output(seq, [], None))
+                continue
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            token = result.token_id
+            seq.token_ids.append(token)
+            seq.output_logprobs.append(result.logprob)
+            logprob = TokenLogprob(token, result.logprob, result.top_logprobs or [])
+            self.block_manager.cache_full_blocks(seq)
+            reason = self._check_stop(seq, token)
+            if reason is not None:
+                self._finish(seq, reason)
+            outputs.append(
+                self._output(seq, [token], [logprob] if seq.params.logprobs is not None else None)
+            )
+        stats.num_seqs = len(batch.seqs)
+        stats.step_seconds = time.perf_counter() - start
+        self.last_step = stats
+        return outputs
+
+    def _check_stop(self, seq: Sequence, token: int) -> FinishReason | None:
+        p = seq.params
+        stop_string = self.detokenizers[seq.request_id].add_token(token)
+        if stop_string is not None:
+            seq.stop_reason = stop_string
+            return FinishReason.STOP
+        if seq.num_output_tokens >= p.min_tokens:
+            if not p.ignore_eos and token in self.eos_token_ids:
+                seq.stop_reason = token
+                return FinishReason.STOP
+            if token in p.stop_token_ids:
+                seq.stop_reason = token
+                return FinishReason.STOP
+        if seq.num_output_tokens >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        self.scheduler.remove(seq)
+
+    def _output(
+        self, seq: Sequence, new_tokens: list[int], logprobs: list[TokenLogprob] | None
+    ) -> RequestOutput:
+        finished = seq.is_finished
+        detok = self.detokenizers[seq.request_id]
+        out = RequestOutput(
+            request_id=seq.request_id,
+            new_token_ids=new_tokens,
+            text_delta=detok.take_delta(finished),
+            logprobs=logprobs,
+            finished=finished,
+            finish_reason=seq.finish_reason.value if finished else None,
+            stop_reason=seq.stop_reason,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_output_tokens=seq.num_output_tokens,
+            num_cached_tokens=seq.num_cached_tokens,
+            arrival_time=seq.arrival_time,
+            first_scheduled_time=seq.first_scheduled_time,
+            first_token_time=seq.first_token_time,
+            num_preemptions=seq.num_preemptions,
+        )
+        if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
+            out.prompt_logprobs = seq.prompt_logprobs
+            seq.prompt_logprobs_sent = True
+        if finished:
+            del self.seqs[seq.request_id]
+            del self.detokenizers[seq.request_id]
+        return out

@@ -1,0 +1,135 @@
+"""Continuous batching: which sequences run in the next forward pass, and how many tokens each.
+
+Every step has a token budget (``max_num_batched_tokens``) and a sequence cap (``max_num_seqs``).
+Running sequences go first, in priority order: a decode costs one token, an unfinished prefill takes
+the next chunk that fits the budget (chunked prefill), so a long prompt never stalls everyone's next
+token. Then waiting sequences are admitted while blocks, budget and the cap allow. A sequence leaves
+the moment it finishes. When a running sequence needs a block and none is free, the lowest-priority,
+latest-arrived running sequence is preempted: its blocks are freed and it returns to the head of the
+queue to be recomputed later (its tokens so far are kept, so its output is unchanged).
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from leanserve.engine.block_manager import BlockManager
+from leanserve.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    enable_chunked_prefill: bool = True
+    # Blocks kept free at admission so that running sequences can grow without instant preemption.
+    watermark_blocks: int = 1
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    def __bool__(self) -> bool:
+        return bool(self.seqs)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: list[Sequence] = []  # sorted by (priority, arrival)
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+        self._preempted_this_step: list[Sequence] = []
+
+    # ---- queue ----------------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        keys = [s.sort_key for s in self.waiting]
+        self.waiting.insert(bisect.bisect_right(keys, seq.sort_key), seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take ``seq`` out of the queues and free its blocks (finish or abort)."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- one step -------------------------------------------------------------------------------
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.config.max_num_batched_tokens
+        self.running.sort(key=lambda s: s.sort_key)
+        scheduled: set[int] = set()
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            if not self._make_room_for(seq, scheduled):
+                continue  # seq itself was preempted; the list shifted under i
+            self.block_manager.append_slot(seq)
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(num_new)
+            scheduled.add(id(seq))
+            budget -= num_new
+            i += 1
+        batch.preempted = self._preempted_this_step
+        self._preempted_this_step = []
+        if batch.preempted:
+            return batch  # memory is tight: admit nobody until it eases
+        self._admit(batch, budget)
+        return batch
+
+    def _make_room_for(self, seq: Sequence, scheduled: set[int]) -> bool:
+        """Preempt until ``seq`` can take its next slot; False if ``seq`` itself had to go."""
+        while not self.block_manager.can_append(seq):
+            victim = max(
+                (s for s in self.running if id(s) not in scheduled), key=lambda s: s.sort_key
+            )
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self._preempted_this_step.append(seq)
+        self.add(seq)
+
+    def _admit(self, batch: ScheduledBatch, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            reserve = self.config.watermark_blocks if self.running else 0
+            if not self.block_manager.can_allocate(seq, reserve=reserve):
+                break
+            self.block_manager.allocate(seq)
+            num_new = seq.num_uncomputed_tokens
+            if num_new > budget and not self.config.enable_chunked_prefill:
+                if batch.seqs:
+                    self.block_manager.free(seq)
+                    break
+                # Without chunking, a prompt over the budget still has to run whole, alone.
+                budget = num_new
+            num_new = min(num_new, budget)
+            self.waiting.pop(0)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(num_new)
+            budget -= num_new

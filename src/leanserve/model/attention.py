@@ -1,0 +1,109 @@
+"""Attention over the paged KV cache, behind one interface for every device.
+
+The runner describes each step with an ``AttentionMetadata``: the step's tokens are laid out with all
+single-token decodes first (batched into one paged-decode call) and then the prefill chunks back to
+back (one variable-length paged-prefill call). The backend writes the step's K/V into the cache, then
+attends. On CUDA the ops are Triton kernels; elsewhere the plain-torch references.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from leanserve.kernels import reference
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [num_tokens] int64
+    num_decode_tokens: int
+    decode_block_tables: torch.Tensor  # [num_decodes, max_blocks] int32
+    decode_context_lens: torch.Tensor  # [num_decodes] int32
+    decode_max_context_len: int
+    prefill_block_tables: torch.Tensor  # [num_prefills, max_blocks] int32
+    prefill_cu_seqlens_q: torch.Tensor  # [num_prefills + 1] int32
+    prefill_context_lens: torch.Tensor  # [num_prefills] int32
+    # True when no prefill chunk has cached context before it: attention needs only the chunk itself.
+    prefill_is_fresh: bool
+
+
+@dataclass(frozen=True)
+class AttentionOps:
+    write_kv_cache: object
+    paged_decode_attention: object
+    paged_prefill_attention: object
+
+
+def attention_ops_for(device: torch.device) -> AttentionOps:
+    """Triton kernels on CUDA when they are importable; the torch references otherwise."""
+    if device.type == "cuda":
+        try:
+            from leanserve.kernels import backend
+
+            ops = backend.get_attention_ops(device)
+            return AttentionOps(ops.write_kv_cache, ops.paged_decode_attention, ops.paged_prefill_attention)
+        except ImportError:
+            pass
+    return AttentionOps(
+        reference.write_kv_cache, reference.paged_decode_attention, reference.paged_prefill_attention
+    )
+
+
+class PagedAttention:
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, ops: AttentionOps) -> None:
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = head_dim**-0.5
+        self.ops = ops
+
+    def __call__(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """``query [T, H, D]``, ``key``/``value [T, KVH, D]`` -> ``[T, H, D]``."""
+        self.ops.write_kv_cache(key, value, k_cache, v_cache, meta.slot_mapping)
+        n_dec = meta.num_decode_tokens
+        if n_dec == query.shape[0]:
+            return self.ops.paged_decode_attention(
+                query, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens,
+                self.scale, meta.decode_max_context_len,
+            )
+        out = torch.empty_like(query)
+        if n_dec:
+            out[:n_dec] = self.ops.paged_decode_attention(
+                query[:n_dec], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens,
+                self.scale, meta.decode_max_context_len,
+            )
+        if meta.prefill_is_fresh and query.device.type == "cpu":
+            # No cached prefix: attend to the chunk's own K/V and skip gathering it back from the cache.
+            out[n_dec:] = self._fresh_prefill(query[n_dec:], key[n_dec:], value[n_dec:], meta)
+        else:
+            out[n_dec:] = self.ops.paged_prefill_attention(
+                query[n_dec:], k_cache, v_cache, meta.prefill_block_tables,
+                meta.prefill_cu_seqlens_q, meta.prefill_context_lens, self.scale,
+            )
+        return out
+
+    def _fresh_prefill(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        out = torch.empty_like(query)
+        bounds = meta.prefill_cu_seqlens_q.tolist()
+        gqa = self.num_heads != self.num_kv_heads
+        for start, end in zip(bounds[:-1], bounds[1:], strict=False):
+            q = query[start:end].transpose(0, 1).unsqueeze(0)
+            k = key[start:end].transpose(0, 1).unsqueeze(0)
+            v = value[start:end].transpose(0, 1).unsqueeze(0)
+            attn = torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa
+            )
+            out[start:end] = attn[0].transpose(0, 1)
+        return out

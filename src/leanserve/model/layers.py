@@ -1,0 +1,112 @@
+"""Building blocks of a Llama-family decoder: norms, rotary embedding, linear layers with fused shards."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` that can hold several checkpoint matrices stacked along its output dimension.
+
+    Fusing q/k/v (and gate/up) into one matmul halves the number of GEMM launches per layer, which is
+    what bounds small-batch decode on CPU. ``shard_sizes`` lists the output width of each stacked
+    checkpoint tensor; ``load_shard`` copies one of them into place.
+    """
+
+    def __init__(
+        self, in_features: int, shard_sizes: list[int], bias: bool, dtype: torch.dtype | None = None
+    ) -> None:
+        super().__init__(in_features, sum(shard_sizes), bias=bias, dtype=dtype)
+        self.shard_sizes = shard_sizes
+
+    def load_shard(self, param_name: str, shard: int, tensor: torch.Tensor) -> None:
+        param: torch.Tensor = getattr(self, param_name)
+        start = sum(self.shard_sizes[:shard])
+        size = self.shard_sizes[shard]
+        if tensor.shape[0] != size or tensor.shape[1:] != param.shape[1:]:
+            raise ValueError(
+                f"shard {shard} of {param_name}: expected {(size, *param.shape[1:])}, "
+                f"got {tuple(tensor.shape)}"
+            )
+        with torch.no_grad():
+            param[start : start + size].copy_(tensor)
+
+
+LinearFactory = Any  # (in_features, shard_sizes, bias, prefix) -> nn.Module with load_shard
+
+
+def default_linear_factory(dtype: torch.dtype):
+    def make(in_features: int, shard_sizes: list[int], bias: bool, prefix: str) -> nn.Module:
+        return Linear(in_features, shard_sizes, bias=bias, dtype=dtype)
+
+    return make
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
+    factor = scaling["factor"]
+    low_freq_factor = scaling.get("low_freq_factor", 1.0)
+    high_freq_factor = scaling.get("high_freq_factor", 4.0)
+    old_context = scaling["original_max_position_embeddings"]
+    low_freq_wavelen = old_context / low_freq_factor
+    high_freq_wavelen = old_context / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding in the "rotate half" layout Hugging Face Llama checkpoints use."""
+
+    def __init__(
+        self,
+        head_dim: int,
+        max_position: int,
+        base: float,
+        scaling: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        kind = None if scaling is None else scaling.get("rope_type", scaling.get("type"))
+        if kind == "linear":
+            inv_freq = inv_freq / scaling["factor"]
+        elif kind == "llama3":
+            inv_freq = _llama3_inv_freq(inv_freq, scaling)
+        elif kind is not None:
+            raise NotImplementedError(f"rope scaling {kind!r} is not supported (linear, llama3 are)")
+        positions = torch.arange(max_position, dtype=torch.float64)
+        freqs = torch.outer(positions, inv_freq)
+        # cos/sin kept as [max_position, head_dim // 2]; the halves share them.
+        self.register_buffer("cos", freqs.cos().float(), persistent=False)
+        self.register_buffer("sin", freqs.sin().float(), persistent=False)
+
+    def forward(
+        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate ``query [T, H, D]`` and ``key [T, KVH, D]`` by their token positions ``[T]``."""
+        cos = self.cos[positions].unsqueeze(1)
+        sin = self.sin[positions].unsqueeze(1)
+        return _rotate(query, cos, sin), _rotate(key, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)

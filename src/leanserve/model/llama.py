@@ -1,0 +1,199 @@
+"""A Llama-family decoder (Llama, Mistral, Qwen2) over flattened, variable-length batches.
+
+Every forward pass takes the step's tokens back to back (``input_ids [T]``, ``positions [T]``) with no
+padding; sequence boundaries live in the ``AttentionMetadata``. Parameter names follow Hugging Face
+checkpoints, except that q/k/v and gate/up are fused (``qkv_proj``, ``gate_up_proj``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from leanserve.model.attention import AttentionMetadata, AttentionOps, PagedAttention
+from leanserve.model.config import ModelConfig
+from leanserve.model.layers import LinearFactory, RMSNorm, RotaryEmbedding
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
+# checkpoint module name -> (our fused module name, shard index)
+_STACKED = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+    "o_proj": ("o_proj", 0),
+    "down_proj": ("down_proj", 0),
+}
+
+
+class LlamaAttention(nn.Module):
+    def __init__(
+        self, config: ModelConfig, linear: LinearFactory, ops: AttentionOps, prefix: str
+    ) -> None:
+        super().__init__()
+        h, kvh, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.q_size, self.kv_size = h * d, kvh * d
+        self.num_heads, self.num_kv_heads, self.head_dim = h, kvh, d
+        self.qkv_proj = linear(
+            config.hidden_size, [h * d, kvh * d, kvh * d], config.attention_bias, f"{prefix}.qkv_proj"
+        )
+        self.o_proj = linear(h * d, [config.hidden_size], False, f"{prefix}.o_proj")
+        self.attn = PagedAttention(h, kvh, d, ops)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+        rotary: RotaryEmbedding,
+    ) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        q, k = rotary(positions, q, k)
+        out = self.attn(q, k, v, kv_cache[0], kv_cache[1], meta)
+        return self.o_proj(out.view(num_tokens, self.q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: ModelConfig, linear: LinearFactory, prefix: str) -> None:
+        super().__init__()
+        if config.hidden_act != "silu":
+            raise NotImplementedError(f"activation {config.hidden_act!r} (only silu is supported)")
+        inter = config.intermediate_size
+        self.intermediate_size = inter
+        self.gate_up_proj = linear(
+            config.hidden_size, [inter, inter], config.mlp_bias, f"{prefix}.gate_up_proj"
+        )
+        self.down_proj = linear(inter, [config.hidden_size], config.mlp_bias, f"{prefix}.down_proj")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(
+        self, config: ModelConfig, linear: LinearFactory, ops: AttentionOps, prefix: str
+    ) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, linear, ops, f"{prefix}.self_attn")
+        self.mlp = LlamaMLP(config, linear, f"{prefix}.mlp")
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+        rotary: RotaryEmbedding,
+    ) -> torch.Tensor:
+        hidden = hidden + self.self_attn(
+            positions, self.input_layernorm(hidden), kv_cache, meta, rotary
+        )
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig, linear: LinearFactory, ops: AttentionOps) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, linear, ops, f"model.layers.{i}")
+            for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig, linear: LinearFactory, ops: AttentionOps) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config, linear, ops)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary = self._make_rotary()
+
+    def _make_rotary(self) -> RotaryEmbedding:
+        c = self.config
+        with torch.device("cpu"):
+            return RotaryEmbedding(c.head_dim, c.max_position_embeddings, c.rope_theta, c.rope_scaling)
+
+    def reset_buffers(self, device: torch.device) -> None:
+        """Rebuild the rotary tables after the model was materialised from the meta device."""
+        self.rotary = self._make_rotary().to(device)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Final hidden states ``[T, hidden]`` (normed) for the step's tokens."""
+        hidden = self.model.embed_tokens(input_ids)
+        for layer, kv_cache in zip(self.model.layers, kv_caches, strict=False):
+            hidden = layer(positions, hidden, kv_cache, meta, self.rotary)
+        return self.model.norm(hidden)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = (
+            self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+        )
+        return F.linear(hidden, weight).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy checkpoint tensors (Hugging Face names) into this model; fail on anything missing."""
+        modules = dict(self.named_modules())
+        params = dict(self.named_parameters())
+        # Every expected (module, param, shard) must arrive exactly once.
+        expected: set[tuple[str, str, int]] = set()
+        for name, module in modules.items():
+            if hasattr(module, "load_shard"):
+                # Quantized layers keep int tensors as buffers and name them in checkpoint_tensors.
+                names = getattr(module, "checkpoint_tensors", None) or [
+                    p for p, _ in module.named_parameters(recurse=False)
+                ]
+                for param_name in names:
+                    for shard in range(len(module.shard_sizes)):
+                        expected.add((name, param_name, shard))
+            elif not any(True for _ in module.children()):
+                for param_name, _ in module.named_parameters(recurse=False):
+                    expected.add((name, param_name, 0))
+        for name, tensor in weights:
+            if "rotary_emb" in name:
+                continue
+            if name == "lm_head.weight" and self.config.tie_word_embeddings:
+                continue
+            module_path, _, param_name = name.rpartition(".")
+            parent, _, leaf = module_path.rpartition(".")
+            if leaf in _STACKED:
+                fused, shard = _STACKED[leaf]
+                target = f"{parent}.{fused}"
+                if target not in modules:
+                    raise KeyError(f"checkpoint tensor {name} has no place in the model")
+                modules[target].load_shard(param_name, shard, tensor)
+                key = (target, param_name, shard)
+            else:
+                if name not in params:
+                    raise KeyError(f"checkpoint tensor {name} has no place in the model")
+                param = params[name]
+                if param.shape != tensor.shape:
+                    raise ValueError(f"{name}: expected {tuple(param.shape)}, got {tuple(tensor.shape)}")
+                with torch.no_grad():
+                    param.copy_(tensor)
+                key = (module_path, param_name, 0)
+            expected.discard(key)
+        if expected:
+            missing = sorted(f"{m}.{p}[{s}]" for m, p, s in expected)
+            raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:5]}")

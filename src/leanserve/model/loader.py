@@ -1,0 +1,79 @@
+"""Build a model from a Hugging Face checkpoint folder (safetensors, sharded or not)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from leanserve.model.attention import attention_ops_for
+from leanserve.model.config import ModelConfig
+from leanserve.model.layers import LinearFactory, default_linear_factory
+from leanserve.model.llama import LlamaForCausalLM
+
+logger = logging.getLogger(__name__)
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [model_dir / s for s in shards]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors files in {model_dir}")
+    return files
+
+
+def iterate_weights(model_dir: Path, progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    files = checkpoint_files(model_dir)
+    names = []
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            names.extend((path, key) for key in f.keys())
+    bar = tqdm(total=len(names), desc="loading weights", unit="tensor", disable=not progress)
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+                bar.update()
+    bar.close()
+
+
+def linear_factory_for(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> LinearFactory:
+    quant = config.quantization
+    if quant is None:
+        return default_linear_factory(dtype)
+    if quant.get("quant_method") == "awq":
+        from leanserve.quant.awq_linear import awq_linear_factory
+
+        return awq_linear_factory(quant, dtype, device)
+    raise NotImplementedError(f"quantization method {quant.get('quant_method')!r} is not supported")
+
+
+def load_model(
+    model_dir: str | Path, device: torch.device, dtype: torch.dtype, progress: bool = False
+) -> LlamaForCausalLM:
+    model_dir = Path(model_dir)
+    config = ModelConfig.from_pretrained(model_dir)
+    linear = linear_factory_for(config, dtype, device)
+    # Build on the meta device so no time goes into random init of weights we overwrite anyway.
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config, linear, attention_ops_for(device))
+    model = model.to_empty(device=device)
+    for param in model.parameters():
+        if param.is_floating_point():
+            param.data = param.data.to(dtype)
+    model.reset_buffers(device)
+    model.load_weights(iterate_weights(model_dir, progress))
+    if hasattr(linear, "finalize"):
+        linear.finalize(model)
+    model.eval().requires_grad_(False)
+    n_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    logger.info("loaded %s: %.1f MB of weights on %s (%s)", model_dir.name, n_bytes / 1e6, device, dtype)
+    return model

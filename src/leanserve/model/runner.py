@@ -1,0 +1,167 @@
+"""Runs one engine step through the model: lay out the batch, forward, pick logits, sample.
+
+The runner owns the model and the KV cache tensors. It knows nothing of queues or requests: the
+engine hands it, per sequence, the tokens to compute this step and the block table to put them in.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from leanserve.model.attention import AttentionMetadata
+from leanserve.model.config import ModelConfig
+from leanserve.model.llama import KVCache, LlamaForCausalLM
+from leanserve.model.sampler import Sampler, SampleRequest, compute_top_logprobs
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepSeq:
+    """One sequence's share of a step."""
+
+    token_ids: list[int]
+    num_computed: int  # tokens already in the KV cache
+    num_new: int  # tokens computed this step: token_ids[num_computed : num_computed + num_new]
+    block_table: list[int]
+    num_prompt_tokens: int
+    sample: SampleRequest | None  # None while the chunk stops short of the last known token
+    prompt_logprobs: int | None = None  # top-k alternatives wanted for prompt tokens in this chunk
+
+
+@dataclass
+class StepResult:
+    token_id: int | None = None
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    # For prompt tokens num_computed+1 .. (within the prompt): (logprob of that token, top-k)
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+
+
+def allocate_kv_cache(
+    config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+) -> list[KVCache]:
+    shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
+    return [
+        (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        for _ in range(config.num_hidden_layers)
+    ]
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        kv_caches: list[KVCache],
+        block_size: int,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.device = device
+        self.sampler = Sampler()
+
+    @torch.inference_mode()
+    def execute(self, seqs: list[StepSeq]) -> list[StepResult]:
+        # Decodes first so they form one batched paged-decode call; prefill chunks after them.
+        order = sorted(range(len(seqs)), key=lambda i: seqs[i].num_new != 1)
+        ordered = [seqs[i] for i in order]
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        bs = self.block_size
+        for s in ordered:
+            start, end = s.num_computed, s.num_computed + s.num_new
+            input_ids.extend(s.token_ids[start:end])
+            positions.extend(range(start, end))
+            table = s.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+        meta = self._attention_metadata(ordered, slots)
+        dev = self.device
+        hidden = self.model(
+            torch.tensor(input_ids, device=dev),
+            torch.tensor(positions, device=dev),
+            self.kv_caches,
+            meta,
+        )
+        return self._sample(ordered, order, hidden)
+
+    def _attention_metadata(self, ordered: list[StepSeq], slots: list[int]) -> AttentionMetadata:
+        dev = self.device
+        decodes = [s for s in ordered if s.num_new == 1]
+        prefills = ordered[len(decodes) :]
+
+        def tables(group: list[StepSeq]) -> torch.Tensor:
+            width = max((len(s.block_table) for s in group), default=0)
+            rows = [s.block_table + [0] * (width - len(s.block_table)) for s in group]
+            return torch.tensor(rows, dtype=torch.int32, device=dev).reshape(len(group), width)
+
+        decode_lens = [s.num_computed + 1 for s in decodes]
+        cu = [0]
+        for s in prefills:
+            cu.append(cu[-1] + s.num_new)
+        return AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            num_decode_tokens=len(decodes),
+            decode_block_tables=tables(decodes),
+            decode_context_lens=torch.tensor(decode_lens, dtype=torch.int32, device=dev),
+            decode_max_context_len=max(decode_lens, default=0),
+            prefill_block_tables=tables(prefills),
+            prefill_cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
+            prefill_context_lens=torch.tensor(
+                [s.num_computed + s.num_new for s in prefills], dtype=torch.int32, device=dev
+            ),
+            prefill_is_fresh=all(s.num_computed == 0 for s in prefills),
+        )
+
+    def _sample(
+        self, ordered: list[StepSeq], order: list[int], hidden: torch.Tensor
+    ) -> list[StepResult]:
+        results = [StepResult() for _ in ordered]
+        offsets = []
+        offset = 0
+        for s in ordered:
+            offsets.append(offset)
+            offset += s.num_new
+        sample_rows = [i for i, s in enumerate(ordered) if s.sample is not None]
+        if sample_rows:
+            last = torch.tensor(
+                [offsets[i] + ordered[i].num_new - 1 for i in sample_rows], device=self.device
+            )
+            logits = self.model.compute_logits(hidden.index_select(0, last))
+            out = self.sampler(logits, [ordered[i].sample for i in sample_rows])
+            for j, i in enumerate(sample_rows):
+                results[i].token_id = out.token_ids[j]
+                results[i].logprob = out.logprobs[j]
+                results[i].top_logprobs = out.top_logprobs[j]
+        for i, s in enumerate(ordered):
+            if s.prompt_logprobs is not None:
+                chunk = hidden[offsets[i] : offsets[i] + s.num_new]
+                results[i].prompt_logprobs = self._prompt_logprobs(s, chunk)
+        unordered = [StepResult()] * len(ordered)
+        for pos, original in enumerate(order):
+            unordered[original] = results[pos]
+        return unordered
+
+    def _prompt_logprobs(
+        self, s: StepSeq, hidden: torch.Tensor
+    ) -> list[tuple[float, list[tuple[int, float]]]]:
+        # Position p predicts token p + 1; keep those predictions that land inside the prompt.
+        num = min(s.num_new, s.num_prompt_tokens - 1 - s.num_computed)
+        if num <= 0:
+            return []
+        logprobs = torch.log_softmax(self.model.compute_logits(hidden[:num]), dim=-1)
+        targets = torch.tensor(
+            s.token_ids[s.num_computed + 1 : s.num_computed + 1 + num], device=self.device
+        )
+        chosen = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
+        if s.prompt_logprobs:
+            ids, values = compute_top_logprobs(logprobs, s.prompt_logprobs)
+            tops = [list(zip(i, v, strict=False)) for i, v in zip(ids, values, strict=False)]
+        else:
+            tops = [[] for _ in range(num)]
+        return list(zip(chosen, tops, strict=False))
