@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from leanserve.engine.detokenizer import IncrementalDetokenizer
+
+TEXT = "Héllo, wörld! 你好世界 🙂🚀 The quick brown fox — jumps over 12,345 lazy dogs.\n  Indented line."
+
+
+@pytest.fixture(scope="module")
+def tokenizer(embedded_model_dir: Path):
+    return AutoTokenizer.from_pretrained(embedded_model_dir)
+
+
+def stream(tokenizer, text: str, prompt: str = "Say:", **kwargs) -> tuple[IncrementalDetokenizer, str, str | None]:
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    detok = IncrementalDetokenizer(tokenizer, prompt_ids, **kwargs)
+    streamed, hit = "", None
+    for token in tokenizer(text, add_special_tokens=False)["input_ids"]:
+        hit = detok.add_token(token)
+        streamed += detok.take_delta(finished=hit is not None)
+        if hit is not None:
+            break
+    streamed += detok.take_delta(finished=True)
+    return detok, streamed, hit
+
+
+def test_incremental_text_equals_full_decode(tokenizer) -> None:
+    detok, streamed, _ = stream(tokenizer, TEXT)
+    full = tokenizer.decode(tokenizer(TEXT, add_special_tokens=False)["input_ids"])
+    assert detok.text == full and streamed == full
+
+
+def test_stop_string_is_cut_and_never_streamed(tokenizer) -> None:
+    detok, streamed, hit = stream(tokenizer, TEXT, stop=["brown fox"])
+    assert hit == "brown fox"
+    assert streamed == detok.text
+    assert streamed.endswith("The quick ") and "brown" not in streamed
+
+
+def test_earliest_stop_wins_and_can_be_included(tokenizer) -> None:
+    detok, streamed, hit = stream(tokenizer, TEXT, stop=["lazy", "wörld"], include_stop_str_in_output=True)
+    assert hit == "wörld" and streamed == "Héllo, wörld"
+
+
+def test_streaming_holds_back_a_possible_stop_prefix(tokenizer) -> None:
+    prompt_ids = tokenizer("x")["input_ids"]
+    detok = IncrementalDetokenizer(tokenizer, prompt_ids, stop=["STOP"])
+    seen = ""
+    for token in tokenizer(" abc ST", add_special_tokens=False)["input_ids"]:
+        assert detok.add_token(token) is None
+        seen += detok.take_delta(finished=False)
+    assert "ST" not in seen  # might still become STOP
+    assert detok.take_delta(finished=True).endswith("ST")

@@ -1,0 +1,83 @@
+"""Engine behaviour beyond greedy equality: stopping, aborting, seeds, validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from leanserve.engine.config import EngineConfig
+from leanserve.engine.llm_engine import LLMEngine, RequestError
+from leanserve.sampling_params import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama_dir: Path) -> LLMEngine:
+    return LLMEngine(EngineConfig(model=str(tiny_llama_dir), kv_cache_memory=1 << 20, max_model_len=256))
+
+
+def run(engine: LLMEngine, requests: dict[str, tuple[list[int], SamplingParams]]) -> dict[str, list]:
+    for rid, (prompt, params) in requests.items():
+        engine.add_request(rid, prompt, params)
+    outs: dict[str, list] = {rid: [] for rid in requests}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outs[out.request_id].append(out)
+    return outs
+
+
+def test_max_tokens_and_length_finish(engine: LLMEngine) -> None:
+    outs = run(engine, {"a": ([5, 6, 7], SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True))})
+    tokens = [t for o in outs["a"] for t in o.new_token_ids]
+    assert len(tokens) == 9 and outs["a"][-1].finish_reason == "length" and outs["a"][-1].finished
+    assert engine.block_manager.num_used_blocks == 0
+
+
+def test_stop_token_ids_end_the_request(engine: LLMEngine) -> None:
+    free = run(engine, {"f": ([5, 6, 7], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))})
+    tokens = [t for o in free["f"] for t in o.new_token_ids]
+    stop_at = tokens[4]
+    cut = run(engine, {"s": ([5, 6, 7], SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=[stop_at]))})
+    got = [t for o in cut["s"] for t in o.new_token_ids]
+    assert got == tokens[: tokens.index(stop_at) + 1]
+    assert cut["s"][-1].finish_reason == "stop" and cut["s"][-1].stop_reason == stop_at
+
+
+def test_seed_reproducible_whatever_the_batch(engine: LLMEngine) -> None:
+    params = SamplingParams(max_tokens=10, temperature=1.0, seed=123, ignore_eos=True)
+    alone = run(engine, {"x": ([9, 8, 7], params)})
+    crowd = run(
+        engine,
+        {
+            "y": ([9, 8, 7], params),
+            **{f"n{i}": ([i + 3, 4, 5, 6], SamplingParams(max_tokens=7, temperature=1.0)) for i in range(5)},
+        },
+    )
+    assert [t for o in alone["x"] for t in o.new_token_ids] == [t for o in crowd["y"] for t in o.new_token_ids]
+
+
+def test_abort_frees_blocks_and_reports(engine: LLMEngine) -> None:
+    engine.add_request("z", list(range(3, 60)), SamplingParams(max_tokens=50, ignore_eos=True))
+    engine.step()
+    assert engine.block_manager.num_used_blocks > 0
+    out = engine.abort_request("z")
+    assert out is not None and out.finished and out.finish_reason == "abort"
+    assert engine.block_manager.num_used_blocks == 0 and not engine.has_unfinished_requests()
+
+
+def test_context_length_is_enforced_with_a_clear_error(engine: LLMEngine) -> None:
+    with pytest.raises(RequestError) as info:
+        engine.add_request("long", [5] * 250, SamplingParams(max_tokens=10))
+    assert info.value.code == "context_length_exceeded"
+    assert "256" in str(info.value) and "260" in str(info.value)
+    with pytest.raises(RequestError):
+        engine.add_request("bad", [5, 10_000], SamplingParams())
+    with pytest.raises(RequestError):
+        engine.add_request("empty", [], SamplingParams())
+
+
+def test_echo_scoring_with_zero_max_tokens(engine: LLMEngine) -> None:
+    outs = run(engine, {"e": ([5, 6, 7, 8], SamplingParams(max_tokens=0, prompt_logprobs=0))})
+    last = outs["e"][-1]
+    assert last.finished and last.new_token_ids == [] and last.num_output_tokens == 0
+    assert [p.token_id for p in outs["e"][0].prompt_logprobs[1:]] == [6, 7, 8]
