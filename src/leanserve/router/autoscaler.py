@@ -2,8 +2,11 @@
 
 Policy
 ------
-Sizing. Demand is the fleet's outstanding requests (running + waiting). A replica is sized to run
-`replica_concurrency * target_utilisation` of them, so `needed = ceil(demand / that)`. The headroom
+Sizing. Demand D is the fleet's outstanding requests (running + waiting). A replica is sized to run
+`replica_concurrency * target_utilisation` of them, plus square-root staffing for Poisson noise:
+`needed = ceil((D + noise_headroom * sqrt(D)) / (replica_concurrency * target_utilisation))`. A small
+fleet's load is noisier relative to its capacity, so it gets relatively more headroom; without it,
+scaling in to one or two replicas put the p95 right back over the up threshold. The headroom
 (1 - target_utilisation) absorbs bursts while new replicas cold-start.
 
 Scale up (checked on every observation, subject to `up_cooldown_s` since the last scale-up) when
@@ -13,7 +16,8 @@ any pressure signal crosses its *up* threshold:
   * KV usage > `up_kv_usage`, or utilisation > `up_utilisation`.
 The new count is `max(needed, current + 1)`, at most `max_step_up` above current. The `+1` step
 (a latency or KV signal with no queue to size from) is only taken once every replica asked for
-earlier is ready: while replicas cold-start the symptoms persist, and stacking +1s would overshoot.
+earlier has been ready for `settle_s`: while replicas cold-start, and until their effect shows in
+the recent-latency window, the symptoms persist, and stacking +1s on them would overshoot.
 
 Scale down (subject to `down_cooldown_s` since the last change of either direction) only when
 every observation in the last `down_window_s` was calm: no signal above its *down* threshold
@@ -21,6 +25,14 @@ every observation in the last `down_window_s` was calm: no signal above its *dow
 count is the `needed` for the *largest* demand in that window, at most `max_step_down` below
 current. The gap between up and down thresholds, the window's maximum, and the longer down
 cooldown are the hysteresis that keeps the count from flapping.
+
+Flap guard. Demand measured in concurrent requests is not invariant to the fleet size (fewer
+replicas serve each request more slowly, so more are outstanding), so a scale-in can be wrong.
+A pressure scale-up within `flap_window_s` of a scale-in marks it so: scaling in to that size
+again is held off for `flap_hold_s`, doubling on each repeat (up to 4x). Borderline load settles
+one replica above the size that proved too small instead of oscillating. The hold is one replica
+above that size, never the (possibly burst-sized) count the scale-up reached, so a burst that
+follows a scale-in costs at most one replica-hold.
 
 Floor. Never below `min_replicas` (the warm pool: replicas kept up so a burst has somewhere to go
 during a cold start) nor below any `ScheduledPeak` whose window, opened `lead_s` early, covers the
@@ -75,19 +87,23 @@ class AutoscalerConfig:
     e2e_p95_target_s: float = 10.0
     # Up thresholds (any one) ...
     up_queue_per_replica: float = 2.0
-    up_latency_ratio: float = 0.8
+    up_latency_ratio: float = 0.9
     up_kv_usage: float = 0.9
     up_utilisation: float = 0.8
     # ... and down thresholds (all of them, over the whole down window).
     down_queue_per_replica: float = 0.0
-    down_latency_ratio: float = 0.5
+    down_latency_ratio: float = 0.75
     down_kv_usage: float = 0.6
     down_utilisation: float = 0.4
     up_cooldown_s: float = 30.0
     down_cooldown_s: float = 300.0
     down_window_s: float = 300.0
     max_step_up: int = 4
-    max_step_down: int = 1
+    max_step_down: int = 2
+    settle_s: float = 60.0  # about the latency window: how long new capacity takes to show in a p95
+    noise_headroom: float = 1.0  # square-root staffing factor (0 = size on the mean alone)
+    flap_window_s: float = 3600.0
+    flap_hold_s: float = 1800.0
     schedule: tuple[ScheduledPeak, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -114,6 +130,12 @@ class Autoscaler:
         self._last_change = -math.inf
         self._window: deque[FleetMetrics] = deque()
         self._first_t: float | None = None
+        self._ready_since: float | None = None  # when the fleet first reached `desired` since a change
+        self._last_down = -math.inf
+        self._last_down_to = 0
+        self._hold_floor = 0  # flap guard: no scale-in below this ...
+        self._hold_until = -math.inf  # ... until then
+        self._hold_s = config.flap_hold_s
 
     def _clamp(self, n: int, floor: int) -> int:
         return max(floor, min(self.config.max_replicas, n))
@@ -124,7 +146,8 @@ class Autoscaler:
 
     def needed(self, demand: float) -> int:
         c = self.config
-        return max(1, math.ceil(demand / (c.replica_concurrency * c.target_utilisation)))
+        padded = demand + c.noise_headroom * math.sqrt(max(demand, 0.0))
+        return max(1, math.ceil(padded / (c.replica_concurrency * c.target_utilisation)))
 
     def _pressure(self, m: FleetMetrics) -> str | None:
         c = self.config
@@ -163,11 +186,16 @@ class Autoscaler:
         floor = self.floor(m.t)
         current = self.desired
         new, reason = current, "steady"
+        if m.replicas < current:
+            self._ready_since = None
+        elif self._ready_since is None:
+            self._ready_since = m.t
+        settled = self._ready_since is not None and m.t - self._ready_since >= c.settle_s
 
         pressure = self._pressure(m)
         if pressure and m.t - self._last_up >= c.up_cooldown_s:
             target = self.needed(m.queue_depth + m.running)
-            if m.replicas >= current:  # everything asked for is up: a blind +1 is safe
+            if settled:  # everything asked for is up and showing in the signals: a blind +1 is safe
                 target = max(target, current + 1)
             target = min(target, current + c.max_step_up)
             if target > current:
@@ -180,6 +208,8 @@ class Autoscaler:
         ):
             peak_demand = max(w.queue_depth + w.running for w in self._window)
             target = max(self.needed(peak_demand), current - c.max_step_down)
+            if m.t < self._hold_until:
+                target = max(target, self._hold_floor)
             if target < current:
                 new, reason = target, "down:calm"
 
@@ -189,9 +219,20 @@ class Autoscaler:
         if new != current:
             if new > current:
                 self._last_up = m.t
+                self._ready_since = None
+                if reason.startswith("up:") and m.t - self._last_down <= c.flap_window_s:
+                    self._hold_after_flap(m.t, self._last_down_to + 1)
+            else:
+                self._last_down, self._last_down_to = m.t, new
             self._last_change = m.t
             self.desired, self.last_reason = new, reason
         return Decision(self.desired, reason if new != current else "steady")
+
+    def _hold_after_flap(self, t: float, size: int) -> None:
+        # A flap soon after the last hold ended means the load is still borderline: hold longer.
+        recent = t < self._hold_until + self._hold_s
+        self._hold_s = min(self._hold_s * 2, 4 * self.config.flap_hold_s) if recent else self.config.flap_hold_s
+        self._hold_floor, self._hold_until = size, t + self._hold_s
 
     def _window_covers(self, t: float) -> bool:
         # Scale in only on a full window of evidence, never on the first calm sample after a start.

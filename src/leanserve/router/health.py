@@ -8,7 +8,7 @@ from leanserve.router.replica import ReplicaState, parse_load_metrics
 
 
 def record_check(r: ReplicaState, ok: bool, eject_after: int, readmit_after: int) -> str | None:
-    """Update the streak counters; returns "ejected" or "readmitted" when the state flips.
+    """Update the streak counters; returns "ejected", "admitted" or "readmitted" when the state flips.
 
     Requiring a streak both ways keeps one dropped probe from ejecting a busy replica and one lucky
     probe from readmitting a crash-looping one.
@@ -18,12 +18,14 @@ def record_check(r: ReplicaState, ok: bool, eject_after: int, readmit_after: int
         r.consecutive_successes += 1
         if not r.healthy and r.consecutive_successes >= readmit_after:
             r.healthy = True
-            return "readmitted"
+            # A replica is on probation until its first passing check; that is no *re*admission.
+            return "readmitted" if r.ejections else "admitted"
     else:
         r.consecutive_successes = 0
         r.consecutive_failures += 1
         if r.healthy and r.consecutive_failures >= eject_after:
             r.healthy = False
+            r.ejections += 1
             return "ejected"
     return None
 

@@ -173,6 +173,8 @@ class Router:
         elif change == "readmitted":
             log.info("readmitting %s", r.url)
             self.metrics.readmissions.labels(r.url).inc()
+        elif change == "admitted":
+            log.info("admitting %s", r.url)
         if change:
             self.metrics.healthy.set(sum(x.healthy for x in self.replicas))
 

@@ -51,6 +51,7 @@ class ReplicaState:
     in_flight_at_poll: int = 0
     consecutive_failures: int = 0
     consecutive_successes: int = 0
+    ejections: int = 0
     ttfb: LatencyWindow = field(default_factory=LatencyWindow, repr=False)
     e2e: LatencyWindow = field(default_factory=LatencyWindow, repr=False)
 

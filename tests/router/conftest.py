@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+# The helpers sit beside the tests; make them importable whatever pytest's import mode.
+sys.path.insert(0, str(Path(__file__).parent))
+
+from router_fakes import FakeReplica, ServerThread  # noqa: E402
+
+from leanserve.router.app import create_app  # noqa: E402
+from leanserve.router.proxy import RouterConfig  # noqa: E402
+
+
+@pytest.fixture
+def fleet() -> Iterator[Callable[..., tuple[list[FakeReplica], list[ServerThread]]]]:
+    """Start fake replicas; all are stopped at teardown."""
+    servers: list[ServerThread] = []
+
+    def start(*replicas: FakeReplica) -> tuple[list[FakeReplica], list[ServerThread]]:
+        started = [ServerThread(r.app()).start() for r in replicas]
+        servers.extend(started)
+        return list(replicas), started
+
+    yield start
+    for s in servers:
+        with contextlib.suppress(Exception):
+            s.stop()
+
+
+@pytest.fixture
+def router_server() -> Iterator[Callable[..., ServerThread]]:
+    """Start a router (real uvicorn, real sockets) over the given config; stopped at teardown."""
+    servers: list[ServerThread] = []
+
+    def start(config: RouterConfig) -> ServerThread:
+        server = ServerThread(create_app(config)).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for s in servers:
+        s.stop()
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.02)

@@ -1,0 +1,119 @@
+"""Fake replicas (small FastAPI apps) and a uvicorn-in-a-thread runner on a free loopback port."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+
+class ServerThread:
+    """Runs an ASGI app under uvicorn on 127.0.0.1 on a port the OS picked."""
+
+    def __init__(self, app) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=1)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def start(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("server did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=5)
+        self.sock.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class FakeReplica:
+    """A stand-in for `leanserve serve` whose behaviour a test flips at run time."""
+
+    name: str
+    healthy: bool = True
+    fail_status: int | None = None  # answer completions with this status instead
+    drop_before_first_chunk: bool = False  # streaming: send 200 headers, then die before any byte
+    waiting: int = 0
+    running: int = 0
+    kv_usage: float = 0.0
+    expose_metrics: bool = True
+    stream_gate: threading.Event | None = None  # when set, each chunk after the first waits for it
+    chunks: int = 3
+    hits: int = 0
+    hit_paths: list[str] = field(default_factory=list)
+
+    def app(self) -> FastAPI:
+        app = FastAPI()
+
+        @app.get("/health")
+        async def health():
+            return JSONResponse({"ok": self.healthy}, status_code=200 if self.healthy else 503)
+
+        @app.get("/metrics")
+        async def metrics():
+            if not self.expose_metrics:
+                return PlainTextResponse("# nothing here\n")
+            return PlainTextResponse(
+                "# HELP vllm:num_requests_waiting Waiting.\n# TYPE vllm:num_requests_waiting gauge\n"
+                f'vllm:num_requests_waiting{{model_name="m"}} {self.waiting}\n'
+                "# HELP vllm:num_requests_running Running.\n# TYPE vllm:num_requests_running gauge\n"
+                f'vllm:num_requests_running{{model_name="m"}} {self.running}\n'
+                "# HELP vllm:kv_cache_usage_perc KV.\n# TYPE vllm:kv_cache_usage_perc gauge\n"
+                f'vllm:kv_cache_usage_perc{{model_name="m"}} {self.kv_usage}\n'
+            )
+
+        @app.get("/v1/models")
+        async def models():
+            self.hits += 1
+            return {"object": "list", "data": [{"id": "fake", "object": "model", "owned_by": self.name}]}
+
+        async def complete(request: Request):
+            self.hits += 1
+            self.hit_paths.append(request.url.path)
+            body = await request.json()
+            if self.fail_status is not None:
+                return JSONResponse({"error": {"message": "busy", "type": "overloaded", "param": None,
+                                               "code": None}}, status_code=self.fail_status)
+            if not body.get("stream"):
+                return {"id": "cmpl-1", "object": "text_completion", "model": "fake",
+                        "choices": [{"index": 0, "text": self.name, "finish_reason": "stop"}]}
+            return StreamingResponse(self._events(), media_type="text/event-stream")
+
+        app.add_api_route("/v1/completions", complete, methods=["POST"])
+        app.add_api_route("/v1/chat/completions", complete, methods=["POST"])
+        return app
+
+    async def _events(self):
+        if self.drop_before_first_chunk:
+            raise RuntimeError("replica died after sending headers")
+        for i in range(self.chunks):
+            if i and self.stream_gate is not None:
+                while not self.stream_gate.is_set():
+                    await asyncio.sleep(0.005)
+                self.stream_gate.clear()
+            data = {"choices": [{"index": 0, "text": f"{self.name}-{i}"}]}
+            yield f"data: {json.dumps(data)}\n\n".encode()
+        yield b"data: [DONE]\n\n"
