@@ -42,7 +42,9 @@ def gather_kv(
     """Read ``[num_seqs, max_context_len, num_kv_heads, head_dim]`` from the cache via the block table."""
     block_size = cache.shape[1]
     num_blocks_needed = (max_context_len + block_size - 1) // block_size
-    tables = block_tables[:, :num_blocks_needed].long()
+    # Entries past a sequence's own context may hold anything (e.g. -1 padding, stale ids): clamp so
+    # they index a real block; whatever they read is masked out by the callers.
+    tables = block_tables[:, :num_blocks_needed].long().clamp_(0, cache.shape[0] - 1)
     gathered = cache[tables]  # [num_seqs, blocks, block_size, kv_heads, head_dim]
     num_seqs = tables.shape[0]
     return gathered.reshape(num_seqs, num_blocks_needed * block_size, *cache.shape[2:])[
@@ -62,6 +64,7 @@ def paged_decode_attention(
     """One query token per sequence: ``query [num_seqs, num_heads, head_dim]`` -> same shape.
 
     Grouped-query attention: query head ``h`` reads KV head ``h // (num_heads // num_kv_heads)``.
+    A sequence with ``context_lens == 0`` gets zeros.
     """
     num_seqs, num_heads, head_dim = query.shape
     num_kv_heads = k_cache.shape[2]
@@ -79,6 +82,10 @@ def paged_decode_attention(
     padding = positions[None, :] >= context_lens[:, None].to(positions.dtype)  # [S, L]
     scores.masked_fill_(padding[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
+    # A sequence with no context attends to nothing: zeros, not the NaN of an all -inf softmax.
+    probs.masked_fill_((context_lens == 0)[:, None, None, None], 0.0)
+    # Slots past a context (unwritten cache memory) may hold NaN/inf, and 0 * NaN = NaN: zero them.
+    values = values.masked_fill(padding[:, :, None, None], 0.0)
     v = values.permute(0, 2, 1, 3).to(compute_dtype)  # [S, KVH, L, D]
     out = torch.matmul(probs, v)  # [S, KVH, G, D]
     return out.reshape(num_seqs, num_heads, head_dim).to(query.dtype)

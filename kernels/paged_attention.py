@@ -1,0 +1,462 @@
+"""Triton paged attention: split-KV decode (flash-decoding) and variable-length causal prefill.
+
+Semantics and layouts are those of ``reference.paged_decode_attention`` / ``paged_prefill_attention``
+(read ``reference.py`` first). Both kernels gather K/V through the block table a tile of ``BLOCK_N``
+tokens at a time (each token row of ``head_dim`` values is contiguous, so the gather stays coalesced)
+and run an online softmax in fp32 with base-2 exponentials (the scale is pre-multiplied by log2(e)).
+Q.K and P.V use ``tl.dot``: fp16/bf16 operands on tensor cores with fp32 accumulation (P is rounded to
+the value dtype, as in flash attention), fp32 operands in full IEEE precision (no TF32).
+
+A sequence with an empty context gets an all-zero output (the reference does the same).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _checks
+
+LOG2E = 1.4426950408889634
+
+# Decode tiles: BLOCK_N keys per step (halved for head_dim > 128 so the pipelined K/V tiles fit in
+# shared memory). The query tile is the group's heads padded to 16 rows, the smallest tl.dot M, so one
+# program reads its KV head once for all the query heads sharing it.
+DECODE_BLOCK_N = 64
+MIN_DOT = 16
+# Split-KV heuristic: a partition of fewer keys than this is not worth its reduce traffic.
+MIN_PARTITION_TOKENS = 256
+MAX_PARTITIONS = 64
+# Prefill tiles: BLOCK_M queries x BLOCK_N keys (halved for head_dim 256 to stay in registers).
+PREFILL_BLOCK_M = 64
+PREFILL_BLOCK_N = 64
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs would otherwise be rounded to TF32 on the GPU (~1e-3 error).
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def _decode_partition_kernel(
+    q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, out_ptr, max_ptr, sum_ptr,
+    scale_log2, ctx_limit, num_blocks, partition_size,
+    stride_qs, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_table,
+    stride_os, stride_oh, stride_op,
+    stride_ms, stride_mh,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, PAGE: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One (sequence, kv head, partition): attention of the group's query heads over its key range.
+
+    SPLIT: write the unnormalised accumulator plus the running max and sum (log2 domain) to the
+    partials; otherwise write the normalised output directly.
+    """
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    part = tl.program_id(2)
+
+    # Clamped so that bad lengths cannot read past the block table (the launcher rejects them anyway).
+    ctx = tl.minimum(tl.maximum(tl.load(lens_ptr + seq), 0), ctx_limit)
+    start = part * partition_size
+    end = tl.minimum(start + partition_size, ctx)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_g = offs_g < GROUP
+    mask_d = offs_d < HEAD_DIM
+    heads = kv_head * GROUP + offs_g
+    q = tl.load(
+        q_ptr + seq * stride_qs + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=mask_g[:, None] & mask_d[None, :], other=0.0,
+    )
+
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    table_row = table_ptr + seq.to(tl.int64) * stride_table
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        # Only entries inside the context are read: the rest of the row may hold anything.
+        block = tl.load(table_row + offs_n // PAGE, mask=mask_n, other=0)
+        block = tl.minimum(tl.maximum(block, 0), num_blocks - 1).to(tl.int64)
+        slot = offs_n % PAGE
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(
+            k_ptr + block[:, None] * stride_kb + slot[:, None] * stride_kt + kv_head * stride_kh
+            + offs_d[None, :],
+            mask=kv_mask, other=0.0,
+        )
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        scores = tl.where(mask_n[None, :], scores, float("-inf"))
+        # Every tile holds at least one key, so m_new is finite.
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        p = tl.exp2(scores - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            v_ptr + block[:, None] * stride_vb + slot[:, None] * stride_vt + kv_head * stride_vh
+            + offs_d[None, :],
+            mask=kv_mask, other=0.0,
+        )
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    out_mask = mask_g[:, None] & mask_d[None, :]
+    if SPLIT:
+        # An empty partition stores m=-inf, l=0, acc=0: the reduce gives it zero weight.
+        base = seq * stride_os + heads * stride_oh + part * stride_op
+        tl.store(out_ptr + base[:, None] + offs_d[None, :], acc, mask=out_mask)
+        stat = seq * stride_ms + heads * stride_mh + part
+        tl.store(max_ptr + stat, m_i, mask=mask_g)
+        tl.store(sum_ptr + stat, l_i, mask=mask_g)
+    else:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        ptrs = out_ptr + seq * stride_os + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    part_ptr, max_ptr, sum_ptr, out_ptr, num_parts,
+    stride_ps, stride_ph, stride_pp,
+    stride_ms, stride_mh,
+    stride_os, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """One (sequence, query head): merge the partitions' partial softmax results."""
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_p = offs_p < num_parts
+    mask_d = offs_d < HEAD_DIM
+    stat = seq * stride_ms + head * stride_mh + offs_p
+    m = tl.load(max_ptr + stat, mask=mask_p, other=float("-inf"))
+    s = tl.load(sum_ptr + stat, mask=mask_p, other=0.0)
+    m_all = tl.max(m, 0)
+    # All partitions empty (context 0): keep exp2 away from -inf - -inf = NaN.
+    m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
+    w = tl.exp2(m - m_all)
+    total = tl.sum(s * w, 0)
+    part = tl.load(
+        part_ptr + seq * stride_ps + head * stride_ph + offs_p[:, None] * stride_pp + offs_d[None, :],
+        mask=mask_p[:, None] & mask_d[None, :], other=0.0,
+    )
+    out = tl.sum(part * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(
+        out_ptr + seq * stride_os + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
+        mask=mask_d,
+    )
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, table_ptr, cu_q_ptr, lens_ptr, cu_tiles_ptr,
+    scale_log2, num_seqs, num_blocks, ctx_limit, search_steps,
+    stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_ot, stride_oh,
+    stride_table,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One (query tile, head). Tiles of all sequences are numbered back to back (``cu_tiles``)."""
+    tile = tl.program_id(0)
+    head = tl.program_id(1)
+    # The grid is an upper bound on the tile count (it is sized without a host sync).
+    if tile >= tl.load(cu_tiles_ptr + num_seqs):
+        return
+    # Binary search for the sequence owning this tile: the largest b with cu_tiles[b] <= tile.
+    lo = tl.zeros([], dtype=tl.int32)
+    hi = tl.zeros([], dtype=tl.int32) + num_seqs
+    for _ in range(search_steps):
+        mid = (lo + hi) // 2
+        right = tl.load(cu_tiles_ptr + mid) <= tile
+        lo = tl.where(right, mid, lo)
+        hi = tl.where(right, hi, mid)
+    seq = lo
+
+    q_start = tl.load(cu_q_ptr + seq).to(tl.int32)
+    q_len = tl.load(cu_q_ptr + seq + 1).to(tl.int32) - q_start
+    ctx = tl.minimum(tl.maximum(tl.load(lens_ptr + seq), 0), ctx_limit)
+    first = (tile - tl.load(cu_tiles_ptr + seq)) * BLOCK_M  # first query of the tile within its chunk
+
+    offs_m = first + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < q_len
+    mask_d = offs_d < HEAD_DIM
+    positions = ctx - q_len + offs_m  # absolute positions of the queries in their sequence
+    rows = (q_start + offs_m).to(tl.int64)
+    q = tl.load(
+        q_ptr + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+        mask=mask_m[:, None] & mask_d[None, :], other=0.0,
+    )
+
+    kv_head = head // GROUP
+    # Keys past the tile's last query are causally invisible to all of its rows.
+    end = tl.minimum(ctx, ctx - q_len + tl.minimum(first + BLOCK_M, q_len))
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    table_row = table_ptr + seq.to(tl.int64) * stride_table
+    for n0 in range(0, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        block = tl.load(table_row + offs_n // PAGE, mask=mask_n, other=0)
+        block = tl.minimum(tl.maximum(block, 0), num_blocks - 1).to(tl.int64)
+        slot = offs_n % PAGE
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(
+            k_ptr + block[:, None] * stride_kb + slot[:, None] * stride_kt + kv_head * stride_kh
+            + offs_d[None, :],
+            mask=kv_mask, other=0.0,
+        )
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        visible = mask_n[None, :] & (offs_n[None, :] <= positions[:, None])
+        scores = tl.where(visible, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        # A row can see nothing in a tile only if it is a padding row or the input is invalid;
+        # keep it NaN-free either way.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(scores - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            v_ptr + block[:, None] * stride_vb + slot[:, None] * stride_vt + kv_head * stride_vh
+            + offs_d[None, :],
+            mask=kv_mask, other=0.0,
+        )
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(
+        out_ptr + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+        out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :],
+    )
+
+
+def _num_stages(head_dim: int) -> int:
+    # Pipelining depth of the K/V loads: 3 buffers fit for head_dim <= 128; 256 needs to stay at 2.
+    return 3 if head_dim <= 128 else 2
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 8  # the interpreter: any small number exercises the same code paths
+
+
+def choose_num_partitions(num_seqs: int, num_kv_heads: int, max_context_len: int, num_sms: int) -> int:
+    """How many KV partitions each (sequence, kv head) is split into.
+
+    Without splitting the grid has one program per (sequence, kv head); with few long sequences that
+    leaves most SMs idle while each program walks a long context. Split until the grid covers about
+    two programs per SM, but keep every partition at least MIN_PARTITION_TOKENS long so the extra
+    partial writes and the reduce stay small next to the K/V reads.
+    """
+    programs = max(num_seqs * num_kv_heads, 1)
+    wanted = math.ceil(2 * num_sms / programs)
+    by_length = max_context_len // MIN_PARTITION_TOKENS
+    return max(1, min(wanted, by_length, MAX_PARTITIONS))
+
+
+def _scratch(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    # Its own function so tests can poison the partials (every element must be written).
+    return torch.empty(shape, dtype=torch.float32, device=device)
+
+
+def _check_out(out: torch.Tensor, query: torch.Tensor) -> None:
+    if out.shape != query.shape or out.dtype != query.dtype or out.device != query.device:
+        _checks.fail(f"out must be {tuple(query.shape)} {query.dtype} on {query.device}")
+    if out.numel() and out.stride(-1) != 1:
+        _checks.fail(f"out must be contiguous in its last dim, got strides {out.stride()}")
+
+
+def paged_decode_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    max_context_len: int | None = None,
+    *,
+    num_partitions: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Triton ``reference.paged_decode_attention``. ``query [num_seqs, num_heads, head_dim]``.
+
+    ``max_context_len`` (an upper bound on ``context_lens``) only sizes the split; without it the table
+    width is used, so no host sync is needed. ``num_partitions`` forces the split (1 = no split);
+    ``out`` is an optional preallocated output.
+    """
+    _checks.check_float("query", query, 3)
+    _checks.check_cache_pair(k_cache, v_cache)
+    _checks.check_attention_meta(query, k_cache, block_tables, context_lens)
+    _checks.check_same_device(
+        query=query, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables, context_lens=context_lens
+    )
+    if out is None:
+        out = torch.empty_like(query)
+    _check_out(out, query)
+    num_seqs, num_heads, head_dim = query.shape
+    num_blocks, page, num_kv_heads, _ = k_cache.shape
+    capacity = block_tables.shape[1] * page
+    ctx_limit = capacity if max_context_len is None else min(int(max_context_len), capacity)
+    if ctx_limit < 0:
+        _checks.fail(f"max_context_len must be >= 0, got {max_context_len}")
+    if num_partitions is not None and num_partitions < 1:
+        _checks.fail(f"num_partitions must be >= 1, got {num_partitions}")
+    if num_seqs == 0:
+        return out
+    if num_blocks == 0:
+        _checks.fail("the cache has no blocks")
+    if _checks.value_checks_enabled():
+        tensors = (block_tables, context_lens)
+        scalars = (num_blocks, page, max_context_len)
+        if not _checks.already_validated("decode", tensors, scalars):
+            _checks.check_table_values(block_tables, context_lens, num_blocks, page)
+            if max_context_len is not None:
+                _checks.raise_if(
+                    (context_lens > max_context_len).any(),
+                    lambda: f"context_lens exceed max_context_len {max_context_len}",
+                )
+            _checks.remember_validated("decode", tensors, scalars)
+
+    group = num_heads // num_kv_heads
+    block_n = DECODE_BLOCK_N if head_dim <= 128 else DECODE_BLOCK_N // 2
+    parts = num_partitions or choose_num_partitions(num_seqs, num_kv_heads, ctx_limit, _num_sms(query.device))
+    # Partition boundaries on tile multiples, so only the last tile of a partition is ragged.
+    partition_size = triton.cdiv(max(triton.cdiv(ctx_limit, parts), 1), block_n) * block_n
+    if num_partitions is None:
+        parts = max(triton.cdiv(ctx_limit, partition_size), 1)
+    common = dict(
+        GROUP=group, BLOCK_G=max(MIN_DOT, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        BLOCK_D=max(MIN_DOT, triton.next_power_of_2(head_dim)), BLOCK_N=block_n, PAGE=page,
+        DOT_PRECISION=_dot_precision(query.dtype), num_warps=4, num_stages=_num_stages(head_dim),
+    )
+    strides = (
+        query.stride(0), query.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+    )
+    grid = (num_seqs, num_kv_heads, parts)
+    if parts == 1:
+        _decode_partition_kernel[grid](
+            query, k_cache, v_cache, block_tables, context_lens, out, out, out,
+            scale * LOG2E, ctx_limit, num_blocks, partition_size, *strides,
+            out.stride(0), out.stride(1), 0, 0, 0, SPLIT=False, **common,
+        )
+        return out
+    partial = _scratch((num_seqs, num_heads, parts, head_dim), query.device)
+    maxes = _scratch((num_seqs, num_heads, parts), query.device)
+    sums = _scratch((num_seqs, num_heads, parts), query.device)
+    _decode_partition_kernel[grid](
+        query, k_cache, v_cache, block_tables, context_lens, partial, maxes, sums,
+        scale * LOG2E, ctx_limit, num_blocks, partition_size, *strides,
+        partial.stride(0), partial.stride(1), partial.stride(2), maxes.stride(0), maxes.stride(1),
+        SPLIT=True, **common,
+    )
+    _decode_reduce_kernel[(num_seqs, num_heads)](
+        partial, maxes, sums, out, parts,
+        partial.stride(0), partial.stride(1), partial.stride(2), maxes.stride(0), maxes.stride(1),
+        out.stride(0), out.stride(1),
+        HEAD_DIM=head_dim, BLOCK_D=common["BLOCK_D"], BLOCK_P=triton.next_power_of_2(parts), num_warps=4,
+    )
+    return out
+
+
+def _check_prefill_values(
+    query: torch.Tensor, cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor
+) -> None:
+    q_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
+    bad = (
+        (cu_seqlens_q[0] != 0)
+        | (cu_seqlens_q[-1] != query.shape[0])
+        | (q_lens < 0).any()
+        | (q_lens > context_lens).any()
+    )
+    _checks.raise_if(
+        bad,
+        lambda: "cu_seqlens_q must start at 0, not decrease, end at num_tokens "
+        f"{query.shape[0]}, and give no chunk longer than its context: cu_seqlens_q="
+        f"{cu_seqlens_q[:16].tolist()}, context_lens={context_lens[:16].tolist()}",
+    )
+
+
+def paged_prefill_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Triton ``reference.paged_prefill_attention``: one launch for all chunks, no host sync."""
+    _checks.check_float("query", query, 3)
+    _checks.check_cache_pair(k_cache, v_cache)
+    _checks.check_attention_meta(query, k_cache, block_tables, context_lens)
+    _checks.check_index("cu_seqlens_q", cu_seqlens_q, 1, (torch.int32, torch.int64))
+    _checks.check_same_device(
+        query=query, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables,
+        cu_seqlens_q=cu_seqlens_q, context_lens=context_lens,
+    )
+    num_seqs = context_lens.shape[0]
+    if cu_seqlens_q.shape[0] != num_seqs + 1:
+        _checks.fail(
+            f"cu_seqlens_q must have num_seqs + 1 = {num_seqs + 1} entries, got {cu_seqlens_q.shape[0]}"
+        )
+    if out is None:
+        out = torch.empty_like(query)
+    _check_out(out, query)
+    num_tokens, num_heads, head_dim = query.shape
+    num_blocks, page, num_kv_heads, _ = k_cache.shape
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+    if num_blocks == 0:
+        _checks.fail("the cache has no blocks")
+    if _checks.value_checks_enabled():
+        tensors = (block_tables, context_lens, cu_seqlens_q)
+        scalars = (num_blocks, page, num_tokens)
+        if not _checks.already_validated("prefill", tensors, scalars):
+            _checks.check_table_values(block_tables, context_lens, num_blocks, page)
+            _check_prefill_values(query, cu_seqlens_q, context_lens)
+            _checks.remember_validated("prefill", tensors, scalars)
+
+    block_m = PREFILL_BLOCK_M
+    block_n = PREFILL_BLOCK_N if head_dim <= 128 else PREFILL_BLOCK_N // 2
+    # Tile numbering on the device; the grid takes an upper bound (each chunk wastes < 1 tile).
+    q_lens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).to(torch.int32)
+    tiles = (q_lens + block_m - 1) // block_m
+    cu_tiles = torch.nn.functional.pad(torch.cumsum(tiles, 0, dtype=torch.int32), (1, 0))
+    max_tiles = triton.cdiv(num_tokens, block_m) + num_seqs
+    grid = (max_tiles, num_heads)
+    _prefill_kernel[grid](
+        query, k_cache, v_cache, out, block_tables, cu_seqlens_q, context_lens, cu_tiles,
+        scale * LOG2E, num_seqs, num_blocks, block_tables.shape[1] * page,
+        max(num_seqs - 1, 0).bit_length() + 1,
+        query.stride(0), query.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        out.stride(0), out.stride(1),
+        block_tables.stride(0),
+        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
+        BLOCK_D=max(MIN_DOT, triton.next_power_of_2(head_dim)), BLOCK_M=block_m, BLOCK_N=block_n,
+        PAGE=page, DOT_PRECISION=_dot_precision(query.dtype), num_warps=4,
+        num_stages=_num_stages(head_dim),
+    )
+    return out
