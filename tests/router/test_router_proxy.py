@@ -73,6 +73,7 @@ def test_streaming_is_passed_through_chunk_by_chunk(fleet, router_server):
     assert received[:3] == [f'data: {json.dumps({"choices": [{"index": 0, "text": f"a-{i}"}]})}'
                             for i in range(3)]
     assert received[-1] == "data: [DONE]"
+    wait_for(lambda: router_state(router).replicas[0].in_flight == 0)  # the stream released its slot
 
 
 @pytest.mark.parametrize("status", [503, 429, 500])
@@ -86,6 +87,7 @@ def test_retries_on_overload_status_before_first_token(fleet, router_server, sta
                 assert r.status_code == 200 and "good" in r.text
         assert bad.hits >= 2  # round-robin did send some to the bad replica first ...
         assert metric(c, "leanserve_router_retries_total") == bad.hits  # ... and each was retried
+    wait_for(lambda: all(r.in_flight == 0 for r in router_state(router).replicas))
 
 
 def test_all_replicas_failing_returns_the_last_error(fleet, router_server):
@@ -185,3 +187,15 @@ def test_least_loaded_follows_polled_queue_depth(fleet, router_server):
         for _ in range(10):
             c.post("/v1/completions", json=COMPLETION)
         assert busy.hits == 5 and idle.hits == 15
+
+
+def test_client_hanging_up_mid_stream_releases_the_replica(fleet, router_server):
+    gate = threading.Event()  # never set: the replica stalls after its first chunk
+    _, servers = fleet(FakeReplica("a", stream_gate=gate))
+    router = router_server(config([servers[0].url]))
+    state = router_state(router)
+    with httpx.Client(base_url=router.url, timeout=10) as c, \
+            c.stream("POST", "/v1/completions", json={**COMPLETION, "stream": True}) as resp:
+        next(resp.iter_lines())
+        assert state.replicas[0].in_flight == 1
+    wait_for(lambda: state.replicas[0].in_flight == 0)
