@@ -27,6 +27,10 @@ class AttentionMetadata:
     prefill_context_lens: torch.Tensor  # [num_prefills] int32
     # True when no prefill chunk has cached context before it: attention needs only the chunk itself.
     prefill_is_fresh: bool
+    # CPU decode path: the decodes' block ids flattened [num_decodes * max_blocks] (one index_select
+    # per layer reads them all) and the mask of real positions [num_decodes, 1, 1, max_blocks * block_size].
+    decode_block_ids: torch.Tensor | None = None
+    decode_mask: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -72,16 +76,10 @@ class PagedAttention:
         self.ops.write_kv_cache(key, value, k_cache, v_cache, meta.slot_mapping)
         n_dec = meta.num_decode_tokens
         if n_dec == query.shape[0]:
-            return self.ops.paged_decode_attention(
-                query, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens,
-                self.scale, meta.decode_max_context_len,
-            )
+            return self._decode(query, k_cache, v_cache, meta)
         out = torch.empty_like(query)
         if n_dec:
-            out[:n_dec] = self.ops.paged_decode_attention(
-                query[:n_dec], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens,
-                self.scale, meta.decode_max_context_len,
-            )
+            out[:n_dec] = self._decode(query[:n_dec], k_cache, v_cache, meta)
         if meta.prefill_is_fresh and query.device.type == "cpu":
             # No cached prefix: attend to the chunk's own K/V and skip gathering it back from the cache.
             out[n_dec:] = self._fresh_prefill(query[n_dec:], key[n_dec:], value[n_dec:], meta)
@@ -91,6 +89,30 @@ class PagedAttention:
                 meta.prefill_cu_seqlens_q, meta.prefill_context_lens, self.scale,
             )
         return out
+
+    def _decode(
+        self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        if meta.decode_block_ids is None:
+            return self.ops.paged_decode_attention(
+                query, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens,
+                self.scale, meta.decode_max_context_len,
+            )
+        # CPU: whole blocks via index_select (3x faster than token-level advanced indexing), then
+        # SDPA with a mask over the positions past each context. Cache slots are always finite
+        # (zero-initialised, then overwritten), so masked positions contribute exactly zero.
+        shape = (query.shape[0], -1, self.num_kv_heads, self.head_dim)
+        keys = k_cache.index_select(0, meta.decode_block_ids).view(shape)
+        values = v_cache.index_select(0, meta.decode_block_ids).view(shape)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query.unsqueeze(2),
+            keys.transpose(1, 2),
+            values.transpose(1, 2),
+            attn_mask=meta.decode_mask,
+            scale=self.scale,
+            enable_gqa=self.num_heads != self.num_kv_heads,
+        )
+        return out.squeeze(2)
 
     def _fresh_prefill(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, meta: AttentionMetadata

@@ -101,13 +101,20 @@ class ModelRunner:
             return torch.tensor(rows, dtype=torch.int32, device=dev).reshape(len(group), width)
 
         decode_lens = [s.num_computed + 1 for s in decodes]
+        decode_tables = tables(decodes)
+        block_ids = mask = None
+        if dev.type == "cpu" and decodes:
+            block_ids = decode_tables.reshape(-1).long()
+            width = decode_tables.shape[1] * self.block_size
+            lens = torch.tensor(decode_lens)
+            mask = (torch.arange(width)[None, :] < lens[:, None])[:, None, None, :]
         cu = [0]
         for s in prefills:
             cu.append(cu[-1] + s.num_new)
         return AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
             num_decode_tokens=len(decodes),
-            decode_block_tables=tables(decodes),
+            decode_block_tables=decode_tables,
             decode_context_lens=torch.tensor(decode_lens, dtype=torch.int32, device=dev),
             decode_max_context_len=max(decode_lens, default=0),
             prefill_block_tables=tables(prefills),
@@ -116,6 +123,8 @@ class ModelRunner:
                 [s.num_computed + s.num_new for s in prefills], dtype=torch.int32, device=dev
             ),
             prefill_is_fresh=all(s.num_computed == 0 for s in prefills),
+            decode_block_ids=block_ids,
+            decode_mask=mask,
         )
 
     def _sample(
