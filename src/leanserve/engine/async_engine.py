@@ -126,6 +126,12 @@ class AsyncEngine:
                     self._fail_all(exc)
                     continue
                 self.busy_seconds += time.monotonic() - start
+                hold = engine.scheduler.admission_hold_s
+                if engine.last_step.num_seqs == 0 and hold > 0:
+                    # The batching window holds new requests and nothing else runs: sleep until it
+                    # closes or another request arrives.
+                    self._wake.wait(timeout=hold)
+                    self._wake.clear()
                 if outputs:
                     self._post(self._deliver, outputs)
                 for listener in self.step_listeners:

@@ -23,6 +23,11 @@ class EngineConfig:
     num_threads: int | None = None  # torch intra-op threads on CPU; default: all cores
     cache_dir: str | None = None  # where converted checkpoints (GGUF -> safetensors) are kept
     seed: int = 0
+    # Batching: "continuous" or "static" (admit only when the previous batch is done), and the
+    # adaptive batching window (see engine/batch_window.py).
+    batching: str = "continuous"
+    max_batch_wait_ms: float = 20.0
+    adaptive_batch_wait: bool = True
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":

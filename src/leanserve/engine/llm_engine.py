@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from leanserve.engine.batch_window import BatchWindowConfig
 from leanserve.engine.block_manager import BlockManager
 from leanserve.engine.config import EngineConfig
 from leanserve.engine.detokenizer import IncrementalDetokenizer
@@ -66,6 +67,9 @@ class RequestOutput:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     num_preemptions: int = 0
+    # Mean logprob of the chosen tokens, on the finished output only: a cheap quality signal for
+    # metrics, filled whether or not the request asked for logprobs.
+    mean_logprob: float | None = None
 
 
 @dataclass
@@ -125,6 +129,10 @@ class LLMEngine:
                 max_num_seqs=config.max_num_seqs,
                 max_num_batched_tokens=config.max_num_batched_tokens,
                 enable_chunked_prefill=config.enable_chunked_prefill,
+                policy=config.batching,
+                window=BatchWindowConfig(
+                    max_batch_wait_ms=config.max_batch_wait_ms, adaptive=config.adaptive_batch_wait
+                ),
             ),
             self.block_manager,
         )
@@ -331,6 +339,9 @@ class LLMEngine:
             out.prompt_logprobs = seq.prompt_logprobs
             seq.prompt_logprobs_sent = True
         if finished:
+            chosen = [lp for lp in seq.output_logprobs if lp is not None]
+            if chosen:
+                out.mean_logprob = sum(chosen) / len(chosen)
             del self.seqs[seq.request_id]
             del self.detokenizers[seq.request_id]
         return out

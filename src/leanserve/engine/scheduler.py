@@ -12,8 +12,10 @@ queue to be recomputed later (its tokens so far are kept, so its output is uncha
 from __future__ import annotations
 
 import bisect
+import time
 from dataclasses import dataclass, field
 
+from leanserve.engine.batch_window import BatchWindow, BatchWindowConfig
 from leanserve.engine.block_manager import BlockManager
 from leanserve.engine.sequence import Sequence, SequenceStatus
 
@@ -25,6 +27,10 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
     # Blocks kept free at admission so that running sequences can grow without instant preemption.
     watermark_blocks: int = 1
+    # "continuous": admit at every step. "static": admit only when the whole previous batch has
+    # finished (the baseline that continuous batching is measured against).
+    policy: str = "continuous"
+    window: BatchWindowConfig = field(default_factory=BatchWindowConfig)
 
 
 @dataclass
@@ -49,9 +55,14 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self._preempted_this_step: list[Sequence] = []
+        self.window = BatchWindow(config.window)
+        # Seconds the oldest new request is being held by the batching window (0 when none is).
+        self.admission_hold_s = 0.0
 
     # ---- queue ----------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
+        if seq.num_preemptions == 0:
+            self.window.observe_arrival(time.monotonic())
         seq.status = SequenceStatus.WAITING
         keys = [s.sort_key for s in self.waiting]
         self.waiting.insert(bisect.bisect_right(keys, seq.sort_key), seq)
@@ -112,7 +123,32 @@ class Scheduler:
         self._preempted_this_step.append(seq)
         self.add(seq)
 
+    def _hold_for_window(self, budget: int) -> bool:
+        """Whether the batching window keeps new requests waiting a little longer this step."""
+        self.admission_hold_s = 0.0
+        head = self.waiting[0] if self.waiting else None
+        if head is None or head.num_preemptions:
+            return False  # a preempted sequence has waited enough
+        free_slots = self.config.max_num_seqs - len(self.running)
+        waiting_tokens = 0
+        for seq in self.waiting[:free_slots]:
+            waiting_tokens += seq.num_uncomputed_tokens
+            if waiting_tokens >= budget:
+                break
+        hold = self.window.hold_seconds(
+            time.monotonic(),
+            head.arrival_time,
+            running_fraction=len(self.running) / self.config.max_num_seqs,
+            queue_fills_step=waiting_tokens >= budget or len(self.waiting) >= free_slots,
+        )
+        self.admission_hold_s = hold
+        return hold > 0
+
     def _admit(self, batch: ScheduledBatch, budget: int) -> None:
+        if self.config.policy == "static" and self.running:
+            return
+        if self._hold_for_window(budget):
+            return
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             reserve = self.config.watermark_blocks if self.running else 0
