@@ -196,6 +196,7 @@ def test_client_hanging_up_mid_stream_releases_the_replica(fleet, router_server)
     state = router_state(router)
     with httpx.Client(base_url=router.url, timeout=10) as c, \
             c.stream("POST", "/v1/completions", json={**COMPLETION, "stream": True}) as resp:
-        next(resp.iter_lines())
+        lines = resp.iter_lines()  # keep a reference: a dropped iterator closes the connection
+        assert next(lines).startswith("data:")
         assert state.replicas[0].in_flight == 1
     wait_for(lambda: state.replicas[0].in_flight == 0)
