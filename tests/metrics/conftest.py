@@ -11,6 +11,7 @@ import pytest
 # The helpers sit beside the tests; make them importable whatever pytest's import mode.
 sys.path.insert(0, str(Path(__file__).parent))
 
+from loadgen import MODEL_NAME  # noqa: E402
 from metrics_harness import FakeNvml, ServerThread, build_tiny_model, make_app, settings_for_test  # noqa: E402
 
 from leanserve.metrics.gpu import GpuSampler  # noqa: E402
@@ -26,12 +27,24 @@ class LiveServer:
     url: str
     async_engine: Any
     app: Any
+    api: str  # "openai": the real server (create_app); "generate": the minimal test app
     fake_gpu: bool  # True when the GPU families come from FakeNvml (no real NVML here)
+
+
+def _server_app(async_engine: Any) -> tuple[Any, str]:
+    """The real API server when it is there, else a minimal app with the same metrics path."""
+    try:
+        from leanserve.api.server import create_app
+        from leanserve.settings import ServerSettings
+    except ImportError:
+        return make_app(async_engine, settings_for_test()), "generate"
+    settings = ServerSettings(served_model_name=MODEL_NAME, cost={"usd_per_gpu_hour": 3.6, "num_gpus": 1})
+    return create_app(settings, engine=async_engine), "openai"
 
 
 @pytest.fixture(scope="session")
 def live_server(tiny_model_dir: Path) -> Iterator[LiveServer]:
-    """leanserve (the metrics path for real) over the tiny model, shared by the tests in this folder.
+    """leanserve over the tiny model, shared by the tests in this folder.
 
     Counts only ever grow, so tests compare scrapes taken before and after their own load.
     """
@@ -44,11 +57,13 @@ def live_server(tiny_model_dir: Path) -> Iterator[LiveServer]:
     config = EngineConfig(model=str(tiny_model_dir), kv_cache_memory=2 << 20, max_num_seqs=4,
                           num_threads=1, max_num_batched_tokens=256)
     async_engine = AsyncEngine(LLMEngine(config))
-    real = GpuSampler()
-    gpu = None if real.available else GpuSampler(FakeNvml(2))
-    app = make_app(async_engine, settings_for_test(), gpu=gpu)
+    app, api = _server_app(async_engine)
+    fake = not GpuSampler().available
+    if fake:  # exercise the GPU families on a machine without NVML
+        handle = app.state.metrics
+        handle.gpu = handle.collector.gpu = GpuSampler(FakeNvml(2))
     server = ServerThread(app).start()
     try:
-        yield LiveServer(server.url, async_engine, app, fake_gpu=gpu is not None)
+        yield LiveServer(server.url, async_engine, app, api, fake_gpu=fake)
     finally:
         server.stop()

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import httpx
 
+MODEL_NAME = "tiny-llama"  # the served model name the test servers use
+
 
 @dataclass
 class RequestResult:
@@ -51,14 +53,34 @@ def make_requests(n: int, seed: int = 0, max_tokens: tuple[int, int] = (4, 40)) 
     return out
 
 
-async def one_request(client: httpx.AsyncClient, url: str, prompt: list[int], max_tokens: int) -> RequestResult:
+async def one_request(client: httpx.AsyncClient, url: str, prompt: list[int], max_tokens: int,
+                      api: str = "generate") -> RequestResult:
+    """One streamed request; ``api`` is "openai" (/v1/completions, SSE) or "generate" (test NDJSON)."""
     start = time.perf_counter()
     ttft = math.nan
     tokens, reason = 0, None
-    async with client.stream("POST", f"{url}/generate",
-                             json={"prompt_token_ids": prompt, "max_tokens": max_tokens}) as resp:
+    if api == "openai":
+        body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        path = "/v1/completions"
+    else:
+        body = {"prompt_token_ids": prompt, "max_tokens": max_tokens}
+        path = "/generate"
+    async with client.stream("POST", f"{url}{path}", json=body) as resp:
         resp.raise_for_status()
         async for line in resp.aiter_lines():
+            if api == "openai":
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                item = json.loads(line[len("data: "):])
+                if item.get("choices") and math.isnan(ttft):
+                    ttft = time.perf_counter() - start
+                for choice in item.get("choices") or []:
+                    reason = choice.get("finish_reason") or reason
+                if item.get("usage"):  # the last chunk: the server's exact token counts
+                    tokens = item["usage"]["completion_tokens"]
+                    assert item["usage"]["prompt_tokens"] == len(prompt)
+                continue
             if not line:
                 continue
             item = json.loads(line)
@@ -70,14 +92,15 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: list[int], ma
     return RequestResult(len(prompt), tokens, reason, ttft, time.perf_counter() - start)
 
 
-async def run_load(url: str, requests: list[tuple[list[int], int]], concurrency: int) -> LoadResult:
+async def run_load(url: str, requests: list[tuple[list[int], int]], concurrency: int,
+                   api: str = "generate") -> LoadResult:
     sem = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency)
     async with httpx.AsyncClient(timeout=60, limits=limits) as client:
 
         async def bounded(prompt: list[int], max_tokens: int) -> RequestResult:
             async with sem:
-                return await one_request(client, url, prompt, max_tokens)
+                return await one_request(client, url, prompt, max_tokens, api)
 
         results = await asyncio.gather(*(bounded(p, m) for p, m in requests))
     return LoadResult(list(results))
@@ -85,7 +108,8 @@ async def run_load(url: str, requests: list[tuple[list[int], int]], concurrency:
 
 def main() -> None:
     spec = json.load(sys.stdin)
-    load = asyncio.run(run_load(spec["url"], [tuple(r) for r in spec["requests"]], spec["concurrency"]))
+    requests = [tuple(r) for r in spec["requests"]]
+    load = asyncio.run(run_load(spec["url"], requests, spec["concurrency"], spec.get("api", "generate")))
     print(json.dumps([dataclasses.asdict(r) for r in load.results]))
 
 

@@ -1,8 +1,9 @@
 """Test helpers: a tiny random model, a leanserve app around it, a load generator, scrape parsing.
 
-``leanserve.api.server.create_app`` does not exist yet, so the app under test is a minimal FastAPI
-app: ``setup_metrics`` plus ``POST /generate`` (prompt token ids in, one NDJSON line per engine
-output out) driving the real ``AsyncEngine``. The metrics path is the production one.
+The live server is ``leanserve.api.server.create_app`` when it is importable; without it (the API
+package not there), ``make_app`` builds a minimal FastAPI app: ``setup_metrics`` plus
+``POST /generate`` (prompt token ids in, one NDJSON line per engine output out) driving the real
+``AsyncEngine``. The metrics path is the production one either way.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
+from loadgen import MODEL_NAME
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel
 
@@ -155,7 +157,7 @@ class GenerateBody(BaseModel):
     ignore_eos: bool = True
 
 
-def make_app(async_engine: Any, settings: Any, gpu: Any = None) -> FastAPI:
+def make_app(async_engine: Any, settings: Any) -> FastAPI:
     from leanserve.sampling_params import SamplingParams
 
     @asynccontextmanager
@@ -184,16 +186,13 @@ def make_app(async_engine: Any, settings: Any, gpu: Any = None) -> FastAPI:
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")
 
-    handle = setup_metrics(app, async_engine, settings)
-    if gpu is not None:  # swap in a sampler before the first scrape
-        handle.gpu = gpu
-        handle.collector.gpu = gpu
+    setup_metrics(app, async_engine, settings)
     return app
 
 
 def settings_for_test(**cost: Any) -> SimpleNamespace:
     return SimpleNamespace(
-        served_model_name="tiny-llama",
+        served_model_name=MODEL_NAME,
         cost=SimpleNamespace(**{"usd_per_gpu_hour": 3.6, "num_gpus": 1, **cost}),
         progress_interval_s=1.0,
     )

@@ -39,9 +39,9 @@ LEANSERVE_FAMILIES = [
 COUNTERS = ["vllm:prompt_tokens_total", "vllm:generation_tokens_total"]
 
 
-async def _load_with_scrapes(url: str) -> tuple[LoadResult, list[Scrape]]:
+async def _load_with_scrapes(url: str, api: str) -> tuple[LoadResult, list[Scrape]]:
     """Run the load and scrape /metrics continuously while it is in flight."""
-    load = asyncio.create_task(run_load(url, make_requests(NUM_REQUESTS, seed=1), concurrency=8))
+    load = asyncio.create_task(run_load(url, make_requests(NUM_REQUESTS, seed=1), concurrency=8, api=api))
     texts = []
     async with httpx.AsyncClient(timeout=10) as client:
         while not load.done():
@@ -65,9 +65,9 @@ def _settled_scrape(url: str, before: Scrape, expected_requests: int) -> Scrape:
 def test_live_scrape_agrees_with_load_generator(live_server) -> None:
     url = live_server.url
     # Warm up first (connection pool, first-request costs), so the client's latencies measure serving.
-    asyncio.run(run_load(url, make_requests(2, seed=99), concurrency=2))
+    asyncio.run(run_load(url, make_requests(2, seed=99), concurrency=2, api=live_server.api))
     before = scrape(url)
-    load, mids = asyncio.run(_load_with_scrapes(url))
+    load, mids = asyncio.run(_load_with_scrapes(url, live_server.api))
     after = _settled_scrape(url, before, NUM_REQUESTS)
     n = len(load.results)
     assert n == NUM_REQUESTS

@@ -118,7 +118,7 @@ def test_prometheus_scrapes_leanserve(live_server, tmp_path: Path) -> None:
             async def loop() -> None:
                 while not stop.is_set() and sent[0] < 60:
                     batch = make_requests(6, seed=100 + sent[0], max_tokens=(60, 120))
-                    await run_load(live_server.url, batch, concurrency=6)
+                    await run_load(live_server.url, batch, concurrency=6, api=live_server.api)
                     sent[0] += len(batch)
 
             asyncio.run(loop())
