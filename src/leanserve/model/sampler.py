@@ -108,7 +108,8 @@ class Sampler:
         top_ks = [r.params.top_k for r in rows]
         if any(k > 0 for k in top_ks):
             vocab = logits.shape[1]
-            ks = torch.tensor([k if k > 0 else vocab for k in top_ks], device=device)
+            # top_k >= vocab keeps every token (and torch.topk would fail on k > vocab).
+            ks = torch.tensor([k if 0 < k < vocab else vocab for k in top_ks], device=device)
             k_max = int(ks.max())
             kth = torch.topk(scaled, k_max, dim=-1).values.gather(1, (ks - 1).unsqueeze(1))
             scaled = scaled.masked_fill(scaled < kth, float("-inf"))

@@ -1,0 +1,162 @@
+"""POST /v1/chat/completions: messages through the model's chat template, n samples, OpenAI's body out.
+
+Without ``max_tokens``/``max_completion_tokens`` a reply may use the rest of the context, as with
+OpenAI (the model's end-of-turn token normally ends it much sooner).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from starlette.responses import Response
+
+from leanserve.api.errors import APIError, bad_request
+from leanserve.api.logprobs import chat_logprobs
+from leanserve.api.protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatResponseMessage,
+    ChatTokenLogprob,
+)
+from leanserve.api.sampling import build_sampling_params
+from leanserve.api.state import ServerState
+from leanserve.api.streaming import (
+    DONE,
+    ClientDisconnected,
+    SSEResponse,
+    merge,
+    run_until_disconnect,
+    sse,
+    sse_error,
+)
+from leanserve.api.tokens import TokenText, encode, render_chat
+from leanserve.api.usage import UsageCounter
+from leanserve.engine.llm_engine import RequestOutput
+
+
+@dataclass
+class Reply:
+    text: str = ""
+    logprobs: list[ChatTokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+def _check_unsupported(body: ChatCompletionRequest) -> None:
+    if body.tools:
+        raise bad_request("tools are not supported by this server", param="tools", code="unsupported_parameter")
+    fmt = (body.response_format or {}).get("type", "text")
+    if fmt != "text":
+        raise bad_request(
+            f"response_format {fmt!r} is not supported (only 'text')",
+            param="response_format",
+            code="unsupported_parameter",
+        )
+    if body.top_logprobs is not None and not body.logprobs:
+        raise bad_request("top_logprobs needs logprobs=true", param="top_logprobs")
+
+
+async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
+    state: ServerState = request.app.state.server
+    engine = state.require_engine()
+    state.check_model(body.model)
+    _check_unsupported(body)
+    llm = engine.engine
+    tokenizer = engine.tokenizer
+    prompt_ids = await encode(tokenizer, render_chat(tokenizer, body.messages), add_special_tokens=False)
+    n = body.n or 1
+    top_k = (body.top_logprobs or 0) if body.logprobs else None
+    requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    max_tokens = requested if requested is not None else max(1, llm.max_model_len - len(prompt_ids))
+    params = [
+        build_sampling_params(
+            body, max_tokens=max_tokens, vocab_size=llm.model_config.vocab_size, logprobs=top_k, choice_index=i
+        )
+        for i in range(n)
+    ]
+    state.validate(prompt_ids, params[0])
+
+    ticket = state.admit(n)
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    model_name = state.served_model_name
+    priority = body.priority or 0
+    streams = [
+        state.generate(f"{request_id}-{i}", prompt_ids, p, priority) for i, p in enumerate(params)
+    ]
+    token_texts = [TokenText(tokenizer, prompt_ids) for _ in range(n)]  # per choice: each has its context
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        events = _stream(streams, n, top_k, token_texts, request_id, model_name, include_usage)
+        return SSEResponse(events, on_close=ticket.release)
+    try:
+        replies, usage = await run_until_disconnect(request.receive, _collect(streams, n, top_k, token_texts))
+    except ClientDisconnected:
+        return Response(status_code=499)  # nobody is listening; the requests are aborted
+    finally:
+        ticket.release()
+    choices = [
+        ChatChoice(
+            index=i,
+            message=ChatResponseMessage(content=r.text),
+            logprobs=ChatLogprobs(content=r.logprobs) if top_k is not None else None,
+            finish_reason=r.finish_reason,  # type: ignore[arg-type]
+        )
+        for i, r in enumerate(replies)
+    ]
+    response = ChatCompletionResponse(id=request_id, model=model_name, choices=choices, usage=usage.usage())
+    return Response(response.model_dump_json(), media_type="application/json")
+
+
+async def _collect(
+    streams: list[AsyncIterator[RequestOutput]], n: int, top_k: int | None, token_texts: list[TokenText]
+) -> tuple[list[Reply], UsageCounter]:
+    replies = [Reply() for _ in range(n)]
+    usage = UsageCounter()
+    async for i, out in merge(streams):
+        r = replies[i]
+        r.text += out.text_delta
+        if top_k is not None and out.logprobs:
+            r.logprobs.extend(chat_logprobs(out.logprobs, token_texts[i], top_k))
+        if out.finished:
+            r.finish_reason = out.finish_reason
+            usage.add(0, out)
+    return replies, usage
+
+
+async def _stream(
+    streams: list[AsyncIterator[RequestOutput]],
+    n: int,
+    top_k: int | None,
+    token_texts: list[TokenText],
+    request_id: str,
+    model_name: str,
+    include_usage: bool,
+) -> AsyncIterator[str]:
+    def chunk(choice: ChatChunkChoice) -> str:
+        return sse(ChatCompletionChunk(id=request_id, model=model_name, choices=[choice]))
+
+    usage = UsageCounter()
+    try:
+        # The role comes first, before any token, so the client knows the reply has begun.
+        for i in range(n):
+            yield chunk(ChatChunkChoice(index=i, delta={"role": "assistant", "content": ""}))
+        async for i, out in merge(streams):
+            logprobs = None
+            if top_k is not None and out.logprobs:
+                logprobs = ChatLogprobs(content=chat_logprobs(out.logprobs, token_texts[i], top_k))
+            if out.text_delta or logprobs is not None:
+                yield chunk(ChatChunkChoice(index=i, delta={"content": out.text_delta}, logprobs=logprobs))
+            if out.finished:
+                usage.add(0, out)
+                yield chunk(ChatChunkChoice(index=i, delta={}, finish_reason=out.finish_reason))  # type: ignore[arg-type]
+        if include_usage:
+            yield sse(ChatCompletionChunk(id=request_id, model=model_name, choices=[], usage=usage.usage()))
+    except APIError as exc:
+        yield sse_error(exc)
+    yield DONE

@@ -1,0 +1,115 @@
+"""Helpers for tests/api: a tiny random Llama with a word-level tokenizer, and real uvicorn servers
+over it on 127.0.0.1. A module of its own, as every tests/ folder has a conftest.py."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from leanserve.api.server import create_app, server_for
+from leanserve.engine.async_engine import AsyncEngine
+from leanserve.engine.config import EngineConfig
+from leanserve.settings import ServerSettings
+
+VOCAB = 300
+MAX_MODEL_LEN = 128
+_SPECIAL = ["<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>", "system", "user", "assistant"]
+# ChatML-ish, word-level: role and content are separate words so they tokenize to known ids.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|> assistant{% endif %}"
+)
+
+
+def build_tiny_model(folder: Path) -> Path:
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        tie_word_embeddings=False, bos_token_id=0, eos_token_id=1,
+    )
+    LlamaForCausalLM(config).eval().save_pretrained(folder)
+    words = _SPECIAL + [f"t{i}" for i in range(len(_SPECIAL), VOCAB)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(folder)
+    return folder
+
+
+def engine_config(model: Path, **overrides: Any) -> EngineConfig:
+    kw: dict[str, Any] = dict(
+        model=str(model), kv_cache_memory=1024 * 8192, block_size=16, max_num_seqs=64,
+        max_num_batched_tokens=512, max_model_len=MAX_MODEL_LEN, num_threads=1,
+    )
+    kw.update(overrides)
+    return EngineConfig(**kw)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerThread:
+    """uvicorn on 127.0.0.1 in a thread with its own event loop (the engine's loop, too)."""
+
+    def __init__(self, settings: ServerSettings, engine: AsyncEngine | None) -> None:
+        self.app = create_app(settings, engine)
+        self.server = server_for(self.app, settings)
+        self.url = f"http://127.0.0.1:{settings.port}"
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def state(self) -> Any:
+        return self.app.state.server
+
+    @property
+    def engine(self) -> AsyncEngine:
+        return self.state.engine
+
+    def start(self, wait_ready: bool = True) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("server did not start")
+            time.sleep(0.01)
+        if wait_ready:
+            while httpx.get(f"{self.url}/health").status_code != 200:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("engine did not become ready")
+                time.sleep(0.05)
+        return self
+
+    def sigterm(self) -> None:
+        """What SIGTERM does (uvicorn only installs signal handlers on the main thread)."""
+        self.server.handle_exit(signal.SIGTERM, None)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.02)
