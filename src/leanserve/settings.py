@@ -58,10 +58,12 @@ class CostSettings(BaseModel):
 
 
 class SchedulerSettings(BaseModel):
-    """The scheduler's batching window (engine/batch_window.py); passed on as ``EngineConfig`` fields."""
+    """Batching policy and window (engine/scheduler.py, engine/batch_window.py), as ``EngineConfig`` fields."""
 
     model_config = ConfigDict(extra="forbid")
 
+    # "static" admits a new batch only when the previous one has finished: a baseline, not for serving.
+    batching: Literal["continuous", "static"] = "continuous"
     max_batch_wait_ms: float = Field(20.0, ge=0)
     adaptive_batch_wait: bool = True
 

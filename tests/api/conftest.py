@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-# The helpers sit beside the tests; make them importable whatever pytest's import mode.
-sys.path.insert(0, str(Path(__file__).parent))
-
-from api_harness import ServerThread, build_tiny_model, engine_config, free_port  # noqa: E402
-
 from leanserve.engine.async_engine import AsyncEngine  # noqa: E402
 from leanserve.engine.llm_engine import LLMEngine  # noqa: E402
 from leanserve.settings import ServerSettings  # noqa: E402
+
+# The helpers sit beside the tests; make them importable whatever pytest's import mode.
+from tests.api.api_harness import ServerThread, build_tiny_model, engine_config, free_port  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,8 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from api_harness import MAX_MODEL_LEN, ServerThread
+
+from tests.api.api_harness import MAX_MODEL_LEN, ServerThread
 
 MESSAGES: list[Any] = [
     {"role": "system", "content": "t40 t41"},

@@ -8,10 +8,10 @@ from typing import Any
 import openai
 import pytest
 import torch
-from api_harness import MAX_MODEL_LEN, engine_config
 
 from leanserve.engine.llm_engine import LLMEngine
 from leanserve.sampling_params import SamplingParams
+from tests.api.api_harness import MAX_MODEL_LEN, engine_config
 
 PROMPT = "t10 t11 t12 t13"
 PROMPT_IDS = [10, 11, 12, 13]

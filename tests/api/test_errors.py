@@ -10,9 +10,9 @@ from typing import Any
 
 import httpx
 import pytest
-from api_harness import MAX_MODEL_LEN, ServerThread, wait_for
 
 import leanserve.api.server as server_module
+from tests.api.api_harness import MAX_MODEL_LEN, ServerThread, wait_for
 
 
 def assert_error(r: httpx.Response, status: int, param: str | None = "-", code: str | None = "-") -> dict:

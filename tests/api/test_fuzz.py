@@ -13,9 +13,10 @@ from typing import Any
 
 import httpx
 import pytest
-from api_harness import ServerThread
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from tests.api.api_harness import ServerThread
 
 SETTINGS = dict(deadline=None, database=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])

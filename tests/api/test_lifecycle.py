@@ -15,7 +15,8 @@ from typing import Any
 
 import httpx
 import pytest
-from api_harness import ServerThread, free_port, wait_for
+
+from tests.api.api_harness import ServerThread, free_port, wait_for
 
 
 def slow_engine(server: ServerThread, seconds: float) -> None:

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from api_harness import ServerThread, wait_for
+from tests.api.api_harness import ServerThread, wait_for
 
 CLIENT = str(Path(__file__).with_name("load_client.py"))
 

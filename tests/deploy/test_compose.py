@@ -12,7 +12,8 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
-from conftest import ROOT
+
+from tests.deploy.conftest import ROOT
 
 COMPOSE = ROOT / "docker-compose.yml"
 SCHEMA_PACKAGE = "docker-compose==1.29.2"  # its wheel ships the compose-spec JSON schema

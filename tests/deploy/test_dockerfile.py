@@ -6,7 +6,8 @@ import re
 import subprocess
 
 import pytest
-from conftest import ROOT
+
+from tests.deploy.conftest import ROOT
 
 DOCKERFILE = ROOT / "Dockerfile"
 

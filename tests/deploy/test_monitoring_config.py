@@ -7,7 +7,8 @@ import subprocess
 
 import pytest
 import yaml
-from conftest import ROOT
+
+from tests.deploy.conftest import ROOT
 
 PROM = ROOT / "deploy/prometheus"
 GRAFANA = ROOT / "deploy/grafana"

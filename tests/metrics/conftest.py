@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -8,13 +7,11 @@ from typing import Any
 
 import pytest
 
-# The helpers sit beside the tests; make them importable whatever pytest's import mode.
-sys.path.insert(0, str(Path(__file__).parent))
-
-from loadgen import MODEL_NAME  # noqa: E402
-from metrics_harness import FakeNvml, ServerThread, build_tiny_model, make_app, settings_for_test  # noqa: E402
-
 from leanserve.metrics.gpu import GpuSampler  # noqa: E402
+
+# The helpers sit beside the tests; make them importable whatever pytest's import mode.
+from tests.metrics.loadgen import MODEL_NAME  # noqa: E402
+from tests.metrics.metrics_harness import FakeNvml, ServerThread, build_tiny_model, make_app, settings_for_test  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -26,12 +26,12 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
-from loadgen import MODEL_NAME
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel
 
 from leanserve.engine.llm_engine import RequestOutput, StepStats
 from leanserve.metrics import setup_metrics
+from tests.metrics.loadgen import MODEL_NAME
 
 # ---- environment ----------------------------------------------------------------------------------
 

@@ -8,7 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
-from metrics_harness import scrape
+
+from tests.metrics.metrics_harness import scrape
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARDS = sorted((ROOT / "deploy/grafana/dashboards").glob("*.json"))

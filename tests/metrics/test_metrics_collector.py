@@ -8,7 +8,13 @@ from types import SimpleNamespace
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from metrics_harness import (
+from prometheus_client import CollectorRegistry, generate_latest
+
+from leanserve.engine.llm_engine import StepStats
+from leanserve.metrics import setup_metrics
+from leanserve.metrics.collector import EngineCollector, build_1_2_5_buckets
+from leanserve.metrics.gpu import GpuSampler
+from tests.metrics.metrics_harness import (
     Clock,
     FakeNvml,
     fake_engine,
@@ -18,12 +24,6 @@ from metrics_harness import (
     require_tool,
     settings_for_test,
 )
-from prometheus_client import CollectorRegistry, generate_latest
-
-from leanserve.engine.llm_engine import StepStats
-from leanserve.metrics import setup_metrics
-from leanserve.metrics.collector import EngineCollector, build_1_2_5_buckets
-from leanserve.metrics.gpu import GpuSampler
 
 
 def render(collector: EngineCollector):

@@ -8,8 +8,9 @@ import time
 from collections import Counter
 
 import httpx
-from loadgen import LoadResult, make_requests, run_load
-from metrics_harness import (
+
+from tests.metrics.loadgen import LoadResult, make_requests, run_load
+from tests.metrics.metrics_harness import (
     Scrape,
     bucket_index,
     diff_buckets,

@@ -6,11 +6,11 @@ import logging
 import time
 
 import pytest
-from metrics_harness import Clock, fake_engine, one_request, settings_for_test
 
 from leanserve.metrics.collector import EngineCollector
 from leanserve.metrics.gpu import GpuSampler
 from leanserve.metrics.progress import ProgressReporter, log_startup
+from tests.metrics.metrics_harness import Clock, fake_engine, one_request, settings_for_test
 
 
 def test_log_startup_reports_capacity(live_server, caplog: pytest.LogCaptureFixture) -> None:

@@ -15,8 +15,9 @@ from typing import Any
 
 import httpx
 import yaml
-from loadgen import make_requests, run_load
-from metrics_harness import require_tool
+
+from tests.metrics.loadgen import make_requests, run_load
+from tests.metrics.metrics_harness import require_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "deploy/prometheus/prometheus.yml"

@@ -1,20 +1,16 @@
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
-# The helpers sit beside the tests; make them importable whatever pytest's import mode.
-sys.path.insert(0, str(Path(__file__).parent))
-
-from router_fakes import FakeReplica, ServerThread  # noqa: E402
-
 from leanserve.router.app import create_app  # noqa: E402
 from leanserve.router.proxy import RouterConfig  # noqa: E402
+
+# The helpers sit beside the tests; make them importable whatever pytest's import mode.
+from tests.router.router_fakes import FakeReplica, ServerThread  # noqa: E402
 
 
 @pytest.fixture

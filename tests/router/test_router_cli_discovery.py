@@ -7,11 +7,11 @@ import sys
 
 import httpx
 import pytest
-from router_fakes import FakeReplica
 
 from leanserve.router import discovery
 from leanserve.router.cli import add_router_subcommand, config_from_args, run_router
 from leanserve.router.proxy import Router, RouterConfig
+from tests.router.router_fakes import FakeReplica
 
 
 def test_subcommand_builds_the_router_config():

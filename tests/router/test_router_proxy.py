@@ -7,10 +7,10 @@ import threading
 
 import httpx
 import pytest
-from conftest import wait_for
-from router_fakes import FakeReplica, ServerThread, free_port
 
 from leanserve.router.proxy import RouterConfig
+from tests.router.conftest import wait_for
+from tests.router.router_fakes import FakeReplica, ServerThread, free_port
 
 COMPLETION = {"model": "fake", "prompt": "hello", "max_tokens": 4}
 
