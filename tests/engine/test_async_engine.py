@@ -81,3 +81,23 @@ def test_event_loop_stays_responsive_while_engine_works(llm_engine: LLMEngine) -
         await engine.shutdown()
 
     asyncio.run(main())
+
+
+def test_step_listeners_see_aborts(llm_engine: LLMEngine) -> None:
+    seen: list[str | None] = []
+
+    async def main() -> None:
+        engine = AsyncEngine(llm_engine)
+        engine.step_listeners.append(lambda stats, outs, _: seen.extend(o.finish_reason for o in outs if o.finished))
+        engine.start()
+        params = SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True)
+        async for _ in engine.generate("leaver", [3, 4, 5], params):
+            break
+        for _ in range(50):
+            if "abort" in seen:
+                break
+            await asyncio.sleep(0.02)
+        await engine.shutdown()
+
+    asyncio.run(main())
+    assert seen == ["abort"]

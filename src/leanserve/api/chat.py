@@ -67,16 +67,15 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     engine = state.require_engine()
     state.check_model(body.model)
     _check_unsupported(body)
-    llm = engine.engine
     tokenizer = engine.tokenizer
     prompt_ids = await encode(tokenizer, render_chat(tokenizer, body.messages), add_special_tokens=False)
     n = body.n or 1
     top_k = (body.top_logprobs or 0) if body.logprobs else None
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    max_tokens = requested if requested is not None else max(1, llm.max_model_len - len(prompt_ids))
+    max_tokens = requested if requested is not None else max(1, engine.max_model_len - len(prompt_ids))
     params = [
         build_sampling_params(
-            body, max_tokens=max_tokens, vocab_size=llm.model_config.vocab_size, logprobs=top_k, choice_index=i
+            body, max_tokens=max_tokens, vocab_size=engine.vocab_size, logprobs=top_k, choice_index=i
         )
         for i in range(n)
     ]

@@ -103,7 +103,6 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     state: ServerState = request.app.state.server
     engine = state.require_engine()
     state.check_model(body.model)
-    llm = engine.engine
     tokenizer = engine.tokenizer
     n = body.n or 1
     best_of = body.best_of or n
@@ -120,13 +119,13 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     engine_logprobs = k if k is not None else (0 if best_of > n else None)
     requests: list[tuple[int, SamplingParams]] = []
     for p, prompt in enumerate(prompts):
-        room = llm.max_model_len - len(prompt.token_ids)
+        room = engine.max_model_len - len(prompt.token_ids)
         max_tokens = body.max_tokens if body.max_tokens is not None else max(1, min(DEFAULT_MAX_TOKENS, room))
         for j in range(best_of):
             params = build_sampling_params(
                 body,
                 max_tokens=max_tokens,
-                vocab_size=llm.model_config.vocab_size,
+                vocab_size=engine.vocab_size,
                 logprobs=engine_logprobs,
                 prompt_logprobs=k if echo and k is not None else None,
                 choice_index=j,

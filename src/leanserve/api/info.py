@@ -47,8 +47,8 @@ def _card(state: ServerState) -> ModelCard:
     return ModelCard(
         id=state.served_model_name,
         created=int(state.started_at),
-        root=str(engine.engine.model_dir) if engine is not None else state.settings.model,
-        max_model_len=engine.engine.max_model_len if engine is not None else None,
+        root=str(engine.model_dir) if engine is not None else state.settings.model,
+        max_model_len=engine.max_model_len if engine is not None else None,
     )
 
 
@@ -78,14 +78,14 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
         text = body.prompt or ""
         special = body.add_special_tokens is not False
     tokens = await encode(tokenizer, text, add_special_tokens=special)
-    return TokenizeResponse(count=len(tokens), max_model_len=engine.engine.max_model_len, tokens=tokens)
+    return TokenizeResponse(count=len(tokens), max_model_len=engine.max_model_len, tokens=tokens)
 
 
 async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
     state = _state(request)
     engine = state.require_engine()
     state.check_model(body.model)
-    vocab = engine.engine.model_config.vocab_size
+    vocab = engine.vocab_size
     bad = [t for t in body.tokens if not 0 <= t < vocab]
     if bad:
         raise APIError(400, f"token ids out of range [0, {vocab}): {bad[:5]}", param="tokens")

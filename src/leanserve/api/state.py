@@ -66,7 +66,7 @@ class ServerState:
     def accepted_names(self) -> set[str]:
         names = {self.served_model_name}
         if self.engine is not None:
-            names.add(self.engine.engine.model_dir.name)
+            names.add(self.engine.model_dir.name)
         return names
 
     def check_model(self, model: str | None) -> None:
@@ -123,7 +123,7 @@ class ServerState:
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """The engine's own checks, run before any response starts (so a stream can still 400)."""
         try:
-            self.require_engine().engine.validate(prompt_token_ids, params)
+            self.require_engine().validate(prompt_token_ids, params)
         except RequestError as exc:
             raise bad_request(str(exc), param=exc.param, code=exc.code) from exc
 

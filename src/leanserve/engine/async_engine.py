@@ -64,6 +64,23 @@ class AsyncEngine:
     def tokenizer(self) -> Any:
         return self.engine.tokenizer
 
+    # What the HTTP layer may know of the model, without reaching into the engine.
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.model_config.vocab_size
+
+    @property
+    def model_dir(self) -> Any:
+        return self.engine.model_dir
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ``RequestError`` for a request the engine would refuse (before any response starts)."""
+        self.engine.validate(prompt_token_ids, params)
+
     # ---- requests -------------------------------------------------------------------------------
     async def generate(
         self,
@@ -154,6 +171,9 @@ class AsyncEngine:
                 output = self.engine.abort_request(command[1])
                 if output is not None:
                     self._post(self._deliver, [output])
+                    # Aborts happen between steps: report them as an empty step so metrics count them.
+                    for listener in self.step_listeners:
+                        listener(StepStats(), [output], self)
 
     def _fail_all(self, exc: BaseException) -> None:
         for request_id in list(self.engine.seqs):
