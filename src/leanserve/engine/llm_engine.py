@@ -18,6 +18,7 @@ from transformers import AutoTokenizer
 from leanserve.engine.batch_window import BatchWindowConfig
 from leanserve.engine.block_manager import BlockManager
 from leanserve.engine.config import EngineConfig
+from leanserve.engine.cpu_threads import ThreadTuner
 from leanserve.engine.detokenizer import IncrementalDetokenizer
 from leanserve.engine.scheduler import Scheduler, SchedulerConfig
 from leanserve.engine.sequence import FinishReason, Sequence, SequenceStatus
@@ -100,8 +101,9 @@ class LLMEngine:
         self.config = config
         self.device = config.resolve_device()
         self.dtype = config.resolve_dtype(self.device)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         if self.device.type == "cpu":
-            torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
+            torch.set_num_threads(config.num_threads or cores)
         torch.manual_seed(config.seed)
         self.model_dir = Path(resolve_model_path(config.model, config.cache_dir))
         self.model_config = ModelConfig.from_pretrained(self.model_dir)
@@ -135,6 +137,13 @@ class LLMEngine:
                 ),
             ),
             self.block_manager,
+        )
+        # With no thread count given, re-pick it while serving: a busy neighbour core can make every
+        # extra thread a liability (see engine/cpu_threads.py).
+        self.thread_tuner = (
+            ThreadTuner(cores, self.model_config.hidden_size, self.model_config.intermediate_size)
+            if self.device.type == "cpu" and config.num_threads is None and cores > 1
+            else None
         )
         self.seqs: dict[str, Sequence] = {}
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
@@ -221,6 +230,8 @@ class LLMEngine:
 
     # ---- the loop -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self.thread_tuner is not None:
+            self.thread_tuner.maybe_retune()
         start = time.perf_counter()
         batch = self.scheduler.schedule()
         stats = StepStats(num_preempted=len(batch.preempted))
