@@ -1,0 +1,209 @@
+"""FP32 vs AWQ INT4 vs round-to-nearest INT4 on the embedded model: memory, decode speed, perplexity.
+
+    python benchmarks/quant.py [--quick] [--work-dir DIR] [--data-dir DIR]
+
+Quantizes the embedded SmolLM2-135M twice (AWQ calibrated on the first 80% of Pride and Prejudice, and
+plain RTN with the same group size) into --work-dir (reused when already there), then measures:
+
+- weight memory as loaded (the int4 linears' bytes over the same linears at fp16);
+- decode tokens/s through our engine, greedy with ignore_eos, at batch 1 and 32 (decode steps only);
+- perplexity on the held-out last 20% of Pride and Prejudice and on Shakespeare (out of domain);
+- with CUDA only: the Triton AWQ GEMM against an fp16 matmul at M = 1, 16, 64, 256.
+
+Every figure is printed with the load average beside it (other jobs share the CPU). The last line is
+one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from leanserve.engine.config import EngineConfig  # noqa: E402
+from leanserve.engine.llm_engine import LLMEngine  # noqa: E402
+from leanserve.model.embedded import resolve_model_path  # noqa: E402
+from leanserve.model.loader import load_model  # noqa: E402
+from leanserve.quant.awq import AWQSettings, calibration_from_text, quantize_model  # noqa: E402
+from leanserve.quant.awq_format import write_checkpoint  # noqa: E402
+from leanserve.quant.cli import pick_group_size  # noqa: E402
+from leanserve.quant.evaluate import evaluate, weight_memory  # noqa: E402
+from leanserve.sampling_params import SamplingParams  # noqa: E402
+
+
+def load() -> str:
+    return "load {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+
+
+def say(label: str, value: str) -> None:
+    print(f"{label:<46} {value:<28} [{load()}]", flush=True)
+
+
+def quantize(
+    src: Path, out: Path, method: str, group: int, calib_file: Path, reuse: bool, samples: int
+) -> float:
+    if reuse and (out / "config.json").exists():
+        return 0.0
+    shutil.rmtree(out, ignore_errors=True)
+    from transformers import AutoTokenizer
+
+    start = time.perf_counter()
+    model = load_model(src, torch.device("cpu"), torch.float32)
+    calib = None
+    if method == "awq":
+        calib = calibration_from_text(AutoTokenizer.from_pretrained(src), calib_file, samples, 512, end=0.8)
+    tensors = quantize_model(model, calib, AWQSettings(group_size=group, method=method))
+    write_checkpoint(out, src, tensors, group)
+    return time.perf_counter() - start
+
+
+def decode_speed(model_dir: Path, batch: int, new_tokens: int, prompt_len: int = 32) -> tuple[float, float]:
+    """(decode tokens/s, ms per decode step) through the engine; prefill steps are not counted."""
+    from leanserve.model.config import ModelConfig
+
+    kv_bytes = ModelConfig.from_pretrained(model_dir).kv_bytes_per_token(4) * batch * (prompt_len + new_tokens + 32)
+    engine = LLMEngine(EngineConfig(model=str(model_dir), kv_cache_memory=kv_bytes, max_num_seqs=batch,
+                                    device="cpu"))
+    g = torch.Generator().manual_seed(0)
+    vocab = engine.model_config.vocab_size
+
+    def run(n: int, tokens: int) -> tuple[int, float, int]:
+        params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+        for i in range(n):
+            engine.add_request(f"{time.monotonic_ns()}-{i}", torch.randint(100, vocab, (prompt_len,),
+                                                                         generator=g).tolist(), params)
+        decoded, seconds, steps = 0, 0.0, 0
+        while engine.has_unfinished_requests():
+            engine.step()
+            s = engine.last_step
+            if s.num_prefill_tokens == 0 and s.num_decode_tokens:
+                decoded += s.num_decode_tokens
+                seconds += s.step_seconds
+                steps += 1
+        return decoded, seconds, steps
+
+    run(min(batch, 4), 8)  # warm-up: first-call allocations, thread pool start
+    decoded, seconds, steps = run(batch, new_tokens)
+    return decoded / seconds, 1000 * seconds / steps
+
+
+def lm_head_ms(model_dir: Path) -> float:
+    """Batch-1 cost of the tied fp32 lm_head alone (49152 x 576): the floor under every decode step."""
+    model = load_model(model_dir, torch.device("cpu"), torch.float32)
+    h = torch.randn(1, model.config.hidden_size)
+    for _ in range(5):
+        model.compute_logits(h)
+    start = time.perf_counter()
+    for _ in range(50):
+        model.compute_logits(h)
+    return 1000 * (time.perf_counter() - start) / 50
+
+
+def gpu_kernel_bench(model_dir: Path) -> dict[str, float]:
+    from leanserve.kernels.awq_gemm import awq_gemm
+    from leanserve.kernels.awq_reference import pack_awq
+
+    results = {}
+    k, n, group = 4096, 4096, 128  # a 7B-class projection: big enough to measure on a GPU
+    q = pack_awq(torch.randint(0, 16, (k, n))).cuda()
+    z = pack_awq(torch.randint(0, 16, (k // group, n))).cuda()
+    s = (torch.rand(k // group, n) * 0.01).half().cuda()
+    w = torch.randn(n, k, dtype=torch.float16, device="cuda")
+    for m in (1, 16, 64, 256):
+        x = torch.randn(m, k, dtype=torch.float16, device="cuda")
+        times = {}
+        for name, fn in (("awq", lambda x=x: awq_gemm(x, q, z, s, group)), ("fp16", lambda x=x: x @ w.t())):
+            for _ in range(5):
+                fn()
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(50):
+                fn()
+            torch.cuda.synchronize()
+            times[name] = 1e6 * (time.perf_counter() - start) / 50
+        say(f"GEMM {k}x{n} M={m}: awq / fp16 (us)", f"{times['awq']:.1f} / {times['fp16']:.1f}")
+        results[f"gemm_us_awq_m{m}"], results[f"gemm_us_fp16_m{m}"] = times["awq"], times["fp16"]
+    return results
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fewer tokens everywhere (a smoke run)")
+    p.add_argument("--model", default=None, help="source model folder (default: the embedded one)")
+    p.add_argument("--work-dir", type=Path, default=Path("/tmp/leanserve-bench-quant"))
+    p.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
+    p.add_argument("--no-reuse", action="store_true", help="re-quantize even if --work-dir has the models")
+    args = p.parse_args()
+
+    src = Path(resolve_model_path(args.model))
+    from leanserve.model.config import ModelConfig
+
+    group = pick_group_size("auto", ModelConfig.from_pretrained(src))
+    pride, shakespeare = args.data_dir / "pride_and_prejudice.txt", args.data_dir / "shakespeare.txt"
+    work = args.work_dir / ("quick" if args.quick else "full")
+    awq_dir, rtn_dir = work / "awq", work / "rtn"
+    samples = 4 if args.quick else 16  # calibration sequences of 512 tokens
+    print(f"model {src}  group size {group}  threads {torch.get_num_threads()}  [{load()}]")
+
+    t_awq = quantize(src, awq_dir, "awq", group, pride, not args.no_reuse, samples)
+    t_rtn = quantize(src, rtn_dir, "rtn", group, pride, not args.no_reuse, samples)
+    say("quantize time AWQ / RTN (s, 0 = reused)", f"{t_awq:.0f} / {t_rtn:.0f}")
+
+    mem = {name: weight_memory(load_model(d, torch.device("cpu"), torch.float32))
+           for name, d in (("fp32", src), ("awq", awq_dir))}
+    ratio = mem["awq"].linear_ratio_vs_fp16
+    say("linear weights FP32 / INT4 (MiB)",
+        f"{mem['fp32'].linear_bytes / 2**20:.1f} / {mem['awq'].linear_bytes / 2**20:.1f}")
+    say("INT4 linear bytes / FP16 bytes", f"{100 * ratio:.1f}%")
+    say("all weights FP32 / INT4 model (MiB)",
+        f"{mem['fp32'].total_bytes / 2**20:.1f} / {mem['awq'].total_bytes / 2**20:.1f}")
+
+    tokens = 1024 if args.quick else 4096
+    data = [pride, shakespeare]
+    ev = {name: evaluate(d, data, src, max_tokens=tokens) for name, d in (("awq", awq_dir), ("rtn", rtn_dir))}
+    ppl = {}
+    for i, label in enumerate(("held-out P&P", "Shakespeare")):
+        fp = ev["awq"].datasets[i].baseline_ppl
+        a, r = ev["awq"].datasets[i], ev["rtn"].datasets[i]
+        say(f"ppl {label} FP32 / AWQ / RTN", f"{fp:.3f} / {a.ppl:.3f} / {r.ppl:.3f}")
+        say(f"  KL vs FP32 AWQ / RTN ({a.tokens} tok)", f"{a.mean_kl:.4f} / {r.mean_kl:.4f}")
+        say("  top-1 agreement AWQ / RTN", f"{a.top1_agreement:.3f} / {r.top1_agreement:.3f}")
+        ppl[i] = (fp, a.ppl, r.ppl)
+
+    new_tokens = 32 if args.quick else 128
+    speed = {}
+    for name, d in (("fp32", src), ("int4", awq_dir)):
+        for batch in (1, 32):
+            tok_s, ms = decode_speed(d, batch, new_tokens)
+            speed[(name, batch)] = tok_s
+            say(f"decode {name.upper()} batch {batch}", f"{tok_s:.1f} tok/s ({ms:.1f} ms/step)")
+    head = lm_head_ms(src)
+    say("  of which fp32 lm_head alone, batch 1", f"{head:.2f} ms/token")
+
+    gpu = gpu_kernel_bench(awq_dir) if torch.cuda.is_available() else {}
+    result = {
+        "ppl_fp": ppl[0][0], "ppl_awq": ppl[0][1], "ppl_rtn": ppl[0][2],
+        "ppl_fp_shakespeare": ppl[1][0], "ppl_awq_shakespeare": ppl[1][1], "ppl_rtn_shakespeare": ppl[1][2],
+        "kl_awq": ev["awq"].datasets[0].mean_kl, "kl_rtn": ev["rtn"].datasets[0].mean_kl,
+        "linear_bytes_ratio": ratio,
+        "tok_s_fp32_batch1": speed[("fp32", 1)], "tok_s_int4_batch1": speed[("int4", 1)],
+        "tok_s_fp32_batch32": speed[("fp32", 32)], "tok_s_int4_batch32": speed[("int4", 32)],
+        "int4_vs_fp32_tok_s_batch1": speed[("int4", 1)] / speed[("fp32", 1)],
+        "int4_vs_fp32_tok_s_batch32": speed[("int4", 32)] / speed[("fp32", 32)],
+        "int4_ms_per_token_batch1": 1000 / speed[("int4", 1)], "lm_head_ms_batch1": head,
+        "group_size": group, "quick": args.quick, "loadavg": os.getloadavg()[0], **gpu,
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

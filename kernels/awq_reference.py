@@ -1,0 +1,78 @@
+"""Plain-torch AWQ "GEMM"-format int4: unpack, dequantize, and the dequantize-then-matmul reference.
+
+The layout is AutoAWQ's: for a linear with ``K`` inputs and ``N`` outputs,
+
+- ``qweight`` int32 ``[K, N / 8]``: eight 4-bit weights per word, along the output dimension;
+- ``qzeros``  int32 ``[K / group, N / 8]``: the integer zero point of each group, packed the same way;
+- ``scales``  fp16  ``[K / group, N]``;
+
+and ``w[k, n] = (q[k, n] - z[k // group, n]) * s[k // group, n]``. Inside a word the eight columns are
+not in order: nibble ``i`` (bits ``4i .. 4i+3``) holds column ``AWQ_ORDER[i]`` of its block of eight.
+This module imports nothing from leanserve (``kernels/`` stands alone) and is the ground truth the
+Triton kernel and the CPU int4 path are tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Nibble i of a packed word holds column AWQ_ORDER[i] of its 8-column block ...
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+# ... so column j of the block sits in nibble AWQ_NIBBLE_OF_COLUMN[j] (the inverse permutation).
+AWQ_NIBBLE_OF_COLUMN = (0, 4, 1, 5, 2, 6, 3, 7)
+
+
+def unpack_awq(packed: torch.Tensor) -> torch.Tensor:
+    """int32 ``[R, C / 8]`` -> uint8 ``[R, C]`` of values 0..15, columns in natural order."""
+    if packed.dtype != torch.int32:
+        raise ValueError(f"packed AWQ tensors are int32, got {packed.dtype}")
+    shifts = 4 * torch.tensor(AWQ_NIBBLE_OF_COLUMN, dtype=torch.int32, device=packed.device)
+    # Arithmetic right shift of a negative word smears the sign bit, but the & 0xF drops it again.
+    values = (packed.unsqueeze(-1) >> shifts) & 0xF
+    return values.reshape(packed.shape[0], packed.shape[1] * 8).to(torch.uint8)
+
+
+def pack_awq(values: torch.Tensor) -> torch.Tensor:
+    """Values 0..15 ``[R, C]`` (C a multiple of 8) -> int32 ``[R, C / 8]`` in AWQ's nibble order."""
+    rows, cols = values.shape
+    if cols % 8:
+        raise ValueError(f"AWQ packs 8 values per int32 word along dim 1; {cols} is not a multiple of 8")
+    v = values.to(torch.int64).reshape(rows, cols // 8, 8)
+    if v.numel() and (v.min() < 0 or v.max() > 15):
+        raise ValueError("int4 values must lie in 0..15")
+    shifts = 4 * torch.arange(8, dtype=torch.int64, device=values.device)
+    order = torch.tensor(AWQ_ORDER, device=values.device)
+    words = (v[..., order] << shifts).sum(-1)  # nibble i <- column AWQ_ORDER[i]; disjoint bits, so + == |
+    # Reinterpret as signed 32-bit: words >= 2^31 (nibble 7 >= 8) become negative, as AutoAWQ stores them.
+    words = torch.where(words >= 2**31, words - 2**32, words)
+    return words.to(torch.int32)
+
+
+def dequantize_awq(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    group_size: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The dense weight ``[K, N]`` (input-major, as AWQ stores it) in ``dtype``."""
+    q = unpack_awq(qweight).to(dtype)
+    z = unpack_awq(qzeros).to(dtype).repeat_interleave(group_size, dim=0)
+    s = scales.to(dtype).repeat_interleave(group_size, dim=0)
+    return (q - z) * s
+
+
+def awq_gemm_reference(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x [..., K] @ W [K, N] (+ bias)``, dequantizing in fp32 first; output in ``x.dtype``."""
+    w = dequantize_awq(qweight, qzeros, scales, group_size, torch.float32)
+    out = x.float() @ w
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)

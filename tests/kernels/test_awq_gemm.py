@@ -1,0 +1,79 @@
+"""The AWQ fused dequantize-GEMM against its plain-torch reference (Triton interpreter on CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from leanserve.kernels.awq_gemm import awq_gemm  # noqa: E402
+from leanserve.kernels.awq_reference import awq_gemm_reference, pack_awq  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def random_awq(k: int, n: int, group: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (k, n), generator=g)
+    z = torch.randint(0, 16, (k // group, n), generator=g)
+    s = (torch.rand(k // group, n, generator=g) * 0.02 + 0.001).half()
+    return pack_awq(q).to(DEVICE), pack_awq(z).to(DEVICE), s.to(DEVICE)
+
+
+@pytest.mark.parametrize(
+    "m,k,n,group,mode",
+    [
+        (1, 128, 64, 32, "gemv"),
+        (3, 256, 72, 64, "gemv"),  # N not a multiple of the output block
+        (5, 384, 64, 128, "gemv"),  # 3 groups: the K split leaves a short last slice
+        (17, 128, 64, 32, "tiled"),
+        (40, 256, 80, 128, "tiled"),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_awq_gemm_matches_reference(m: int, k: int, n: int, group: int, mode: str, dtype: torch.dtype) -> None:
+    qweight, qzeros, scales = random_awq(k, n, group)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+    bias = torch.randn(n).to(DEVICE, dtype)
+    out = awq_gemm(x, qweight, qzeros, scales, group, bias, force=mode)
+    ref = awq_gemm_reference(x.float(), qweight, qzeros, scales, group, bias.float())
+    assert out.dtype == dtype and out.shape == (m, n)
+    tol = 1e-4 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(out.float(), ref, atol=tol * ref.abs().max().item(), rtol=0)
+
+
+def test_default_launch_by_m() -> None:
+    qweight, qzeros, scales = random_awq(64, 32, 32)
+    for m in (2, 20):
+        x = torch.randn(m, 64).to(DEVICE)
+        ref = awq_gemm_reference(x, qweight, qzeros, scales, 32)
+        torch.testing.assert_close(awq_gemm(x, qweight, qzeros, scales, 32), ref, atol=1e-3, rtol=1e-4)
+
+
+def test_rejects_mismatched_shapes() -> None:
+    qweight, qzeros, scales = random_awq(64, 32, 32)
+    with pytest.raises(ValueError, match="K=48"):
+        awq_gemm(torch.randn(2, 48).to(DEVICE), qweight, qzeros, scales, 32)
+    with pytest.raises(ValueError, match="qzeros"):
+        awq_gemm(torch.randn(2, 64).to(DEVICE), qweight, qzeros, scales, 16)
+
+
+def test_awq_linear_triton_backend_matches_reference() -> None:
+    """The serving module's CUDA path (here interpreted) computes what its reference path does."""
+    from leanserve.quant.awq_format import quantize_weight
+    from leanserve.quant.awq_linear import AWQLinear
+
+    gen = torch.Generator().manual_seed(4)
+    shards = [torch.randn(size, 64, generator=gen) * 0.05 for size in (32, 16)]
+    layers = {}
+    for backend in ("triton", "reference"):
+        layer = AWQLinear(64, [32, 16], bias=False, group_size=32, dtype=torch.float32, backend=backend)
+        for i, w in enumerate(shards):
+            for name, t in quantize_weight(w, 32).to_awq().items():
+                layer.load_shard(name, i, t)
+        layer.finalize()
+        layers[backend] = layer.to(DEVICE)
+    for m in (1, 20):  # the GEMV and the tiled launch
+        x = torch.randn(m, 64, generator=gen).to(DEVICE)
+        torch.testing.assert_close(layers["triton"](x), layers["reference"](x), rtol=1e-4, atol=1e-4)

@@ -1,0 +1,158 @@
+"""`leanserve quantize` / `eval` on a tiny random Llama: algorithm, checkpoint, serving, quality gate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from leanserve.model.loader import load_model
+from leanserve.quant.awq import AWQSettings, calibration_from_text, dense_logits, quantize_model
+from leanserve.quant.awq_format import dequantize_checkpoint_linear, write_checkpoint
+from leanserve.quant.awq_linear import AWQLinear
+from leanserve.quant.cli import main
+
+GROUP = 32
+CPU = torch.device("cpu")
+
+
+def test_dense_forward_matches_transformers(tiny_llama: Path) -> None:
+    """Calibration and perplexity use a dense forward over our modules: it must be the real model."""
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(3, 300, (2, 40), generator=torch.Generator().manual_seed(0))
+    ours = dense_logits(load_model(tiny_llama, CPU, torch.float32), ids)
+    theirs = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()(ids).logits
+    torch.testing.assert_close(ours, theirs.float(), rtol=1e-4, atol=1e-4)
+
+
+def _quantize(src: Path, out: Path, text: Path, method: str) -> Path:
+    from transformers import AutoTokenizer
+
+    calib = calibration_from_text(AutoTokenizer.from_pretrained(src), text, 8, 128)
+    model = load_model(src, CPU, torch.float32)
+    settings = AWQSettings(group_size=GROUP, method=method, search_tokens=512)
+    write_checkpoint(out, src, quantize_model(model, calib, settings, progress=False), GROUP)
+    return out
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_awq_beats_rtn(kv_heads: int, tiny_llama: Path, gqa_llama: Path, word_text: Path, tmp_path: Path) -> None:
+    """On held-out text AWQ's next-token distributions stay closer to the float model's than RTN's."""
+    from leanserve.quant.evaluate import evaluate
+
+    src = tiny_llama if kv_heads == 4 else gqa_llama
+    kl = {}
+    for method in ("awq", "rtn"):
+        out = _quantize(src, tmp_path / method, word_text, method)
+        result = evaluate(out, [word_text], src, max_tokens=1024, window=128)
+        kl[method] = result.datasets[0].mean_kl
+    assert kl["awq"] < 0.8 * kl["rtn"], kl
+
+
+def _dequantized_copy(awq_dir: Path, out: Path) -> Path:
+    """The same model with every int4 linear expanded back to float weights (a plain HF folder)."""
+    tensors = load_file(str(awq_dir / "model.safetensors"))
+    config = json.loads((awq_dir / "config.json").read_text())
+    group = config.pop("quantization_config")["group_size"]
+    dense = {}
+    for name, t in tensors.items():
+        if name.endswith(".qweight"):
+            base = name[: -len(".qweight")]
+            dense[f"{base}.weight"] = dequantize_checkpoint_linear(
+                t, tensors[f"{base}.qzeros"], tensors[f"{base}.scales"], group
+            )
+        elif not name.endswith((".qzeros", ".scales")):
+            dense[name] = t.float()
+    out.mkdir()
+    save_file(dense, str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps(config))
+    for f in awq_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special")):
+            (out / f.name).write_bytes(f.read_bytes())
+    return out
+
+
+def _greedy(model_dir: Path, prompts: list[list[int]], monkeypatch: pytest.MonkeyPatch, backend: str) -> list:
+    from leanserve.engine.config import EngineConfig
+    from leanserve.engine.llm_engine import LLMEngine
+    from leanserve.sampling_params import SamplingParams
+
+    monkeypatch.setenv("LEANSERVE_AWQ_BACKEND", backend)
+    engine = LLMEngine(EngineConfig(model=str(model_dir), kv_cache_memory=1 << 20, device="cpu"))
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, params)
+    tokens: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            tokens[out.request_id] += out.new_token_ids
+    return [tokens[str(i)] for i in range(len(prompts))], engine
+
+
+def test_quantize_cli_checkpoint_serves_like_its_dequantized_model(
+    tiny_llama: Path, word_text: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    out = tmp_path / "awq"
+    code = main(["quantize", "--model", str(tiny_llama), "--out", str(out), "--calib", str(word_text),
+                 "--samples", "8", "--seq-len", "128", "--group-size", str(GROUP), "--search-tokens", "512",
+                 "--data", str(word_text), "--eval-tokens", "512", "--window", "128",
+                 "--max-ppl-increase", "50"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    report = json.loads(printed.strip().splitlines()[-1])
+    assert report["datasets"]["words"]["top1_agreement"] > 0.5
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"] == {
+        "quant_method": "awq", "bits": 4, "group_size": GROUP, "zero_point": True, "version": "gemm",
+        "modules_to_not_convert": None,
+    }
+    assert (out / "tokenizer.json").exists()
+    names = load_file(str(out / "model.safetensors")).keys()
+    assert "model.layers.1.self_attn.v_proj.qweight" in names and "lm_head.weight" in names
+
+    dense_dir = _dequantized_copy(out, tmp_path / "dense")
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (4, 19, 40)]
+    expected, dense_engine = _greedy(dense_dir, prompts, monkeypatch, "reference")
+    assert not any(isinstance(m, AWQLinear) for m in dense_engine.model.modules())
+    for backend in ("reference", "int4pack"):
+        got, engine = _greedy(out, prompts, monkeypatch, backend)
+        assert sum(isinstance(m, AWQLinear) for m in engine.model.modules()) == 8
+        assert got == expected, backend
+
+
+def test_quality_gate_fails_unless_forced(tiny_llama: Path, word_text: Path, tmp_path: Path, capsys) -> None:
+    args = ["quantize", "--model", str(tiny_llama), "--out", str(tmp_path / "rtn"), "--method", "rtn",
+            "--group-size", "auto", "--data", str(word_text), "--eval-tokens", "256", "--window", "128",
+            "--max-ppl-increase", "-100"]  # perplexity can never drop by 100%: the gate must trip
+    assert main(args) == 1
+    assert "quality gate failed" in capsys.readouterr().err
+    assert main([*args, "--force"]) == 0
+    assert "--force: keeping it" in capsys.readouterr().out
+    assert json.loads((tmp_path / "rtn" / "config.json").read_text())["quantization_config"]["group_size"] == 64
+
+
+def test_group_size_must_divide(tiny_llama: Path, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="does not divide"):
+        main(["quantize", "--model", str(tiny_llama), "--out", str(tmp_path / "x"), "--group-size", "48"])
+
+
+def test_data_free_fallback(tiny_llama: Path, tmp_path: Path, capsys) -> None:
+    code = main(["quantize", "--model", str(tiny_llama), "--out", str(tmp_path / "df"), "--samples", "2",
+                 "--seq-len", "64", "--group-size", str(GROUP), "--search-tokens", "128", "--skip-eval"])
+    assert code == 0
+    assert "DATA-FREE" in capsys.readouterr().out
+    model = load_model(tmp_path / "df", CPU, torch.float32)
+    assert isinstance(model.model.layers[0].self_attn.qkv_proj, AWQLinear)
+
+
+def test_eval_cli_reports_json(tiny_llama: Path, word_text: Path, capsys) -> None:
+    assert main(["eval", "--model", str(tiny_llama), "--data", str(word_text), "--eval-tokens", "256",
+                 "--window", "128"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["baseline"] is None and report["datasets"]["words"]["ppl"] > 1
+    assert report["linear_bytes_ratio_vs_fp16"] == pytest.approx(2.0)  # fp32 linears: twice fp16
