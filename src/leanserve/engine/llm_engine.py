@@ -109,9 +109,7 @@ class LLMEngine:
         self.model_config = ModelConfig.from_pretrained(self.model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.model = load_model(self.model_dir, self.device, self.dtype, progress=progress)
-        self.weight_bytes = sum(
-            t.numel() * t.element_size() for t in [*self.model.parameters(), *self.model.buffers()]
-        )
+        self.weight_bytes: int = self.model.weight_bytes
         self.eos_token_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)

@@ -34,6 +34,18 @@ class Linear(nn.Linear):
         super().__init__(in_features, sum(shard_sizes), bias=bias, dtype=dtype)
         self.shard_sizes = shard_sizes
 
+    packed: torch.Tensor | None = None
+
+    def pack_for_cpu(self, batch_hint: int = 16) -> None:
+        """Keep the weight in oneDNN's blocked layout (see ``pack_cpu_weight``); the plain copy is dropped."""
+        self.packed = pack_cpu_weight(self.weight.detach(), batch_hint)
+        self.weight.data = torch.empty(0, dtype=self.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return packed_linear(x, self.packed, self.bias)
+        return super().forward(x)
+
     def load_shard(self, param_name: str, shard: int, tensor: torch.Tensor) -> None:
         param: torch.Tensor = getattr(self, param_name)
         start = sum(self.shard_sizes[:shard])
@@ -45,6 +57,25 @@ class Linear(nn.Linear):
             )
         with torch.no_grad():
             param[start : start + size].copy_(tensor)
+
+
+def cpu_packing_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+def pack_cpu_weight(weight: torch.Tensor, batch_hint: int = 16) -> torch.Tensor:
+    """Reorder an fp32 ``[out, in]`` weight into oneDNN's blocked layout for CPU matmuls.
+
+    Measured on the 2-core host: 1.3-4x faster than ``F.linear`` for the decode-sized matmuls
+    (8-100 rows) of the embedded model, 3x for its 49k-wide LM head; about equal at 1 row.
+    """
+    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), batch_hint)
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    shape = x.shape
+    out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]), packed, bias, "none", [], "")
+    return out.reshape(*shape[:-1], out.shape[-1])
 
 
 LinearFactory = Any  # (in_features, shard_sizes, bias, prefix) -> nn.Module with load_shard

@@ -15,7 +15,14 @@ from torch import nn
 
 from leanserve.model.attention import AttentionMetadata, AttentionOps, PagedAttention
 from leanserve.model.config import ModelConfig
-from leanserve.model.layers import LinearFactory, RMSNorm, RotaryEmbedding
+from leanserve.model.layers import (
+    LinearFactory,
+    RMSNorm,
+    RotaryEmbedding,
+    cpu_packing_available,
+    pack_cpu_weight,
+    packed_linear,
+)
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -146,11 +153,31 @@ class LlamaForCausalLM(nn.Module):
             hidden = layer(positions, hidden, kv_cache, meta, self.rotary)
         return self.model.norm(hidden)
 
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = (
-            self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
-        )
-        return F.linear(hidden, weight).float()
+        if self.packed_lm_head is not None:
+            return packed_linear(hidden, self.packed_lm_head, None)
+        return F.linear(hidden, self.lm_head_weight()).float()
+
+    packed_lm_head: torch.Tensor | None = None
+    weight_bytes: int = 0  # of the checkpoint's tensors as loaded (set by the loader)
+
+    def pack_for_cpu(self) -> bool:
+        """Move fp32 matmul weights into oneDNN's blocked layout (CPU only); False if unavailable.
+
+        The LM head of a tied model gets its own packed copy: the embedding lookup needs the plain one.
+        """
+        if not cpu_packing_available() or self.lm_head_weight().dtype != torch.float32:
+            return False
+        for module in self.modules():
+            if hasattr(module, "pack_for_cpu") and module is not self:
+                module.pack_for_cpu()
+        self.packed_lm_head = pack_cpu_weight(self.lm_head_weight().detach())
+        if not self.config.tie_word_embeddings:
+            self.lm_head.weight.data = torch.empty(0)
+        return True
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy checkpoint tensors (Hugging Face names) into this model; fail on anything missing."""

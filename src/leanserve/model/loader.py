@@ -57,8 +57,14 @@ def linear_factory_for(config: ModelConfig, dtype: torch.dtype, device: torch.de
 
 
 def load_model(
-    model_dir: str | Path, device: torch.device, dtype: torch.dtype, progress: bool = False
+    model_dir: str | Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    progress: bool = False,
+    pack_weights: bool = True,
 ) -> LlamaForCausalLM:
+    """Load a checkpoint for inference. ``pack_weights=False`` keeps plain ``weight`` tensors on CPU,
+    for code that reads or rewrites them (quantization); serving wants the packed, faster layout."""
     model_dir = Path(model_dir)
     config = ModelConfig.from_pretrained(model_dir)
     linear = linear_factory_for(config, dtype, device)
@@ -74,6 +80,10 @@ def load_model(
     if hasattr(linear, "finalize"):
         linear.finalize(model)
     model.eval().requires_grad_(False)
-    n_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-    logger.info("loaded %s: %.1f MB of weights on %s (%s)", model_dir.name, n_bytes / 1e6, device, dtype)
+    model.weight_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    packed = pack_weights and device.type == "cpu" and model.pack_for_cpu()
+    logger.info(
+        "loaded %s: %.1f MB of weights on %s (%s%s)", model_dir.name, model.weight_bytes / 1e6, device,
+        dtype, ", oneDNN-packed matmul weights" if packed else "",
+    )
     return model
