@@ -35,7 +35,7 @@ class EngineSettings(BaseModel):
     # An int is bytes; a float in (0, 1] is a fraction of the free device memory.
     kv_cache_memory: int | float = Field(0.9, gt=0)
     max_num_seqs: int = Field(64, gt=0)
-    max_num_batched_tokens: int = Field(2048, gt=0)
+    max_num_batched_tokens: int | None = Field(None, gt=0)  # None: 256 on CPU, 2048 on CUDA
     max_model_len: int | None = Field(None, gt=0)
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True

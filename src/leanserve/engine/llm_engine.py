@@ -127,7 +127,7 @@ class LLMEngine:
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=config.max_num_seqs,
-                max_num_batched_tokens=config.max_num_batched_tokens,
+                max_num_batched_tokens=config.resolve_max_num_batched_tokens(self.device),
                 enable_chunked_prefill=config.enable_chunked_prefill,
                 policy=config.batching,
                 window=BatchWindowConfig(
