@@ -11,9 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
-import threading
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -23,7 +20,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 from prometheus_client.parser import text_string_to_metric_families
@@ -32,6 +28,7 @@ from pydantic import BaseModel
 from leanserve.engine.llm_engine import RequestOutput, StepStats
 from leanserve.metrics import setup_metrics
 from tests.metrics.loadgen import MODEL_NAME
+from tests.server_thread import ServerThread  # noqa: F401 - re-exported for the tests here
 
 # ---- environment ----------------------------------------------------------------------------------
 
@@ -196,34 +193,6 @@ def settings_for_test(**cost: Any) -> SimpleNamespace:
         cost=SimpleNamespace(**{"usd_per_gpu_hour": 3.6, "num_gpus": 1, **cost}),
         progress_interval_s=1.0,
     )
-
-
-class ServerThread:
-    """uvicorn on 127.0.0.1, a port the OS picked, its own event loop on a thread."""
-
-    def __init__(self, app: Any) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def start(self) -> ServerThread:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("server did not start")
-            time.sleep(0.01)
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        self.sock.close()
 
 
 # ---- scrape parsing -------------------------------------------------------------------------------
