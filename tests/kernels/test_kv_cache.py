@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_cases import DEVICE, generator, randn
 from leanserve.kernels import kv_cache, reference
+
+from tests.kernels.kernel_cases import DEVICE, generator, randn
 
 
 def _inputs(seed, num_tokens, kv_heads, head_dim, num_blocks, block_size, src_dtype, cache_dtype):

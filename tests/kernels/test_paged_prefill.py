@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_cases import DEVICE, assert_close, generator, make_paged_kv, nan_like, randn
 from leanserve.kernels import paged_attention, reference
+
+from tests.kernels.kernel_cases import DEVICE, assert_close, generator, make_paged_kv, nan_like, randn
 
 # (seed, context_lens, chunk lengths, heads, kv_heads, head_dim, block_size, dtype)
 CASES = [

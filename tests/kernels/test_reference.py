@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_cases import DEVICE, generator, make_paged_kv, randn
 from leanserve.kernels import reference
+
+from tests.kernels.kernel_cases import DEVICE, generator, make_paged_kv, randn
 
 ATOL = RTOL = 1e-5
 
