@@ -22,6 +22,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -36,7 +37,7 @@ from leanserve.model.loader import load_model  # noqa: E402
 from leanserve.quant.awq import AWQSettings, calibration_from_text, quantize_model  # noqa: E402
 from leanserve.quant.awq_format import write_checkpoint  # noqa: E402
 from leanserve.quant.cli import pick_group_size  # noqa: E402
-from leanserve.quant.evaluate import evaluate, weight_memory  # noqa: E402
+from leanserve.quant.evaluate import DatasetResult, evaluate, weight_memory  # noqa: E402
 from leanserve.sampling_params import SamplingParams  # noqa: E402
 
 
@@ -57,7 +58,7 @@ def quantize(
     from transformers import AutoTokenizer
 
     start = time.perf_counter()
-    model = load_model(src, torch.device("cpu"), torch.float32)
+    model = load_model(src, torch.device("cpu"), torch.float32, pack_weights=False)  # plain, rewritable
     calib = None
     if method == "awq":
         calib = calibration_from_text(AutoTokenizer.from_pretrained(src), calib_file, samples, 512, end=0.8)
@@ -66,13 +67,18 @@ def quantize(
     return time.perf_counter() - start
 
 
-def decode_speed(model_dir: Path, batch: int, new_tokens: int, prompt_len: int = 32) -> tuple[float, float]:
-    """(decode tokens/s, ms per decode step) through the engine; prefill steps are not counted."""
+def decode_speed(
+    model_dir: Path, batch: int, new_tokens: int, threads: int, prompt_len: int = 32
+) -> tuple[float, float]:
+    """(decode tokens/s, ms per decode step) through the engine; prefill steps are not counted.
+
+    Threads are pinned (which turns the engine's thread tuner off) so both models run alike.
+    """
     from leanserve.model.config import ModelConfig
 
     kv_bytes = ModelConfig.from_pretrained(model_dir).kv_bytes_per_token(4) * batch * (prompt_len + new_tokens + 32)
     engine = LLMEngine(EngineConfig(model=str(model_dir), kv_cache_memory=kv_bytes, max_num_seqs=batch,
-                                    device="cpu"))
+                                    device="cpu", num_threads=threads))
     g = torch.Generator().manual_seed(0)
     vocab = engine.model_config.vocab_size
 
@@ -97,7 +103,7 @@ def decode_speed(model_dir: Path, batch: int, new_tokens: int, prompt_len: int =
 
 
 def lm_head_ms(model_dir: Path) -> float:
-    """Batch-1 cost of the tied fp32 lm_head alone (49152 x 576): the floor under every decode step."""
+    """Batch-1 cost of the fp32 lm_head alone (as served: oneDNN-packed), a floor under every decode step."""
     model = load_model(model_dir, torch.device("cpu"), torch.float32)
     h = torch.randn(1, model.config.hidden_size)
     for _ in range(5):
@@ -142,6 +148,7 @@ def main() -> None:
     p.add_argument("--work-dir", type=Path, default=Path("/tmp/leanserve-bench-quant"))
     p.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
     p.add_argument("--no-reuse", action="store_true", help="re-quantize even if --work-dir has the models")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads for decode")
     args = p.parse_args()
 
     src = Path(resolve_model_path(args.model))
@@ -152,7 +159,7 @@ def main() -> None:
     work = args.work_dir / ("quick" if args.quick else "full")
     awq_dir, rtn_dir = work / "awq", work / "rtn"
     samples = 4 if args.quick else 16  # calibration sequences of 512 tokens
-    print(f"model {src}  group size {group}  threads {torch.get_num_threads()}  [{load()}]")
+    print(f"model {src}  group size {group}  decode threads {args.threads}  [{load()}]")
 
     t_awq = quantize(src, awq_dir, "awq", group, pride, not args.no_reuse, samples)
     t_rtn = quantize(src, rtn_dir, "rtn", group, pride, not args.no_reuse, samples)
@@ -169,11 +176,19 @@ def main() -> None:
 
     tokens = 1024 if args.quick else 4096
     data = [pride, shakespeare]
-    ev = {name: evaluate(d, data, src, max_tokens=tokens) for name, d in (("awq", awq_dir), ("rtn", rtn_dir))}
+    # Quality depends only on the (reused) checkpoints: keep it beside them so a rerun for timings skips it.
+    cache = work / "quality.json"
+    if not args.no_reuse and cache.exists():
+        ev = {k: [DatasetResult(**d) for d in v] for k, v in json.loads(cache.read_text()).items()}
+        say("quality figures", f"reused from {cache}")
+    else:
+        ev = {name: evaluate(d, data, src, max_tokens=tokens).datasets
+              for name, d in (("awq", awq_dir), ("rtn", rtn_dir))}
+        cache.write_text(json.dumps({k: [asdict(d) for d in v] for k, v in ev.items()}))
     ppl = {}
     for i, label in enumerate(("held-out P&P", "Shakespeare")):
-        fp = ev["awq"].datasets[i].baseline_ppl
-        a, r = ev["awq"].datasets[i], ev["rtn"].datasets[i]
+        a, r = ev["awq"][i], ev["rtn"][i]
+        fp = a.baseline_ppl
         say(f"ppl {label} FP32 / AWQ / RTN", f"{fp:.3f} / {a.ppl:.3f} / {r.ppl:.3f}")
         say(f"  KL vs FP32 AWQ / RTN ({a.tokens} tok)", f"{a.mean_kl:.4f} / {r.mean_kl:.4f}")
         say("  top-1 agreement AWQ / RTN", f"{a.top1_agreement:.3f} / {r.top1_agreement:.3f}")
@@ -183,7 +198,7 @@ def main() -> None:
     speed = {}
     for name, d in (("fp32", src), ("int4", awq_dir)):
         for batch in (1, 32):
-            tok_s, ms = decode_speed(d, batch, new_tokens)
+            tok_s, ms = decode_speed(d, batch, new_tokens, args.threads)
             speed[(name, batch)] = tok_s
             say(f"decode {name.upper()} batch {batch}", f"{tok_s:.1f} tok/s ({ms:.1f} ms/step)")
     head = lm_head_ms(src)
@@ -193,14 +208,14 @@ def main() -> None:
     result = {
         "ppl_fp": ppl[0][0], "ppl_awq": ppl[0][1], "ppl_rtn": ppl[0][2],
         "ppl_fp_shakespeare": ppl[1][0], "ppl_awq_shakespeare": ppl[1][1], "ppl_rtn_shakespeare": ppl[1][2],
-        "kl_awq": ev["awq"].datasets[0].mean_kl, "kl_rtn": ev["rtn"].datasets[0].mean_kl,
+        "kl_awq": ev["awq"][0].mean_kl, "kl_rtn": ev["rtn"][0].mean_kl,
         "linear_bytes_ratio": ratio,
         "tok_s_fp32_batch1": speed[("fp32", 1)], "tok_s_int4_batch1": speed[("int4", 1)],
         "tok_s_fp32_batch32": speed[("fp32", 32)], "tok_s_int4_batch32": speed[("int4", 32)],
         "int4_vs_fp32_tok_s_batch1": speed[("int4", 1)] / speed[("fp32", 1)],
         "int4_vs_fp32_tok_s_batch32": speed[("int4", 32)] / speed[("fp32", 32)],
         "int4_ms_per_token_batch1": 1000 / speed[("int4", 1)], "lm_head_ms_batch1": head,
-        "group_size": group, "quick": args.quick, "loadavg": os.getloadavg()[0], **gpu,
+        "group_size": group, "threads": args.threads, "quick": args.quick, "loadavg": os.getloadavg()[0], **gpu,
     }
     print(json.dumps(result))
 

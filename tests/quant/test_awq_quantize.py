@@ -33,7 +33,7 @@ def _quantize(src: Path, out: Path, text: Path, method: str) -> Path:
     from transformers import AutoTokenizer
 
     calib = calibration_from_text(AutoTokenizer.from_pretrained(src), text, 8, 128)
-    model = load_model(src, CPU, torch.float32)
+    model = load_model(src, CPU, torch.float32, pack_weights=False)
     settings = AWQSettings(group_size=GROUP, method=method, search_tokens=512)
     write_checkpoint(out, src, quantize_model(model, calib, settings, progress=False), GROUP)
     return out

@@ -26,7 +26,7 @@ def test_transformers_reads_our_checkpoint(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     calib = calibration_from_text(AutoTokenizer.from_pretrained(tiny_llama), word_text, 4, 128)
-    model = load_model(tiny_llama, torch.device("cpu"), torch.float32)
+    model = load_model(tiny_llama, torch.device("cpu"), torch.float32, pack_weights=False)
     tensors = quantize_model(model, calib, AWQSettings(group_size=32, search_tokens=256), progress=False)
     write_checkpoint(tmp_path / "awq", tiny_llama, tensors, 32)
 

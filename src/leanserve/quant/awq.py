@@ -380,6 +380,9 @@ def quantize_model(
                 f"group size {settings.group_size} does not divide the linear input size {dim}; AWQ "
                 "needs whole groups (try --group-size 64 or 32)"
             )
+    for layer in model.model.layers:
+        if any(m.weight.numel() == 0 for m in layer.modules() if hasattr(m, "load_shard")):
+            raise ValueError("the model's weights are packed for serving: load it with pack_weights=False")
     tensors: dict[str, torch.Tensor] = {}
     x = None
     if settings.method == "awq":

@@ -112,7 +112,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     settings = AWQSettings(group_size=group, method=args.method, n_grid=args.n_grid,
                            search_tokens=args.search_tokens)
-    model = load_model(src, device, torch.float32)
+    model = load_model(src, device, torch.float32, pack_weights=False)
     calib = None
     if args.method == "awq":
         if args.calib is not None:

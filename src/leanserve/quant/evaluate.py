@@ -23,7 +23,6 @@ from transformers import AutoTokenizer
 from leanserve.model.llama import LlamaForCausalLM
 from leanserve.model.loader import load_model
 from leanserve.quant.awq import dense_logits, text_region, token_windows
-from leanserve.quant.awq_linear import AWQLinear
 
 
 @dataclass
@@ -41,15 +40,21 @@ def weight_memory(model: nn.Module) -> WeightMemory:
     def nbytes(tensors) -> int:
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
-    total = nbytes([*model.parameters(), *model.buffers()])
+    def packed_bytes(module: nn.Module) -> int:
+        # A float Linear served from oneDNN's packed layout keeps it as a plain attribute (no buffer).
+        packed = getattr(module, "packed", None)
+        is_buffer = any(packed is b for b in module.buffers(recurse=False))
+        return nbytes([packed]) if isinstance(packed, torch.Tensor) and not is_buffer else 0
+
+    lm_head = getattr(model, "packed_lm_head", None)  # a tied model's packed copy is memory too
+    total = nbytes([*model.parameters(), *model.buffers()]) + sum(packed_bytes(m) for m in model.modules())
+    total += nbytes([lm_head]) if isinstance(lm_head, torch.Tensor) else 0
     linear = fp16 = 0
     for module in model.modules():
         if hasattr(module, "load_shard"):  # our fused linears, float or int4
             linear += nbytes([*module.parameters(recurse=False), *module.buffers(recurse=False)])
-            if isinstance(module, AWQLinear):
-                fp16 += 2 * module.in_features * module.out_features
-            else:
-                fp16 += 2 * module.weight.numel()
+            linear += packed_bytes(module)
+            fp16 += 2 * module.in_features * module.out_features
     return WeightMemory(total, linear, fp16)
 
 
@@ -127,7 +132,7 @@ def evaluate(
     start = time.perf_counter()
     device = torch.device(device)
     dtype = torch.float32  # quality is judged against fp32 on every device
-    model = load_model(model_path, device, dtype)
+    model = load_model(model_path, device, dtype)  # as served (fp32 weights oneDNN-packed on CPU)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     baseline = load_model(baseline_path, device, dtype) if baseline_path is not None else None
     result = EvalResult(
