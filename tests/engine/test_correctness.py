@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from leanserve.engine.config import EngineConfig
 from leanserve.engine.llm_engine import LLMEngine
 from leanserve.sampling_params import SamplingParams
-from tests.conftest import build_tiny_checkpoint
+from tests.conftest import TINY_VOCAB, build_tiny_checkpoint
 
 
 def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
@@ -161,3 +161,38 @@ def test_embedded_model_greedy_matches_transformers(embedded_model_dir: Path) ->
     assert engine.scheduler.num_preemptions > 0
     for i, prompt in enumerate(prompts):
         assert outputs[str(i)] == hf_greedy(hf, prompt, max_new), texts[i]
+
+
+def test_prefix_caching_does_not_change_greedy_outputs(tiny_llama_dir: Path) -> None:
+    """Prompts sharing a long prefix, served with and without the prefix cache, give the same tokens."""
+    shared = random_prompts(TINY_VOCAB, [70], seed=5)[0]
+    tails = random_prompts(TINY_VOCAB, [1, 9, 16, 30, 2], seed=6)
+    prompts = [shared + tail for tail in tails] + [shared[:48]]  # one ends exactly on a block boundary
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    results = []
+    for caching in (False, True):
+        engine = LLMEngine(
+            EngineConfig(model=str(tiny_llama_dir), kv_cache_memory=1 << 20, enable_prefix_caching=caching)
+        )
+        outputs = run_staggered(engine, prompts, params)
+        results.append(outputs)
+        if caching:
+            # Prompts submitted after the first ones were computed reuse their 4 full shared blocks.
+            assert engine.block_manager.prefix_hits >= 2 * 64
+    assert results[0] == results[1]
+
+
+def test_sharded_checkpoint_loads_like_a_single_file(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    sharded = tmp_path / "sharded"
+    hf.save_pretrained(sharded, max_shard_size="100KB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (sharded / name).write_bytes((tiny_llama_dir / name).read_bytes())
+    assert (sharded / "model.safetensors.index.json").exists()
+    prompt = random_prompts(TINY_VOCAB, [20], seed=7)[0]
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    outs = []
+    for model_dir in (tiny_llama_dir, sharded):
+        engine = LLMEngine(EngineConfig(model=str(model_dir), kv_cache_memory=1 << 20))
+        outs.append(run_staggered(engine, [prompt], params)["0"])
+    assert outs[0] == outs[1] == hf_greedy(hf, prompt, 10)
