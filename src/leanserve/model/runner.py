@@ -64,6 +64,7 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.sampler = Sampler()
+        self._gather_buffers: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @torch.inference_mode()
     def execute(self, seqs: list[StepSeq]) -> list[StepResult]:
@@ -102,9 +103,10 @@ class ModelRunner:
 
         decode_lens = [s.num_computed + 1 for s in decodes]
         decode_tables = tables(decodes)
-        block_ids = mask = None
+        block_ids = mask = k_buffer = v_buffer = None
         if dev.type == "cpu" and decodes:
             block_ids = decode_tables.reshape(-1).long()
+            k_buffer, v_buffer = self._gather_buffer(block_ids.numel())
             width = decode_tables.shape[1] * self.block_size
             lens = torch.tensor(decode_lens)
             mask = (torch.arange(width)[None, :] < lens[:, None])[:, None, None, :]
@@ -125,7 +127,19 @@ class ModelRunner:
             prefill_is_fresh=all(s.num_computed == 0 for s in prefills),
             decode_block_ids=block_ids,
             decode_mask=mask,
+            decode_k_buffer=k_buffer,
+            decode_v_buffer=v_buffer,
         )
+
+    def _gather_buffer(self, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of two persistent buffers holding ``num_blocks`` KV blocks; grown, never shrunk."""
+        have = 0 if self._gather_buffers is None else self._gather_buffers[0].shape[0]
+        if have < num_blocks:
+            shape = (max(num_blocks, 64, have * 3 // 2), *self.kv_caches[0][0].shape[1:])
+            dtype = self.kv_caches[0][0].dtype
+            self._gather_buffers = (torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype))
+        k, v = self._gather_buffers
+        return k[:num_blocks], v[:num_blocks]
 
     def _sample(
         self, ordered: list[StepSeq], order: list[int], hidden: torch.Tensor
