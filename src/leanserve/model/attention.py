@@ -16,6 +16,20 @@ from leanserve.kernels import reference
 
 
 @dataclass
+class DecodeGroup:
+    """Decodes ``start:end`` of the step: their block ids flattened (one index_select per layer reads
+    them all), the mask of real positions ``[n, 1, 1, blocks * block_size]``, and reused gather
+    destinations (a fresh multi-MB tensor per layer costs 4x the copy itself in page faults)."""
+
+    start: int
+    end: int
+    block_ids: torch.Tensor
+    mask: torch.Tensor
+    k_buffer: torch.Tensor
+    v_buffer: torch.Tensor
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] int64
     num_decode_tokens: int
@@ -27,14 +41,9 @@ class AttentionMetadata:
     prefill_context_lens: torch.Tensor  # [num_prefills] int32
     # True when no prefill chunk has cached context before it: attention needs only the chunk itself.
     prefill_is_fresh: bool
-    # CPU decode path: the decodes' block ids flattened [num_decodes * max_blocks] (one index_select
-    # per layer reads them all) and the mask of real positions [num_decodes, 1, 1, max_blocks * block_size].
-    decode_block_ids: torch.Tensor | None = None
-    decode_mask: torch.Tensor | None = None
-    # Reused gather destinations [len(decode_block_ids), block_size, kv_heads, head_dim]: a fresh
-    # multi-MB tensor per layer costs more in page faults than the copy itself (4x, measured).
-    decode_k_buffer: torch.Tensor | None = None
-    decode_v_buffer: torch.Tensor | None = None
+    # CPU decode path: the decodes, sorted by context length, in groups of similar length (padding
+    # every decode to the longest context in the batch wasted most of the attention work).
+    decode_groups: list[DecodeGroup] | None = None
 
 
 @dataclass(frozen=True)
@@ -97,7 +106,7 @@ class PagedAttention:
     def _decode(
         self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
-        if meta.decode_block_ids is None:
+        if meta.decode_groups is None:
             return self.ops.paged_decode_attention(
                 query, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens,
                 self.scale, meta.decode_max_context_len,
@@ -105,18 +114,21 @@ class PagedAttention:
         # CPU: whole blocks via index_select (3x faster than token-level advanced indexing), then
         # SDPA with a mask over the positions past each context. Cache slots are always finite
         # (zero-initialised, then overwritten), so masked positions contribute exactly zero.
-        shape = (query.shape[0], -1, self.num_kv_heads, self.head_dim)
-        keys = torch.index_select(k_cache, 0, meta.decode_block_ids, out=meta.decode_k_buffer).view(shape)
-        values = torch.index_select(v_cache, 0, meta.decode_block_ids, out=meta.decode_v_buffer).view(shape)
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query.unsqueeze(2),
-            keys.transpose(1, 2),
-            values.transpose(1, 2),
-            attn_mask=meta.decode_mask,
-            scale=self.scale,
-            enable_gqa=self.num_heads != self.num_kv_heads,
-        )
-        return out.squeeze(2)
+        out = torch.empty_like(query)
+        gqa = self.num_heads != self.num_kv_heads
+        for group in meta.decode_groups:
+            shape = (group.end - group.start, -1, self.num_kv_heads, self.head_dim)
+            keys = torch.index_select(k_cache, 0, group.block_ids, out=group.k_buffer).view(shape)
+            values = torch.index_select(v_cache, 0, group.block_ids, out=group.v_buffer).view(shape)
+            out[group.start : group.end] = torch.nn.functional.scaled_dot_product_attention(
+                query[group.start : group.end].unsqueeze(2),
+                keys.transpose(1, 2),
+                values.transpose(1, 2),
+                attn_mask=group.mask,
+                scale=self.scale,
+                enable_gqa=gqa,
+            ).squeeze(2)
+        return out
 
     def _fresh_prefill(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, meta: AttentionMetadata

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from leanserve.model.attention import AttentionMetadata
+from leanserve.model.attention import AttentionMetadata, DecodeGroup
 from leanserve.model.config import ModelConfig
 from leanserve.model.llama import KVCache, LlamaForCausalLM
 from leanserve.model.sampler import Sampler, SampleRequest, compute_top_logprobs
@@ -68,8 +68,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, seqs: list[StepSeq]) -> list[StepResult]:
-        # Decodes first so they form one batched paged-decode call; prefill chunks after them.
-        order = sorted(range(len(seqs)), key=lambda i: seqs[i].num_new != 1)
+        # Decodes first, shortest context first, so they form batched paged-decode calls over
+        # similar lengths; prefill chunks after them.
+        order = sorted(
+            range(len(seqs)), key=lambda i: (seqs[i].num_new != 1, seqs[i].num_computed * (seqs[i].num_new == 1))
+        )
         ordered = [seqs[i] for i in order]
         input_ids: list[int] = []
         positions: list[int] = []
@@ -103,13 +106,7 @@ class ModelRunner:
 
         decode_lens = [s.num_computed + 1 for s in decodes]
         decode_tables = tables(decodes)
-        block_ids = mask = k_buffer = v_buffer = None
-        if dev.type == "cpu" and decodes:
-            block_ids = decode_tables.reshape(-1).long()
-            k_buffer, v_buffer = self._gather_buffer(block_ids.numel())
-            width = decode_tables.shape[1] * self.block_size
-            lens = torch.tensor(decode_lens)
-            mask = (torch.arange(width)[None, :] < lens[:, None])[:, None, None, :]
+        groups = self._decode_groups(decodes, decode_lens) if dev.type == "cpu" and decodes else None
         cu = [0]
         for s in prefills:
             cu.append(cu[-1] + s.num_new)
@@ -125,11 +122,29 @@ class ModelRunner:
                 [s.num_computed + s.num_new for s in prefills], dtype=torch.int32, device=dev
             ),
             prefill_is_fresh=all(s.num_computed == 0 for s in prefills),
-            decode_block_ids=block_ids,
-            decode_mask=mask,
-            decode_k_buffer=k_buffer,
-            decode_v_buffer=v_buffer,
+            decode_groups=groups,
         )
+
+    def _decode_groups(self, decodes: list[StepSeq], lens: list[int]) -> list[DecodeGroup]:
+        """Split the length-sorted decodes where a group's padded width would pass 1.5x its first
+        member's: the attention reads (and gathers) only about what each group really needs."""
+        bs = self.block_size
+        groups: list[DecodeGroup] = []
+        start = 0
+        while start < len(decodes):
+            first = len(decodes[start].block_table)
+            end = start + 1
+            while end < len(decodes) and len(decodes[end].block_table) <= max(first * 3 // 2, first + 2):
+                end += 1
+            members = decodes[start:end]
+            width = max(len(s.block_table) for s in members)
+            ids = torch.tensor([b for s in members for b in s.block_table + [0] * (width - len(s.block_table))])
+            k_buffer, v_buffer = self._gather_buffer(ids.numel())
+            real = torch.tensor(lens[start:end])
+            mask = (torch.arange(width * bs)[None, :] < real[:, None])[:, None, None, :]
+            groups.append(DecodeGroup(start, end, ids, mask, k_buffer, v_buffer))
+            start = end
+        return groups
 
     def _gather_buffer(self, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of two persistent buffers holding ``num_blocks`` KV blocks; grown, never shrunk."""
