@@ -50,8 +50,6 @@ def load_point(url: str, args: argparse.Namespace, **overrides: object) -> dict:
 
 
 def with_server(settings: list[str], args: argparse.Namespace, body) -> list[dict]:
-    # Common settings: prefix caching off unless the config turns it on, so the batching configs are
-    # compared on batching alone.
     server = serving.ServerProcess(args.model, None, dict(s.split("=", 1) for s in settings), serving.free_port())
     try:
         server.wait_ready()
@@ -61,6 +59,7 @@ def with_server(settings: list[str], args: argparse.Namespace, body) -> list[dic
 
 
 def sweep(name: str, args: argparse.Namespace) -> list[dict]:
+    # Prefix caching off, so the batching configs are compared on batching alone.
     settings = CONFIGS[name] + ["engine.enable_prefix_caching=false"]
     rates = args.rates if name in ("static", "fixed20", "adaptive") else [0.5]
     if name == "nowait":

@@ -9,7 +9,8 @@ VOCAB = 50
 
 
 def row(prompt: list[int] | None = None, output: list[int] | None = None, **params) -> SampleRequest:
-    return SampleRequest(SamplingParams(**params), prompt or [1, 2], output or [])
+    prompt = prompt or [1, 2]
+    return SampleRequest(SamplingParams(**params), prompt + (output or []), len(prompt))
 
 
 def logits_from_probs(probs: list[float]) -> torch.Tensor:

@@ -254,7 +254,7 @@ class LLMEngine:
                     num_new=num_new,
                     block_table=seq.block_table,
                     num_prompt_tokens=seq.num_prompt_tokens,
-                    sample=SampleRequest(seq.params, seq.prompt_token_ids, seq.output_token_ids)
+                    sample=SampleRequest(seq.params, seq.token_ids, seq.num_prompt_tokens)
                     if reaches_end
                     else None,
                     prompt_logprobs=seq.params.prompt_logprobs if want_prompt else None,

@@ -20,11 +20,27 @@ _SEED_STRIDE = 1_000_003
 
 @dataclass
 class SampleRequest:
-    """One row of the batch: the parameters and the token history the penalties look at."""
+    """One row of the batch: the parameters and the token history the penalties look at.
+
+    ``token_ids`` is the sequence's own list (prompt + output), shared, not copied: slicing it every
+    step for every row would cost O(length) in the hot loop when most rows use no penalty.
+    """
 
     params: SamplingParams
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
+    token_ids: list[int]
+    num_prompt_tokens: int
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
 
 
 @dataclass
@@ -86,7 +102,7 @@ class Sampler:
                     logits[i, seen] = torch.where(
                         vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty
                     )
-            if (p.presence_penalty or p.frequency_penalty) and row.output_token_ids:
+            if (p.presence_penalty or p.frequency_penalty) and row.num_output_tokens:
                 counts = torch.bincount(
                     torch.tensor(row.output_token_ids, dtype=torch.long), minlength=vocab
                 ).to(logits.device, logits.dtype)
@@ -132,7 +148,7 @@ class Sampler:
         for i, row in enumerate(rows):
             if row.params.seed is not None and not greedy[i]:
                 gen = torch.Generator(device=device)
-                gen.manual_seed((row.params.seed * _SEED_STRIDE + len(row.output_token_ids)) % (1 << 63))
+                gen.manual_seed((row.params.seed * _SEED_STRIDE + row.num_output_tokens) % (1 << 63))
                 noise[i] = torch.empty(probs.shape[1], device=device).exponential_(generator=gen)
         sampled = (probs / noise).argmax(dim=-1)
         if any(greedy):
