@@ -27,6 +27,7 @@ from pydantic import BaseModel
 
 from leanserve.engine.llm_engine import RequestOutput, StepStats
 from leanserve.metrics import setup_metrics
+from tests.conftest import build_tiny_checkpoint
 from tests.metrics.loadgen import MODEL_NAME
 from tests.server_thread import ServerThread  # noqa: F401 - re-exported for the tests here
 
@@ -56,20 +57,10 @@ def build_tiny_model(path: Path) -> Path:
     Big enough that a step takes milliseconds: with a model much faster than the HTTP stack, the
     client's latency would be mostly HTTP overhead and the latency comparison would test that.
     """
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=300, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=False, eos_token_id=1, bos_token_id=0)
-    LlamaForCausalLM(cfg).eval().save_pretrained(path)
-    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(300)}, unk_token="t2"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="t1", bos_token="t0",
-                            unk_token="t2").save_pretrained(path)
-    return path
+    return build_tiny_checkpoint(
+        path, "llama", hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=2,
+    )
 
 
 # ---- a fake NVML, so GPU families are exercised on CPU-only CI --------------------------------------
