@@ -60,6 +60,7 @@ def add_serve_subcommand(subparsers: argparse._SubParsersAction) -> argparse.Arg
     e.add_argument("--num-threads", type=int, help="torch threads on CPU")
     e.add_argument("--cache-dir", help="where converted GGUF checkpoints are kept")
     e.add_argument("--seed", type=int)
+    e.add_argument("--enforce-eager", action="store_true", default=None, help="CUDA: no decode CUDA graphs")
     c = p.add_argument_group("cost")
     c.add_argument("--usd-per-gpu-hour", type=float, help="on CPU: the host's price per hour")
     c.add_argument("--num-gpus", type=int)
@@ -71,7 +72,7 @@ def add_serve_subcommand(subparsers: argparse._SubParsersAction) -> argparse.Arg
 
 _ENGINE = ("device", "dtype", "block_size", "kv_cache_memory", "max_num_seqs", "max_num_batched_tokens",
            "max_model_len", "enable_prefix_caching", "enable_chunked_prefill", "num_threads", "cache_dir",
-           "seed")
+           "seed", "enforce_eager")
 _TOP = ("model", "config", "host", "port", "api_key", "served_model_name", "max_queued_requests",
         "max_request_body_bytes", "drain_timeout_s", "log_level")
 

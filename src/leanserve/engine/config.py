@@ -26,6 +26,10 @@ class EngineConfig:
     num_threads: int | None = None  # torch intra-op threads on CPU; default: all cores
     cache_dir: str | None = None  # where converted checkpoints (GGUF -> safetensors) are kept
     seed: int = 0
+    # CUDA only: decode-only steps of up to this many sequences replay captured CUDA graphs (see
+    # model/cuda_graphs.py); enforce_eager turns them off.
+    enforce_eager: bool = False
+    max_cuda_graph_batch: int = 256
     # Batching: "continuous" or "static" (admit only when the previous batch is done), and the
     # adaptive batching window (see engine/batch_window.py).
     batching: str = "continuous"

@@ -123,6 +123,10 @@ class LLMEngine:
         )
         kv = allocate_kv_cache(self.model_config, num_blocks, bs, self.dtype, self.device)
         self.runner = ModelRunner(self.model, kv, bs, self.device)
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.runner.capture_decode_graphs(
+                self.max_model_len, min(config.max_num_seqs, config.max_cuda_graph_batch)
+            )
         self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(

@@ -13,6 +13,7 @@ import torch
 
 from leanserve.model.attention import AttentionMetadata, DecodeGroup
 from leanserve.model.config import ModelConfig
+from leanserve.model.cuda_graphs import DecodeGraphs, DecodeInputs
 from leanserve.model.llama import KVCache, LlamaForCausalLM
 from leanserve.model.sampler import Sampler, SampleRequest, compute_top_logprobs
 
@@ -65,6 +66,16 @@ class ModelRunner:
         self.device = device
         self.sampler = Sampler()
         self._gather_buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.decode_graphs: DecodeGraphs | None = None
+
+    def capture_decode_graphs(self, max_model_len: int, max_batch: int, use_graphs: bool = True) -> None:
+        """Serve decode-only steps of up to ``max_batch`` sequences from captured CUDA graphs
+        (``use_graphs=False``: the same padded static-buffer path, run eagerly)."""
+        graphs = DecodeGraphs(
+            self.model, self.kv_caches, self.block_size, max_model_len, max_batch, self.device, use_graphs
+        )
+        graphs.capture()
+        self.decode_graphs = graphs
 
     @torch.inference_mode()
     def execute(self, seqs: list[StepSeq]) -> list[StepResult]:
@@ -74,6 +85,8 @@ class ModelRunner:
             range(len(seqs)), key=lambda i: (seqs[i].num_new != 1, seqs[i].num_computed * (seqs[i].num_new == 1))
         )
         ordered = [seqs[i] for i in order]
+        if self._graph_ready(ordered):
+            return self._sample(ordered, order, self._run_decode_graph(ordered))
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -93,6 +106,28 @@ class ModelRunner:
             meta,
         )
         return self._sample(ordered, order, hidden)
+
+    def _graph_ready(self, ordered: list[StepSeq]) -> bool:
+        graphs = self.decode_graphs
+        return (
+            graphs is not None
+            and len(ordered) <= graphs.max_batch
+            and all(s.num_new == 1 and s.prompt_logprobs is None for s in ordered)
+        )
+
+    def _run_decode_graph(self, ordered: list[StepSeq]) -> torch.Tensor:
+        assert self.decode_graphs is not None
+        bs = self.block_size
+        positions = [s.num_computed for s in ordered]
+        return self.decode_graphs.run(
+            DecodeInputs(
+                token_ids=[s.token_ids[p] for s, p in zip(ordered, positions, strict=True)],
+                positions=positions,
+                slots=[s.block_table[p // bs] * bs + p % bs for s, p in zip(ordered, positions, strict=True)],
+                block_tables=[s.block_table for s in ordered],
+                context_lens=[p + 1 for p in positions],
+            )
+        )
 
     def _attention_metadata(self, ordered: list[StepSeq], slots: list[int]) -> AttentionMetadata:
         dev = self.device

@@ -1,0 +1,144 @@
+"""CUDA graphs for decode-only steps.
+
+On a GPU a decode step of a ~1B model is a few hundred small kernels; launched one by one from Python
+their launch overhead is larger than their run time. Each bucketed batch size gets its forward pass
+captured once at start-up and replayed per step, so a step costs one graph launch plus the copies of
+its inputs into static buffers.
+
+A step of ``n`` decodes replays the smallest bucket ``b >= n``. Rows ``n..b`` are padding that can
+touch nothing: slot ``-1`` (the KV write skips it) and context length 0 (attention gives zeros).
+Steps with prefill chunks, prompt logprobs or more decodes than the largest bucket run eagerly.
+
+A graph fixes every launch parameter, so the decode kernel's split-KV layout is sized for the
+longest context the table can hold (``max_model_len``); partitions past a sequence's own context
+exit at once. Graphs share one memory pool, captured largest first so the smaller ones reuse it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from leanserve.model.attention import AttentionMetadata
+from leanserve.model.llama import KVCache, LlamaForCausalLM
+
+logger = logging.getLogger(__name__)
+
+
+def decode_buckets(max_batch: int) -> list[int]:
+    """Batch sizes to capture: 1, 2, 4, then every multiple of 8 up to ``max_batch`` (and it)."""
+    sizes = [b for b in (1, 2, 4) if b < max_batch] + list(range(8, max_batch, 8)) + [max_batch]
+    return sorted(set(sizes))
+
+
+@dataclass
+class DecodeInputs:
+    """One decode step on the host, one entry per sequence."""
+
+    token_ids: list[int]
+    positions: list[int]
+    slots: list[int]
+    block_tables: list[list[int]]
+    context_lens: list[int]
+
+
+class DecodeGraphs:
+    """Static input buffers and one captured forward per bucket.
+
+    With ``use_graphs=False`` the same padded static-buffer forward runs eagerly: that is how the
+    padding and buffer handling are tested on machines without CUDA.
+    """
+
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        kv_caches: list[KVCache],
+        block_size: int,
+        max_model_len: int,
+        max_batch: int,
+        device: torch.device,
+        use_graphs: bool = True,
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.device = device
+        self.use_graphs = use_graphs
+        self.buckets = decode_buckets(max_batch)
+        self.max_blocks = -(-max_model_len // block_size)
+        size = self.buckets[-1]
+        self.input_ids = torch.zeros(size, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(size, dtype=torch.int64, device=device)
+        self.slots = torch.full((size,), -1, dtype=torch.int64, device=device)
+        self.block_tables = torch.zeros((size, self.max_blocks), dtype=torch.int32, device=device)
+        self.context_lens = torch.zeros(size, dtype=torch.int32, device=device)
+        self._empty_tables = torch.zeros((0, self.max_blocks), dtype=torch.int32, device=device)
+        self._empty_cu = torch.zeros(1, dtype=torch.int32, device=device)
+        self._empty_lens = torch.zeros(0, dtype=torch.int32, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+
+    @property
+    def max_batch(self) -> int:
+        return self.buckets[-1]
+
+    def bucket_for(self, num_seqs: int) -> int:
+        return next(b for b in self.buckets if b >= num_seqs)
+
+    def _metadata(self, size: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slots[:size],
+            num_decode_tokens=size,
+            decode_block_tables=self.block_tables[:size],
+            decode_context_lens=self.context_lens[:size],
+            decode_max_context_len=self.max_blocks * self.block_size,
+            prefill_block_tables=self._empty_tables,
+            prefill_cu_seqlens_q=self._empty_cu,
+            prefill_context_lens=self._empty_lens,
+            prefill_is_fresh=True,
+        )
+
+    def _forward(self, size: int) -> torch.Tensor:
+        return self.model(self.input_ids[:size], self.positions[:size], self.kv_caches, self._metadata(size))
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Warm up and capture every bucket (the buffers hold padding only, so nothing is written)."""
+        if not self.use_graphs:
+            return
+        pool = torch.cuda.graph_pool_handle()
+        for size in reversed(self.buckets):
+            # Eager warm-up: compiles the Triton kernels and runs their one-time value checks, neither
+            # of which may happen inside a capture.
+            self._forward(size)
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.outputs[size] = self._forward(size)
+            self.graphs[size] = graph
+        torch.cuda.synchronize(self.device)
+        logger.info("captured %d decode CUDA graphs, batch sizes %s", len(self.graphs), self.buckets)
+
+    def run(self, inputs: DecodeInputs) -> torch.Tensor:
+        """Final hidden states ``[n, hidden]`` of the step's ``n`` decodes (valid until the next run)."""
+        n = len(inputs.token_ids)
+        size = self.bucket_for(n)
+        width = max(len(t) for t in inputs.block_tables)
+        host = torch.tensor([inputs.token_ids, inputs.positions, inputs.slots], dtype=torch.int64)
+        rows = [t + [0] * (width - len(t)) for t in inputs.block_tables]
+        self.input_ids[:n].copy_(host[0], non_blocking=True)
+        self.positions[:n].copy_(host[1], non_blocking=True)
+        self.slots[:n].copy_(host[2], non_blocking=True)
+        self.context_lens[:n].copy_(torch.tensor(inputs.context_lens, dtype=torch.int32), non_blocking=True)
+        self.block_tables[:n, :width].copy_(torch.tensor(rows, dtype=torch.int32), non_blocking=True)
+        if size > n:
+            self.slots[n:size].fill_(-1)
+            self.context_lens[n:size].fill_(0)
+            self.input_ids[n:size].fill_(0)
+            self.positions[n:size].fill_(0)
+        if not self.use_graphs:
+            return self._forward(size)[:n]
+        self.graphs[size].replay()
+        return self.outputs[size][:n]
