@@ -8,7 +8,8 @@ plain RTN with the same group size) into --work-dir (reused when already there),
 - weight memory as loaded (the int4 linears' bytes over the same linears at fp16);
 - decode tokens/s through our engine, greedy with ignore_eos, at batch 1 and 32 (decode steps only);
 - perplexity on the held-out last 20% of Pride and Prejudice and on Shakespeare (out of domain);
-- with CUDA only: the Triton AWQ GEMM against an fp16 matmul at M = 1, 16, 64, 256.
+- with CUDA only: the Triton AWQ GEMM against an fp16 matmul at M = 1, 16, 64, 256 on a 4096x11008
+  layer (``--gpu-only`` runs just that; ``--sweep`` adds the GEMV launch configs at M = 1).
 
 Every figure is printed with the load average beside it (other jobs share the CPU). The last line is
 one JSON object.
@@ -114,30 +115,77 @@ def lm_head_ms(model_dir: Path) -> float:
     return 1000 * (time.perf_counter() - start) / 50
 
 
-def gpu_kernel_bench(model_dir: Path) -> dict[str, float]:
-    from leanserve.kernels.awq_gemm import awq_gemm
-    from leanserve.kernels.awq_reference import pack_awq
+def graph_us(calls: list, replays: int = 20) -> float:
+    """Median time per call (us) of ``calls`` launched back to back inside one CUDA graph.
 
-    results = {}
-    k, n, group = 4096, 4096, 128  # a 7B-class projection: big enough to measure on a GPU
-    q = pack_awq(torch.randint(0, 16, (k, n))).cuda()
-    z = pack_awq(torch.randint(0, 16, (k // group, n))).cuda()
-    s = (torch.rand(k // group, n) * 0.01).half().cuda()
-    w = torch.randn(n, k, dtype=torch.float16, device="cuda")
+    The graph removes launch gaps (serving replays decode graphs too), and cycling through several
+    weight copies keeps the weights out of L2 (an int4 4096x11008 layer is 23 MB; the L2 holds 50-60).
+    """
+    for fn in calls:  # warm-up: compiles, cuBLAS handles
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in calls:
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(1000 * start.elapsed_time(end) / len(calls))
+    return sorted(times)[len(times) // 2]
+
+
+def gpu_kernel_bench(sweep: bool = False) -> dict[str, float]:
+    """AWQ GEMM against fp16 ``torch.matmul`` on a Llama-7B MLP layer (in 4096, out 11008)."""
+    from leanserve.kernels.awq_gemm import awq_gemm
+    from leanserve.kernels.awq_reference import awq_gemm_reference, pack_awq
+
+    k, n, group, copies = 4096, 11008, 128, 8
+    gen = torch.Generator().manual_seed(0)
+    layers = []
+    for _ in range(copies):
+        q = pack_awq(torch.randint(0, 16, (k, n), generator=gen)).cuda()
+        z = pack_awq(torch.randint(0, 16, (k // group, n), generator=gen)).cuda()
+        s = (torch.rand(k // group, n, generator=gen) * 0.01).half().cuda()
+        layers.append((q, z, s))
+    dense = [torch.randn(k, n, dtype=torch.float16, device="cuda") * 0.01 for _ in range(copies)]
+    results: dict[str, float] = {"gemm_k": k, "gemm_n": n}
+    say("GPU", f"{torch.cuda.get_device_name()}, AWQ GEMM {k}x{n} group {group}, {copies} weight copies")
     for m in (1, 16, 64, 256):
         x = torch.randn(m, k, dtype=torch.float16, device="cuda")
-        times = {}
-        for name, fn in (("awq", lambda x=x: awq_gemm(x, q, z, s, group)), ("fp16", lambda x=x: x @ w.t())):
-            for _ in range(5):
-                fn()
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(50):
-                fn()
-            torch.cuda.synchronize()
-            times[name] = 1e6 * (time.perf_counter() - start) / 50
-        say(f"GEMM {k}x{n} M={m}: awq / fp16 (us)", f"{times['awq']:.1f} / {times['fp16']:.1f}")
-        results[f"gemm_us_awq_m{m}"], results[f"gemm_us_fp16_m{m}"] = times["awq"], times["fp16"]
+        q, z, s = layers[0]
+        err = (awq_gemm(x, q, z, s, group).float() - awq_gemm_reference(x.float(), q, z, s, group)).abs().max().item()
+        t_awq = graph_us([lambda x=x, w=w: awq_gemm(x, *w, group) for w in layers])
+        t_fp16 = graph_us([lambda x=x, w=w: torch.matmul(x, w) for w in dense])
+        say(f"GEMM M={m}: awq / fp16 (us), speedup", f"{t_awq:.1f} / {t_fp16:.1f}, {t_fp16 / t_awq:.2f}x "
+            f"(awq {k * n / 2 / t_awq / 1e3:.0f} GB/s of int4 weights; max err {err:.1e})")
+        results[f"gemm_us_awq_m{m}"], results[f"gemm_us_fp16_m{m}"] = t_awq, t_fp16
+        results[f"gemm_speedup_m{m}"] = t_fp16 / t_awq
+    if sweep:
+        x = torch.randn(1, k, dtype=torch.float16, device="cuda")
+        best = None
+        for block_n in (64, 128, 256):
+            for block_k in (64, 128):
+                for splits in (1, 2, 4):
+                    for warps in (4,) if block_n == 64 else (4, 8):
+                        cfg = dict(block_n=block_n, block_k=block_k, splits=splits, num_warps=warps)
+                        try:
+                            t = graph_us([lambda w=w, c=cfg: awq_gemm(x, *w, group, gemv_config=c) for w in layers], 5)
+                        except Exception as exc:  # a config that does not compile is skipped, and said
+                            print(f"  gemv {cfg}: failed ({type(exc).__name__}: {str(exc)[:80]})")
+                            continue
+                        print(f"  gemv {cfg}: {t:.1f} us")
+                        if best is None or t < best[0]:
+                            best = (t, cfg)
+        if best is not None:
+            say("best GEMV config at M=1", f"{best[1]}: {best[0]:.1f} us")
+            results["gemv_best_us"] = best[0]
+            results["gemv_best_config"] = str(best[1])
     return results
 
 
@@ -149,7 +197,16 @@ def main() -> None:
     p.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
     p.add_argument("--no-reuse", action="store_true", help="re-quantize even if --work-dir has the models")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads for decode")
+    p.add_argument("--gpu-only", action="store_true", help="only the AWQ GEMM vs fp16 benchmark (needs CUDA)")
+    p.add_argument("--sweep", action="store_true", help="with CUDA: also sweep the GEMV launch configs at M=1")
     args = p.parse_args()
+    if args.gpu_only:
+        if not torch.cuda.is_available():
+            print("benchmarks/quant.py --gpu-only: no CUDA device, nothing to run.")
+            print(json.dumps({"skipped": "no CUDA device"}))
+            return
+        print(json.dumps(gpu_kernel_bench(args.sweep)))
+        return
 
     src = Path(resolve_model_path(args.model))
     from leanserve.model.config import ModelConfig
@@ -204,7 +261,7 @@ def main() -> None:
     head = lm_head_ms(src)
     say("  of which fp32 lm_head alone, batch 1", f"{head:.2f} ms/token")
 
-    gpu = gpu_kernel_bench(awq_dir) if torch.cuda.is_available() else {}
+    gpu = gpu_kernel_bench(args.sweep) if torch.cuda.is_available() else {}
     result = {
         "ppl_fp": ppl[0][0], "ppl_awq": ppl[0][1], "ppl_rtn": ppl[0][2],
         "ppl_fp_shakespeare": ppl[1][0], "ppl_awq_shakespeare": ppl[1][1], "ppl_rtn_shakespeare": ppl[1][2],

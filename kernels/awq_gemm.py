@@ -29,10 +29,13 @@ def _nibble_shifts(offs_n):
 
 @triton.jit
 def _awq_gemv_kernel(
-    x_ptr, qw_ptr, qz_ptr, s_ptr, acc_ptr,
+    x_ptr, qw_ptr, qz_ptr, s_ptr, bias_ptr, acc_ptr,
     N, K, stride_xm,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_PER_SPLIT: tl.constexpr,
+    SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
+    """SPLIT: add this K slice's partial sums into the fp32 ``acc`` (zeroed by the launcher);
+    otherwise the program owns its outputs and stores them (plus the bias) in ``acc``'s dtype."""
     pid_n = tl.program_id(0)
     row = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -54,7 +57,12 @@ def _awq_gemv_kernel(
         scales = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         w = (q - zeros[None, :]).to(tl.float32) * scales[None, :]
         acc += tl.sum(x[:, None] * w, axis=0)
-    tl.atomic_add(acc_ptr + row * N + offs_n, acc, mask=n_mask)
+    if SPLIT:
+        tl.atomic_add(acc_ptr + row * N + offs_n, acc, mask=n_mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        tl.store(acc_ptr + row * N + offs_n, acc.to(acc_ptr.dtype.element_ty), mask=n_mask)
 
 
 @triton.jit
@@ -131,6 +139,7 @@ def awq_gemm(
     group_size: int,
     bias: torch.Tensor | None = None,
     force: str | None = None,  # "gemv" or "tiled": pick the launch (tests); default by M
+    gemv_config: dict[str, int] | None = None,  # block_n / block_k / splits / num_warps (benchmarks)
 ) -> torch.Tensor:
     """``x [M, K] @ dequant(W) [K, N] (+ bias)`` in ``x.dtype``, accumulating in fp32."""
     _check(x, qweight, qzeros, scales, group_size)
@@ -139,21 +148,7 @@ def awq_gemm(
     block_k = _block_k(group_size)
     use_gemv = force == "gemv" or (force is None and m <= GEMV_MAX_M)
     if use_gemv:
-        block_n = 64
-        # Split K so that about 4 programs per output block run at once, in whole groups per split.
-        groups = k // group_size
-        splits = max(1, min(groups, 4))
-        k_per_split = triton.cdiv(groups, splits) * group_size
-        splits = triton.cdiv(k, k_per_split)
-        acc = torch.zeros(m, n, device=x.device, dtype=torch.float32)
-        grid = (triton.cdiv(n, block_n), m, splits)
-        _awq_gemv_kernel[grid](
-            x, qweight, qzeros, scales, acc, n, k, x.stride(0),
-            GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k, K_PER_SPLIT=k_per_split,
-        )
-        if bias is not None:
-            acc += bias.float()
-        return acc.to(x.dtype)
+        return _gemv(x, qweight, qzeros, scales, group_size, bias, **(gemv_config or {}))
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
     block_n = 64 if n <= 2048 or m <= 32 else 128
@@ -165,3 +160,45 @@ def awq_gemm(
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
     )
     return out
+
+
+def _gemv(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None,
+    block_n: int = 64,
+    block_k: int | None = None,
+    splits: int | None = None,
+    num_warps: int = 4,
+) -> torch.Tensor:
+    m, k = x.shape
+    n = scales.shape[1]
+    block_k = block_k or _block_k(group_size)
+    if group_size % block_k:
+        raise ValueError(f"block_k {block_k} must divide the group size {group_size}")
+    groups = k // group_size
+    if splits is None:
+        # Split K so that about 4 programs per output block run at once, in whole groups per split.
+        splits = max(1, min(groups, 4))
+    k_per_split = triton.cdiv(groups, max(1, min(splits, groups))) * group_size
+    splits = triton.cdiv(k, k_per_split)
+    grid = (triton.cdiv(n, block_n), m, splits)
+    common = dict(GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k, K_PER_SPLIT=k_per_split, num_warps=num_warps)
+    if splits == 1:
+        # One program per output block: it stores its outputs directly, no zeroing or cast launches.
+        out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+        _awq_gemv_kernel[grid](
+            x, qweight, qzeros, scales, bias if bias is not None else scales, out, n, k, x.stride(0),
+            SPLIT=False, HAS_BIAS=bias is not None, **common,
+        )
+        return out
+    acc = torch.zeros(m, n, device=x.device, dtype=torch.float32)
+    _awq_gemv_kernel[grid](
+        x, qweight, qzeros, scales, scales, acc, n, k, x.stride(0), SPLIT=True, HAS_BIAS=False, **common
+    )
+    if bias is not None:
+        acc += bias.float()
+    return acc.to(x.dtype)

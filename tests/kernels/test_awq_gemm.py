@@ -43,6 +43,32 @@ def test_awq_gemm_matches_reference(m: int, k: int, n: int, group: int, mode: st
     torch.testing.assert_close(out.float(), ref, atol=tol * ref.abs().max().item(), rtol=0)
 
 
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"splits": 1},  # direct store, bias added in the kernel
+        {"splits": 2, "block_n": 32, "block_k": 32},
+        {"splits": 1, "block_n": 128, "block_k": 64, "num_warps": 8},
+    ],
+)
+def test_gemv_launch_configs_match_reference(config: dict[str, int]) -> None:
+    k, n, group = 256, 200, 64  # N not a multiple of any output block
+    qweight, qzeros, scales = random_awq(k, n, group, seed=5)
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2, k, generator=gen).to(DEVICE, torch.float16)
+    bias = torch.randn(n, generator=gen).to(DEVICE, torch.float16)
+    out = awq_gemm(x, qweight, qzeros, scales, group, bias, force="gemv", gemv_config=config)
+    ref = awq_gemm_reference(x.float(), qweight, qzeros, scales, group, bias.float())
+    assert out.dtype == torch.float16 and not out.isnan().any()
+    torch.testing.assert_close(out.float(), ref, atol=2e-3 * ref.abs().max().item(), rtol=0)
+
+
+def test_gemv_rejects_a_block_k_that_does_not_divide_the_group() -> None:
+    qweight, qzeros, scales = random_awq(128, 32, 64)
+    with pytest.raises(ValueError, match="block_k"):
+        awq_gemm(torch.randn(1, 128).to(DEVICE), qweight, qzeros, scales, 64, gemv_config={"block_k": 48})
+
+
 def test_default_launch_by_m() -> None:
     qweight, qzeros, scales = random_awq(64, 32, 32)
     for m in (2, 20):
