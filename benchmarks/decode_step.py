@@ -1,0 +1,213 @@
+"""End-to-end decode step of a ~1B Llama on CUDA: eager vs CUDA graphs, against the weight-read floor.
+
+Builds TinyLlama-1.1B's shape (22 layers, hidden 2048, 32 query / 4 KV heads, MLP 5632, vocab 32000)
+with random bf16 weights (nothing is downloaded), a paged KV cache and our ModelRunner, then for each
+batch size, every sequence at ``--context`` tokens:
+
+- eager forward: the model's forward launched op by op (host-bound for small batches);
+- graph replay: the captured decode graph alone (CUDA events, median);
+- runner step: what serving pays per step: inputs copied in, graph replay, logits, greedy sampling
+  and the results back on the host (wall clock, median).
+
+The floor is the bytes a step must read (every weight but the embedding table, plus the step's K/V)
+over the measured device copy bandwidth. Ends with a profile of one eager step (kernel count and the
+top kernels by GPU time) and one JSON line.
+
+    python benchmarks/decode_step.py [--context 512] [--batches 1,8,32,64]
+
+Without CUDA it says so and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def tinyllama_config(model_dir: Path):
+    from leanserve.model.config import ModelConfig
+
+    raw = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32000,
+        "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
+        "num_key_value_heads": 4, "rms_norm_eps": 1e-5, "max_position_embeddings": 2048,
+        "rope_theta": 10000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    }
+    (model_dir / "config.json").write_text(json.dumps(raw))
+    return ModelConfig.from_pretrained(model_dir)
+
+
+def build_model(config, device: torch.device, dtype: torch.dtype):
+    from leanserve.model.attention import attention_ops_for
+    from leanserve.model.layers import default_linear_factory
+    from leanserve.model.llama import LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config, default_linear_factory(dtype), attention_ops_for(device))
+    model = model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                param.data = torch.ones_like(param, dtype=dtype)
+            else:
+                param.data = (torch.randn(param.shape, generator=gen, device=device) * 0.02).to(dtype)
+    model.reset_buffers(device)
+    return model.eval().requires_grad_(False)
+
+
+def copy_gbps(device: torch.device) -> float:
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / event_ms(lambda: dst.copy_(src), 20) / 1e6
+
+
+def event_ms(fn, iters: int) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def wall_ms(fn, iters: int) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(1000 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def decode_batch(batch: int, context: int, block_size: int, vocab: int):
+    from leanserve.model.runner import StepSeq
+    from leanserve.model.sampler import SampleRequest
+    from leanserve.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=1 << 20, temperature=0.0, ignore_eos=True)
+    blocks = -(-context // block_size)
+    gen = torch.Generator().manual_seed(batch)
+    perm = torch.randperm(batch * blocks, generator=gen).tolist()  # shuffled, as after real traffic
+    seqs = []
+    for i in range(batch):
+        tokens = torch.randint(0, vocab, (context,), generator=gen).tolist()
+        seqs.append(
+            StepSeq(
+                token_ids=tokens, num_computed=context - 1, num_new=1,
+                block_table=perm[i * blocks : (i + 1) * blocks], num_prompt_tokens=context - 1,
+                sample=SampleRequest(params, tokens, context - 1),
+            )
+        )
+    return seqs
+
+
+def profile_eager_step(runner, seqs) -> tuple[int, list[tuple[str, float, int]]]:
+    """Kernels launched by one eager step, and the top ones by total GPU time (us, count)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graphs, runner.decode_graphs = runner.decode_graphs, None
+    try:
+        runner.execute(seqs)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            runner.execute(seqs)
+            torch.cuda.synchronize()
+    finally:
+        runner.decode_graphs = graphs
+    rows = []
+    launches = 0
+    for event in prof.key_averages():
+        device_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        if device_us > 0:
+            rows.append((event.key[:70], device_us, event.count))
+            launches += event.count
+    rows.sort(key=lambda r: -r[1])
+    return launches, rows[:15]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--context", type=int, default=512)
+    p.add_argument("--batches", default="1,8,32,64")
+    p.add_argument("--iters", type=int, default=50)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        print("benchmarks/decode_step.py: no CUDA device, nothing to benchmark.")
+        print(json.dumps({"skipped": "no CUDA device"}))
+        return 0
+    from leanserve.model.runner import ModelRunner, allocate_kv_cache
+
+    device, dtype, block_size = torch.device("cuda"), torch.bfloat16, 16
+    batches = [int(b) for b in args.batches.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        config = tinyllama_config(Path(tmp))
+    model = build_model(config, device, dtype)
+    weight_bytes = sum(t.numel() * t.element_size() for name, t in model.named_parameters() if "embed" not in name)
+    blocks = max(batches) * -(-args.context // block_size)
+    kv = allocate_kv_cache(config, blocks, block_size, dtype, device)
+    for k_cache, v_cache in kv:  # real numbers, not zeros, in every slot attention reads
+        k_cache.normal_()
+        v_cache.normal_()
+    runner = ModelRunner(model, kv, block_size, device)
+    start = time.perf_counter()
+    runner.capture_decode_graphs(max_model_len=config.max_position_embeddings, max_batch=max(batches))
+    capture_s = time.perf_counter() - start
+    graphs = runner.decode_graphs
+    bandwidth = copy_gbps(device)
+    kv_bytes_per_token = config.kv_bytes_per_token(dtype.itemsize)
+    name = torch.cuda.get_device_name()
+    print(f"device {name}: copy {bandwidth:.0f} GB/s; model {weight_bytes / 1e9:.2f} GB of bf16 weights read per "
+          f"step; {len(graphs.buckets)} graphs captured in {capture_s:.1f} s; context {args.context}")
+    header = f"{'batch':>5} {'floor ms':>9} {'eager fwd':>10} {'graph':>8} {'step':>8} {'graph/floor':>12} " \
+             f"{'step/floor':>11} {'tok/s':>9}"
+    print(header)
+    rows = []
+    for batch in batches:
+        seqs = decode_batch(batch, args.context, block_size, config.vocab_size)
+        step_bytes = weight_bytes + batch * args.context * kv_bytes_per_token
+        floor = step_bytes / bandwidth / 1e6
+        size = graphs.bucket_for(batch)
+        runner.execute(seqs)  # fills the static buffers for this batch
+        eager = wall_ms(lambda size=size: graphs._forward(size), max(10, args.iters // 5))
+        replay = event_ms(graphs.graphs[size].replay, args.iters)
+        step = wall_ms(lambda seqs=seqs: runner.execute(seqs), args.iters)
+        check = runner.execute(seqs)
+        graphs_saved, runner.decode_graphs = runner.decode_graphs, None
+        eager_tokens = runner.execute(seqs)
+        runner.decode_graphs = graphs_saved
+        same = [r.token_id for r in check] == [r.token_id for r in eager_tokens]
+        row = dict(batch=batch, floor_ms=floor, eager_forward_ms=eager, graph_ms=replay, step_ms=step,
+                   graph_over_floor=replay / floor, step_over_floor=step / floor, tok_s=1000 * batch / step,
+                   graph_equals_eager_tokens=same)
+        rows.append(row)
+        print(f"{batch:>5} {floor:>9.3f} {eager:>10.3f} {replay:>8.3f} {step:>8.3f} {replay / floor:>12.2f} "
+              f"{step / floor:>11.2f} {1000 * batch / step:>9.0f}" + ("" if same else "  TOKENS DIFFER"))
+    launches, top = profile_eager_step(runner, decode_batch(batches[0], args.context, block_size, config.vocab_size))
+    print(f"one eager step at batch {batches[0]}: {launches} kernels; top by GPU time (us total, count):")
+    for key, us, count in top:
+        print(f"  {us:9.1f} {count:5d}  {key}")
+    print(json.dumps({"device": name, "copy_gbps": bandwidth, "weight_bytes": weight_bytes, "context": args.context,
+                      "capture_s": capture_s, "kernels_per_eager_step": launches, "rows": rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

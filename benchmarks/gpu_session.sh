@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One lease of a GPU machine, as one script: install the tree, run the kernel and CUDA-graph tests
+# compiled (not interpreted), then the kernel, decode-step and AWQ GEMM benchmarks. Each step has a
+# time limit and its own log under OUT; a failing step does not stop the others.
+#
+#   bash benchmarks/gpu_session.sh [OUT_DIR]     (on the GPU machine, from the repo root)
+set -u
+OUT_DIR=${1:-${OUT:-/tmp/leanserve-gpu}}
+mkdir -p "$OUT_DIR"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv
+    $PY -c "import sys, torch, triton; print(sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)"
+    nproc
+} > "$OUT_DIR/env.txt" 2>&1
+cat "$OUT_DIR/env.txt"
+
+# The machine has torch/triton/transformers but not our other dependencies; the kernel, model and
+# engine code needs none of them.
+if ! $PY -m pip install -q --no-deps --no-build-isolation -e . > "$OUT_DIR/pip.log" 2>&1; then
+    echo "editable install failed (see pip.log); using PYTHONPATH"
+    ln -sfn ../../kernels src/leanserve/kernels
+    export PYTHONPATH="$PWD/src"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # tests import their helpers as tests.<dir>.<module>
+
+step() {
+    local name=$1 limit=$2
+    shift 2
+    local start=$SECONDS
+    timeout "$limit" "$@" > "$OUT_DIR/$name.log" 2>&1
+    local rc=$?
+    echo "=== $name: rc=$rc in $((SECONDS - start)) s"
+    tail -n "${TAIL_LINES:-30}" "$OUT_DIR/$name.log"
+}
+
+step kernel_tests "${T_TESTS:-150}" $PY -m pytest -q -n 8 --maxfail=20 -p no:cacheprovider tests/kernels tests/model/test_cuda_graphs.py
+step kernels_bench "${T_KERNELS:-75}" $PY benchmarks/kernels.py --iters 50 --warmup 10
+step decode_step "${T_DECODE:-100}" $PY benchmarks/decode_step.py --iters 30
+step awq_bench "${T_AWQ:-100}" $PY benchmarks/quant.py --gpu-only ${AWQ_SWEEP:---sweep}
