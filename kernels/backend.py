@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from . import reference
+from ._checks import trusted_inputs  # noqa: F401  (re-exported: the model runner's way in)
 
 
 @dataclass(frozen=True)
@@ -52,3 +53,41 @@ def get_attention_ops(device: torch.device | str) -> AttentionOps:
         reference.paged_prefill_attention,
         "reference",
     )
+
+
+@dataclass(frozen=True)
+class LayerOps:
+    rms_norm: Callable[..., object]
+    apply_rotary: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    silu_and_mul: Callable[[torch.Tensor], torch.Tensor]
+    name: str
+
+
+_layer_ops: dict[str, LayerOps] = {}
+
+
+def get_layer_ops(device: torch.device | str) -> LayerOps:
+    """Fused RMSNorm / rotary / SiLU-and-multiply: Triton on CUDA, torch references elsewhere (memoised per device type:
+    the model asks for them on every layer call)."""
+    kind = torch.device(device).type
+    if kind not in _layer_ops:
+        if kind == "cuda" and triton_available():
+            from .fused_layers import apply_rotary, rms_norm, silu_and_mul
+
+            _layer_ops[kind] = LayerOps(rms_norm, apply_rotary, silu_and_mul, "triton")
+        else:
+            _layer_ops[kind] = reference_layer_ops()
+    return _layer_ops[kind]
+
+
+def reference_layer_ops() -> LayerOps:
+    return LayerOps(reference.rms_norm, reference.apply_rotary, reference.silu_and_mul, "reference")
+
+
+def override_layer_ops(device: torch.device | str, ops: LayerOps | None) -> None:
+    """Pin the layer ops for a device type (None: back to the default choice). For benchmarks that
+    compare the fused kernels with the unfused torch ops in one process."""
+    kind = torch.device(device).type
+    _layer_ops.pop(kind, None)
+    if ops is not None:
+        _layer_ops[kind] = ops

@@ -137,3 +137,37 @@ def paged_prefill_attention(
         )[0]
         out[q_start:q_end] = attn.transpose(0, 1).to(query.dtype)
     return out
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm of ``x [T, hidden]``; with ``residual``, of ``x + residual``, returning the sum as well
+    (the decoder layer's next residual). The sum is rounded to ``x.dtype`` before it is normalised,
+    as an unfused ``residual + x`` followed by the norm would be."""
+    if residual is None:
+        return torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, eps)
+    total = x + residual
+    return torch.nn.functional.rms_norm(total, (x.shape[-1],), weight, eps), total
+
+
+def apply_rotary(
+    query: torch.Tensor, key: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding in the "rotate half" layout: ``query [T, H, D]``, ``key [T, KVH, D]`` rotated by
+    their token ``positions [T]``; ``cos``/``sin [max_position, D // 2]`` fp32. Computed in fp32."""
+    c = cos[positions].unsqueeze(1)
+    s = sin[positions].unsqueeze(1)
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half].float(), x[..., half:].float()
+        return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
+
+    return rotate(query), rotate(key)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """The gated MLP's activation: ``x [..., 2 * I]`` holds gate then up; returns ``silu(gate) * up``."""
+    gate, up = x.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up

@@ -38,3 +38,13 @@ def test_package_imports_without_triton():
     env = {"TRITON_INTERPRET": "1", "PATH": ""}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert result.stdout.strip() == "reference"
+
+
+def test_trusted_inputs_skip_value_checks_only_inside_the_block() -> None:
+    from leanserve.kernels import _checks
+    from leanserve.kernels.backend import trusted_inputs
+
+    assert _checks.value_checks_enabled()
+    with trusted_inputs():
+        assert not _checks.value_checks_enabled()
+    assert _checks.value_checks_enabled()
