@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from . import _checks
+from ._device import num_sms
 
 LOG2E = 1.4426950408889634
 
@@ -28,7 +29,7 @@ LOG2E = 1.4426950408889634
 DECODE_BLOCK_N = 64
 MIN_DOT = 16
 # Split-KV heuristic: a partition of fewer keys than this is not worth its reduce traffic.
-MIN_PARTITION_TOKENS = 256
+MIN_PARTITION_TOKENS = 128
 MAX_PARTITIONS = 64
 # Prefill tiles: BLOCK_M queries x BLOCK_N keys (halved for head_dim 256 to stay in registers).
 PREFILL_BLOCK_M = 64
@@ -250,12 +251,6 @@ def _num_stages(head_dim: int) -> int:
     return 3 if head_dim <= 128 else 2
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 8  # the interpreter: any small number exercises the same code paths
-
-
 def choose_num_partitions(num_seqs: int, num_kv_heads: int, max_context_len: int, num_sms: int) -> int:
     """How many KV partitions each (sequence, kv head) is split into.
 
@@ -335,7 +330,7 @@ def paged_decode_attention(
 
     group = num_heads // num_kv_heads
     block_n = DECODE_BLOCK_N if head_dim <= 128 else DECODE_BLOCK_N // 2
-    parts = num_partitions or choose_num_partitions(num_seqs, num_kv_heads, ctx_limit, _num_sms(query.device))
+    parts = num_partitions or choose_num_partitions(num_seqs, num_kv_heads, ctx_limit, num_sms(query.device))
     # Partition boundaries on tile multiples, so only the last tile of a partition is ragged.
     partition_size = triton.cdiv(max(triton.cdiv(ctx_limit, parts), 1), block_n) * block_n
     if num_partitions is None:

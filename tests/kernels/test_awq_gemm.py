@@ -47,8 +47,8 @@ def test_awq_gemm_matches_reference(m: int, k: int, n: int, group: int, mode: st
     "config",
     [
         {"splits": 1},  # direct store, bias added in the kernel
-        {"splits": 2, "block_n": 32, "block_k": 32},
-        {"splits": 1, "block_n": 128, "block_k": 64, "num_warps": 8},
+        {"splits": 2, "block_c": 4, "block_k": 32},
+        {"splits": 1, "block_c": 32, "block_k": 64, "num_warps": 8},
     ],
 )
 def test_gemv_launch_configs_match_reference(config: dict[str, int]) -> None:
@@ -60,6 +60,20 @@ def test_gemv_launch_configs_match_reference(config: dict[str, int]) -> None:
     out = awq_gemm(x, qweight, qzeros, scales, group, bias, force="gemv", gemv_config=config)
     ref = awq_gemm_reference(x.float(), qweight, qzeros, scales, group, bias.float())
     assert out.dtype == torch.float16 and not out.isnan().any()
+    torch.testing.assert_close(out.float(), ref, atol=2e-3 * ref.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [{"block_m": 16, "block_c": 4, "block_k": 16}, {"block_m": 32, "block_c": 16, "block_k": 32, "num_warps": 8}],
+)
+def test_tiled_launch_configs_match_reference(config: dict[str, int]) -> None:
+    k, n, group = 128, 200, 32  # N not a multiple of any output block, M not of any row block
+    qweight, qzeros, scales = random_awq(k, n, group, seed=7)
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(20, k, generator=gen).to(DEVICE, torch.float16)
+    out = awq_gemm(x, qweight, qzeros, scales, group, force="tiled", tiled_config=config)
+    ref = awq_gemm_reference(x.float(), qweight, qzeros, scales, group)
     torch.testing.assert_close(out.float(), ref, atol=2e-3 * ref.abs().max().item(), rtol=0)
 
 

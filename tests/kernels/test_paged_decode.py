@@ -85,7 +85,8 @@ def test_split_heuristic():
     choose = paged_attention.choose_num_partitions
     assert choose(num_seqs=1, num_kv_heads=8, max_context_len=32768, num_sms=132) == 33
     assert choose(num_seqs=256, num_kv_heads=8, max_context_len=32768, num_sms=132) == 1  # grid is full
-    assert choose(num_seqs=1, num_kv_heads=8, max_context_len=300, num_sms=132) == 1  # too short
+    assert choose(num_seqs=1, num_kv_heads=8, max_context_len=200, num_sms=132) == 1  # too short
+    assert choose(num_seqs=1, num_kv_heads=4, max_context_len=512, num_sms=132) == 4  # one partition per 128
     assert choose(num_seqs=1, num_kv_heads=1, max_context_len=10**6, num_sms=132) == 64  # capped
 
 
