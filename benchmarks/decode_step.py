@@ -9,9 +9,12 @@ batch size, every sequence at ``--context`` tokens:
 - runner step: what serving pays per step: inputs copied in, graph replay, logits, greedy sampling
   and the results back on the host (wall clock, median).
 
+All of it twice: with our fused Triton layer kernels (RMSNorm + residual, rotary, SiLU-and-mul) and
+with the unfused torch ops they replace.
+
 The floor is the bytes a step must read (every weight but the embedding table, plus the step's K/V)
-over the measured device copy bandwidth. Ends with a profile of one eager step (kernel count and the
-top kernels by GPU time) and one JSON line.
+over the measured device copy bandwidth. Each variant also profiles one eager step (kernel count and
+the top kernels by GPU time). Ends with one JSON line.
 
     python benchmarks/decode_step.py [--context 512] [--batches 1,8,32,64]
 
@@ -153,6 +156,8 @@ def main() -> int:
         print("benchmarks/decode_step.py: no CUDA device, nothing to benchmark.")
         print(json.dumps({"skipped": "no CUDA device"}))
         return 0
+    from leanserve.kernels import backend
+
     from leanserve.model.runner import ModelRunner, allocate_kv_cache
 
     device, dtype, block_size = torch.device("cuda"), torch.bfloat16, 16
@@ -167,45 +172,52 @@ def main() -> int:
         k_cache.normal_()
         v_cache.normal_()
     runner = ModelRunner(model, kv, block_size, device)
-    start = time.perf_counter()
-    runner.capture_decode_graphs(max_model_len=config.max_position_embeddings, max_batch=max(batches))
-    capture_s = time.perf_counter() - start
-    graphs = runner.decode_graphs
     bandwidth = copy_gbps(device)
     kv_bytes_per_token = config.kv_bytes_per_token(dtype.itemsize)
     name = torch.cuda.get_device_name()
-    print(f"device {name}: copy {bandwidth:.0f} GB/s; model {weight_bytes / 1e9:.2f} GB of bf16 weights read per "
-          f"step; {len(graphs.buckets)} graphs captured in {capture_s:.1f} s; context {args.context}")
-    header = f"{'batch':>5} {'floor ms':>9} {'eager fwd':>10} {'graph':>8} {'step':>8} {'graph/floor':>12} " \
-             f"{'step/floor':>11} {'tok/s':>9}"
-    print(header)
-    rows = []
-    for batch in batches:
-        seqs = decode_batch(batch, args.context, block_size, config.vocab_size)
-        step_bytes = weight_bytes + batch * args.context * kv_bytes_per_token
-        floor = step_bytes / bandwidth / 1e6
-        size = graphs.bucket_for(batch)
-        runner.execute(seqs)  # fills the static buffers for this batch
-        eager = wall_ms(lambda size=size: graphs._forward(size), max(10, args.iters // 5))
-        replay = event_ms(graphs.graphs[size].replay, args.iters)
-        step = wall_ms(lambda seqs=seqs: runner.execute(seqs), args.iters)
-        check = runner.execute(seqs)
-        graphs_saved, runner.decode_graphs = runner.decode_graphs, None
-        eager_tokens = runner.execute(seqs)
-        runner.decode_graphs = graphs_saved
-        same = [r.token_id for r in check] == [r.token_id for r in eager_tokens]
-        row = dict(batch=batch, floor_ms=floor, eager_forward_ms=eager, graph_ms=replay, step_ms=step,
-                   graph_over_floor=replay / floor, step_over_floor=step / floor, tok_s=1000 * batch / step,
-                   graph_equals_eager_tokens=same)
-        rows.append(row)
-        print(f"{batch:>5} {floor:>9.3f} {eager:>10.3f} {replay:>8.3f} {step:>8.3f} {replay / floor:>12.2f} "
-              f"{step / floor:>11.2f} {1000 * batch / step:>9.0f}" + ("" if same else "  TOKENS DIFFER"))
-    launches, top = profile_eager_step(runner, decode_batch(batches[0], args.context, block_size, config.vocab_size))
-    print(f"one eager step at batch {batches[0]}: {launches} kernels; top by GPU time (us total, count):")
-    for key, us, count in top:
-        print(f"  {us:9.1f} {count:5d}  {key}")
+    print(f"device {name}: copy {bandwidth:.0f} GB/s; {weight_bytes / 1e9:.2f} GB of bf16 weights read per step; "
+          f"context {args.context}")
+    results = {}
+    for variant in ("fused", "unfused"):
+        # fused: our Triton RMSNorm+residual / rotary / SiLU-and-mul kernels; unfused: the torch ops.
+        backend.override_layer_ops(device, None if variant == "fused" else backend.reference_layer_ops())
+        start = time.perf_counter()
+        runner.capture_decode_graphs(max_model_len=config.max_position_embeddings, max_batch=max(batches))
+        capture_s = time.perf_counter() - start
+        graphs = runner.decode_graphs
+        launches, top = profile_eager_step(runner, decode_batch(1, args.context, block_size, config.vocab_size))
+        print(f"\n[{variant} layer ops] {len(graphs.buckets)} graphs captured in {capture_s:.1f} s; "
+              f"{launches} kernels per step")
+        header = f"{'batch':>5} {'floor ms':>9} {'eager fwd':>10} {'graph':>8} {'step':>8} {'graph/floor':>12} " \
+                 f"{'step/floor':>11} {'tok/s':>9}"
+        print(header)
+        rows = []
+        for batch in batches:
+            seqs = decode_batch(batch, args.context, block_size, config.vocab_size)
+            step_bytes = weight_bytes + batch * args.context * kv_bytes_per_token
+            floor = step_bytes / bandwidth / 1e6
+            size = graphs.bucket_for(batch)
+            runner.execute(seqs)  # fills the static buffers for this batch
+            eager = wall_ms(lambda size=size, g=graphs: g._forward(size), max(10, args.iters // 5))
+            replay = event_ms(graphs.graphs[size].replay, args.iters)
+            step = wall_ms(lambda seqs=seqs: runner.execute(seqs), args.iters)
+            with_graph = [r.token_id for r in runner.execute(seqs)]
+            runner.decode_graphs = None
+            eager_tokens = [r.token_id for r in runner.execute(seqs)]
+            runner.decode_graphs = graphs
+            agree = sum(a == b for a, b in zip(with_graph, eager_tokens)) / batch
+            rows.append(dict(batch=batch, floor_ms=floor, eager_forward_ms=eager, graph_ms=replay, step_ms=step,
+                             graph_over_floor=replay / floor, step_over_floor=step / floor,
+                             tok_s=1000 * batch / step, graph_eager_token_agreement=agree))
+            print(f"{batch:>5} {floor:>9.3f} {eager:>10.3f} {replay:>8.3f} {step:>8.3f} {replay / floor:>12.2f} "
+                  f"{step / floor:>11.2f} {1000 * batch / step:>9.0f}  graph/eager tokens agree {agree:.0%}")
+        print("top kernels of one eager step at batch 1 (us total, count):")
+        for key, us, count in top:
+            print(f"  {us:9.1f} {count:5d}  {key}")
+        results[variant] = dict(capture_s=capture_s, kernels_per_step=launches, rows=rows)
+    backend.override_layer_ops(device, None)
     print(json.dumps({"device": name, "copy_gbps": bandwidth, "weight_bytes": weight_bytes, "context": args.context,
-                      "capture_s": capture_s, "kernels_per_eager_step": launches, "rows": rows}))
+                      **results}))
     return 0
 
 

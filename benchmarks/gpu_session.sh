@@ -26,9 +26,11 @@ if ! $PY -m pip install -q --no-deps --no-build-isolation -e . > "$OUT_DIR/pip.l
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # tests import their helpers as tests.<dir>.<module>
 
+STEPS=${STEPS:-kernel_tests kernels_bench decode_step awq_bench}  # a subset reruns only those
 step() {
     local name=$1 limit=$2
     shift 2
+    case " $STEPS " in *" $name "*) ;; *) return ;; esac
     local start=$SECONDS
     timeout "$limit" "$@" > "$OUT_DIR/$name.log" 2>&1
     local rc=$?
@@ -39,4 +41,4 @@ step() {
 step kernel_tests "${T_TESTS:-150}" $PY -m pytest -q -n 8 --maxfail=20 -p no:cacheprovider tests/kernels tests/model/test_cuda_graphs.py
 step kernels_bench "${T_KERNELS:-75}" $PY benchmarks/kernels.py --iters 50 --warmup 10
 step decode_step "${T_DECODE:-100}" $PY benchmarks/decode_step.py --iters 30
-step awq_bench "${T_AWQ:-100}" $PY benchmarks/quant.py --gpu-only ${AWQ_SWEEP:---sweep}
+step awq_bench "${T_AWQ:-100}" $PY benchmarks/quant.py --gpu-only ${AWQ_SWEEP:---sweep} ${AWQ_SWEEP_M:+--sweep-m $AWQ_SWEEP_M}

@@ -80,16 +80,22 @@ def gather(cache: torch.Tensor, tables: torch.Tensor, length: int) -> torch.Tens
     return g.flatten(1, 2)[:, :length].transpose(1, 2)
 
 
-def bench_decode(ops, num_seqs, context_len, heads, kv_heads, head_dim, warmup, iters, copy_gbps, parts=None):
+def bench_decode(ops, num_seqs, context_len, heads, kv_heads, head_dim, warmup, iters, copy_gbps, parts=None,
+                 max_context=None):
+    """``max_context``: the bound the launch is sized for (a captured decode graph passes max_model_len)."""
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     k_cache, v_cache, tables = paged_cache(num_seqs, context_len, kv_heads, head_dim, gen)
     lens = torch.full((num_seqs,), context_len, dtype=torch.int32, device=DEVICE)
     query = torch.randn(num_seqs, heads, head_dim, dtype=DTYPE, device=DEVICE, generator=gen)
     scale = head_dim**-0.5
+    # A graph-sized launch gets a table as wide as max_context (the columns past the context unused).
+    width = -(-(max_context or context_len) // BLOCK_SIZE)
+    table = torch.zeros(num_seqs, width, dtype=torch.int32, device=DEVICE)
+    table[:, : tables.shape[1]] = tables
 
     def triton_fn():
         return ops.paged_decode_attention(
-            query, k_cache, v_cache, tables, lens, scale, context_len, num_partitions=parts
+            query, k_cache, v_cache, table, lens, scale, max_context or context_len, num_partitions=parts
         )
 
     def baseline_fn():
@@ -104,7 +110,8 @@ def bench_decode(ops, num_seqs, context_len, heads, kv_heads, head_dim, warmup, 
     io_bytes = 2 * query.numel() * DTYPE.itemsize + tables.numel() * 4
     flops = 4 * num_seqs * heads * context_len * head_dim
     split = "auto" if parts is None else str(parts)
-    config = f"{num_seqs}x{context_len} H{heads}/KV{kv_heads} D{head_dim} split={split}"
+    sized = f" (max {max_context})" if max_context else ""
+    config = f"{num_seqs}x{context_len}{sized} H{heads}/KV{kv_heads} D{head_dim} split={split}"
     return _result("decode", config, t_ms, b_ms, kv_bytes + io_bytes, flops, copy_gbps, err)
 
 
@@ -177,13 +184,13 @@ def _result(kernel, config, t_ms, b_ms, nbytes, flops, copy_gbps, err) -> Result
 
 
 def print_table(results: list[Result]) -> None:
-    header = f"{'kernel':<9} {'config':<46} {'triton ms':>10} {'base ms':>9} {'speedup':>8} " \
+    header = f"{'kernel':<9} {'config':<58} {'triton ms':>10} {'base ms':>9} {'speedup':>8} " \
              f"{'GB/s':>8} {'%copy':>6} {'TFLOP/s':>8} {'max err':>8}"
     print(header)
     print("-" * len(header))
     for r in results:
         print(
-            f"{r.kernel:<9} {r.config:<46} {r.triton_ms:>10.4f} {r.baseline_ms:>9.4f} {r.speedup:>8.2f} "
+            f"{r.kernel:<9} {r.config:<58} {r.triton_ms:>10.4f} {r.baseline_ms:>9.4f} {r.speedup:>8.2f} "
             f"{r.gbps:>8.1f} {r.pct_of_copy:>6.1f} {r.tflops:>8.1f} {r.max_abs_err:>8.1e}"
         )
 
@@ -212,6 +219,9 @@ def main() -> int:
         bench_decode(ops, 256, 1024, 32, 8, 128, w, n, copy_gbps),
         bench_decode(ops, 4, 32768, 32, 8, 128, w, n, copy_gbps),  # few long sequences: split-KV
         bench_decode(ops, 4, 32768, 32, 8, 128, w, n, copy_gbps, parts=1),
+        # Decode graphs of a 1B model (TinyLlama shape): launches sized for max_model_len 2048.
+        *[bench_decode(ops, s, 512, 32, 4, 64, w, n, copy_gbps, parts=p, max_context=2048)
+          for s in (1, 8) for p in (None, 1, 2, 8, 32)],
         bench_prefill(ops, 8, 2048, 0, 32, 8, 128, w, n, copy_gbps),
         bench_prefill(ops, 4, 512, 4096, 32, 8, 128, w, n, copy_gbps),
         bench_write(ops, 8192, 8, 128, w, n, copy_gbps),

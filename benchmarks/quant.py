@@ -140,7 +140,43 @@ def graph_us(calls: list, replays: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def gpu_kernel_bench(sweep: bool = False) -> dict[str, float]:
+def sweep_launch_configs(layers: list, k: int, group: int, ms: list[int]) -> dict[str, float | str]:
+    """Time GEMV launch configs at M=1 and tiled ones at M=16, 64, 256; print each, return the best per M."""
+    from leanserve.kernels.awq_gemm import awq_gemm
+
+    tiled = [dict(block_m=bm, block_c=c, block_k=64, num_warps=4) for bm in (16, 64, 128) for c in (8, 16)]
+    grids = {
+        1: [("gemv", dict(block_c=c, block_k=bk, splits=sp))
+            for c in (8, 16, 32) for bk in (32, 64) for sp in (None, 4, 8, 16, 32)],
+        16: [("tiled", cfg) for cfg in tiled if cfg["block_m"] == 16],
+        64: [("tiled", cfg) for cfg in tiled if cfg["block_m"] == 64],
+        256: [("tiled", cfg) for cfg in tiled if cfg["block_m"] >= 64],
+    }
+    best: dict[str, float | str] = {}
+    for m, configs in grids.items():
+        if m not in ms:
+            continue
+        x = torch.randn(m, k, dtype=torch.float16, device="cuda")
+        found = None
+        for kind, cfg in configs:
+            extra = {"gemv": {"gemv_config": cfg}, "tiled": {"tiled_config": cfg}}.get(kind, {})
+            try:
+                calls = [lambda w=w, x=x, kind=kind, extra=extra: awq_gemm(x, *w, group, force=kind, **extra)
+                         for w in layers]
+                t = graph_us(calls, 5)
+            except Exception as exc:  # a config that does not compile or fit is skipped, and said
+                print(f"  M={m} {kind} {cfg}: failed ({type(exc).__name__}: {str(exc)[:80]})")
+                continue
+            print(f"  M={m} {kind} {cfg}: {t:.1f} us")
+            if found is None or t < found[0]:
+                found = (t, f"{kind} {cfg}")
+        if found is not None:
+            say(f"best launch at M={m}", f"{found[1]}: {found[0]:.1f} us")
+            best[f"best_us_m{m}"], best[f"best_config_m{m}"] = found[0], found[1]
+    return best
+
+
+def gpu_kernel_bench(sweep: bool = False, sweep_m: list[int] | None = None) -> dict[str, float]:
     """AWQ GEMM against fp16 ``torch.matmul`` on a Llama-7B MLP layer (in 4096, out 11008)."""
     from leanserve.kernels.awq_gemm import awq_gemm
     from leanserve.kernels.awq_reference import awq_gemm_reference, pack_awq
@@ -167,25 +203,7 @@ def gpu_kernel_bench(sweep: bool = False) -> dict[str, float]:
         results[f"gemm_us_awq_m{m}"], results[f"gemm_us_fp16_m{m}"] = t_awq, t_fp16
         results[f"gemm_speedup_m{m}"] = t_fp16 / t_awq
     if sweep:
-        x = torch.randn(1, k, dtype=torch.float16, device="cuda")
-        best = None
-        for block_n in (64, 128, 256):
-            for block_k in (64, 128):
-                for splits in (1, 2, 4):
-                    for warps in (4,) if block_n == 64 else (4, 8):
-                        cfg = dict(block_n=block_n, block_k=block_k, splits=splits, num_warps=warps)
-                        try:
-                            t = graph_us([lambda w=w, c=cfg: awq_gemm(x, *w, group, gemv_config=c) for w in layers], 5)
-                        except Exception as exc:  # a config that does not compile is skipped, and said
-                            print(f"  gemv {cfg}: failed ({type(exc).__name__}: {str(exc)[:80]})")
-                            continue
-                        print(f"  gemv {cfg}: {t:.1f} us")
-                        if best is None or t < best[0]:
-                            best = (t, cfg)
-        if best is not None:
-            say("best GEMV config at M=1", f"{best[1]}: {best[0]:.1f} us")
-            results["gemv_best_us"] = best[0]
-            results["gemv_best_config"] = str(best[1])
+        results.update(sweep_launch_configs(layers, k, group, sweep_m or [1, 16, 64, 256]))
     return results
 
 
@@ -198,14 +216,15 @@ def main() -> None:
     p.add_argument("--no-reuse", action="store_true", help="re-quantize even if --work-dir has the models")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads for decode")
     p.add_argument("--gpu-only", action="store_true", help="only the AWQ GEMM vs fp16 benchmark (needs CUDA)")
-    p.add_argument("--sweep", action="store_true", help="with CUDA: also sweep the GEMV launch configs at M=1")
+    p.add_argument("--sweep", action="store_true", help="with CUDA: also sweep the launch configs")
+    p.add_argument("--sweep-m", default="1,16,64,256", help="the M values --sweep covers")
     args = p.parse_args()
     if args.gpu_only:
         if not torch.cuda.is_available():
             print("benchmarks/quant.py --gpu-only: no CUDA device, nothing to run.")
             print(json.dumps({"skipped": "no CUDA device"}))
             return
-        print(json.dumps(gpu_kernel_bench(args.sweep)))
+        print(json.dumps(gpu_kernel_bench(args.sweep, [int(m) for m in args.sweep_m.split(",")])))
         return
 
     src = Path(resolve_model_path(args.model))
@@ -261,7 +280,7 @@ def main() -> None:
     head = lm_head_ms(src)
     say("  of which fp32 lm_head alone, batch 1", f"{head:.2f} ms/token")
 
-    gpu = gpu_kernel_bench(args.sweep) if torch.cuda.is_available() else {}
+    gpu = gpu_kernel_bench(args.sweep, [int(m) for m in args.sweep_m.split(",")]) if torch.cuda.is_available() else {}
     result = {
         "ppl_fp": ppl[0][0], "ppl_awq": ppl[0][1], "ppl_rtn": ppl[0][2],
         "ppl_fp_shakespeare": ppl[1][0], "ppl_awq_shakespeare": ppl[1][1], "ppl_rtn_shakespeare": ppl[1][2],
