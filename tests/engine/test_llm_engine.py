@@ -81,3 +81,18 @@ def test_echo_scoring_with_zero_max_tokens(engine: LLMEngine) -> None:
     last = outs["e"][-1]
     assert last.finished and last.new_token_ids == [] and last.num_output_tokens == 0
     assert [p.token_id for p in outs["e"][0].prompt_logprobs[1:]] == [6, 7, 8]
+
+
+def test_sliding_window_model_is_served_up_to_its_window_only(tmp_path: Path) -> None:
+    """No sliding-window mask is implemented, so the context is capped at the window: within it the
+    outputs are exact (tests/engine/test_correctness.py), past it a request gets a clear 400-class error."""
+    from tests.conftest import build_tiny_checkpoint
+
+    model_dir = build_tiny_checkpoint(tmp_path / "mistral-sw", "mistral", sliding_window=48)
+    engine = LLMEngine(EngineConfig(model=str(model_dir), kv_cache_memory=1 << 20))
+    assert engine.max_model_len == 48
+    with pytest.raises(RequestError) as info:
+        engine.add_request("long", [5] * 40, SamplingParams(max_tokens=10))
+    assert info.value.code == "context_length_exceeded"
+    out = run(engine, {"ok": ([5] * 30, SamplingParams(max_tokens=18, temperature=0.0, ignore_eos=True))})
+    assert sum(len(o.new_token_ids) for o in out["ok"]) == 18

@@ -121,6 +121,15 @@ class LLMEngine:
             self.model_config.max_position_embeddings,
             num_blocks * bs,
         )
+        window = self.model_config.sliding_window
+        if window is not None and window < self.max_model_len:
+            # Our attention has no sliding-window mask: past the window it would attend to keys the
+            # model never saw together. Serving only up to the window keeps every output exact.
+            logger.warning(
+                "model uses sliding-window attention (%d tokens), which is not implemented: "
+                "max_model_len capped from %d to %d", window, self.max_model_len, window,
+            )
+            self.max_model_len = window
         kv = allocate_kv_cache(self.model_config, num_blocks, bs, self.dtype, self.device)
         self.runner = ModelRunner(self.model, kv, bs, self.device)
         if self.device.type == "cuda" and not config.enforce_eager:
