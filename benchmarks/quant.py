@@ -104,7 +104,8 @@ def decode_speed(
 
 
 def lm_head_ms(model_dir: Path) -> float:
-    """Batch-1 cost of the fp32 lm_head alone (as served: oneDNN-packed), a floor under every decode step."""
+    """Batch-1 cost of the model's LM head alone, as served (fp32: oneDNN-packed; a quantized model: its int8
+    head, see model/llama.py INT8_HEAD_MAX_ROWS), a floor under every decode step."""
     model = load_model(model_dir, torch.device("cpu"), torch.float32)
     h = torch.randn(1, model.config.hidden_size)
     for _ in range(5):
@@ -279,6 +280,8 @@ def main() -> None:
             say(f"decode {name.upper()} batch {batch}", f"{tok_s:.1f} tok/s ({ms:.1f} ms/step)")
     head = lm_head_ms(src)
     say("  of which fp32 lm_head alone, batch 1", f"{head:.2f} ms/token")
+    head_int4 = lm_head_ms(awq_dir)
+    say("  INT4 model's lm_head (int8) alone, batch 1", f"{head_int4:.2f} ms/token")
 
     gpu = gpu_kernel_bench(args.sweep, [int(m) for m in args.sweep_m.split(",")]) if torch.cuda.is_available() else {}
     result = {
@@ -291,6 +294,7 @@ def main() -> None:
         "int4_vs_fp32_tok_s_batch1": speed[("int4", 1)] / speed[("fp32", 1)],
         "int4_vs_fp32_tok_s_batch32": speed[("int4", 32)] / speed[("fp32", 32)],
         "int4_ms_per_token_batch1": 1000 / speed[("int4", 1)], "lm_head_ms_batch1": head,
+        "lm_head_ms_int4_batch1": head_int4,
         "group_size": group, "threads": args.threads, "quick": args.quick, "loadavg": os.getloadavg()[0], **gpu,
     }
     print(json.dumps(result))

@@ -3,7 +3,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from leanserve.model.layers import Linear, RotaryEmbedding, cpu_packing_available
+from leanserve.model.layers import (
+    Linear,
+    RotaryEmbedding,
+    cpu_packing_available,
+    int8_linear,
+    int8_mm_supported,
+    quantize_int8_per_channel,
+)
 
 
 @pytest.mark.skipif(not cpu_packing_available(), reason="this torch build has no oneDNN")
@@ -41,3 +48,42 @@ def test_rotary_matches_transformers() -> None:
     q_ours, k_ours = ours(positions, q, k)
     assert torch.allclose(q_ours, q_ref[0].transpose(0, 1), atol=1e-5)
     assert torch.allclose(k_ours, k_ref[0].transpose(0, 1), atol=1e-5)
+
+
+def test_int8_per_channel_quantization_round_trips() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(300, 64) * torch.rand(300, 1) * 0.1
+    w[5] = 0.0  # an all-zero row must not divide by zero
+    q, s = quantize_int8_per_channel(w, chunk_rows=7)  # chunks that do not divide the rows
+    assert q.dtype == torch.int8 and q.shape == w.shape
+    assert s.dtype == torch.bfloat16 and s.shape == (300,)
+    assert q.abs().max() <= 127 and q[5].eq(0).all()
+    nonzero = torch.arange(300) != 5
+    assert (q[nonzero].abs().amax(dim=1) >= 126).all()  # each row uses its full range
+    step = s.float()[:, None]
+    assert ((q.float() * step - w).abs() <= 0.5 * step * 1.01).all()  # within half a step of the scale used
+    q2, s2 = quantize_int8_per_channel(w)
+    assert torch.equal(q, q2) and torch.equal(s, s2)
+
+
+@pytest.mark.skipif(not int8_mm_supported(64), reason="this torch build has no int8 weight-only matmul")
+@pytest.mark.parametrize("rows", [1, 3, 8, 13])
+def test_int8_linear_within_its_error_bound(rows: int) -> None:
+    torch.manual_seed(rows)
+    w = torch.randn(304, 64) * 0.05
+    x = torch.randn(rows, 64) * 3
+    q, s = quantize_int8_per_channel(w)
+    ref = x @ w.t()
+    got = int8_linear(x.view(1, rows, 64), q, s)
+    assert got.shape == (1, rows, 304) and got.dtype == torch.float32
+    # weight rounding (half a step per weight) + bf16 rounding of the activations and of the output
+    bound = 0.5 * x.abs().sum(-1, keepdim=True) * s.float()[None, :]
+    bound = bound + 2**-8 * (x.abs() @ w.abs().t() + ref.abs()) + 1e-6
+    assert ((got[0] - ref).abs() <= bound).all()
+    assert not torch.allclose(got[0], ref, atol=1e-6)  # it is the int8 weight, not the float one
+
+
+def test_int8_mm_supported_widths() -> None:
+    # torch's kernel reads inputs 16 at a time and does not check: other widths gave garbage or crashed.
+    assert not int8_mm_supported(56) and not int8_mm_supported(63)
+    assert int8_mm_supported(576) == hasattr(torch.ops.aten, "_weight_int8pack_mm")

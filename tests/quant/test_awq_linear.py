@@ -74,6 +74,9 @@ def test_fused_shards_load_and_match(backend: str) -> None:
     assert out.shape == (2, 7, 64)
     tol = 1e-5 if backend == "reference" else 2e-2
     assert ((out - expected).norm() / expected.norm()).item() < tol
+    # 2-D input is the serving path (for int4pack: the forward that skips the module's attribute lookups)
+    assert (layer._int4pack_call is not None) == (backend == "int4pack")
+    assert torch.equal(layer(x.reshape(-1, 128)), out.reshape(-1, 64))
 
 
 def test_load_shard_checks_shapes() -> None:

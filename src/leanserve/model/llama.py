@@ -20,11 +20,33 @@ from leanserve.model.layers import (
     RMSNorm,
     RotaryEmbedding,
     cpu_packing_available,
+    int8_linear,
+    int8_mm_supported,
     pack_cpu_weight,
     packed_linear,
+    quantize_int8_per_channel,
 )
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
+
+# Quantized models get an int8 copy of the LM head for decode-sized calls (see quantize_lm_head_int8).
+# torch's int8 kernel works 4 rows at a time, so its cost steps at 4, 8, 12 rows. ms per call for
+# SmolLM2's 49152x576 head on the 2-core host, load ~1 (int8 including the fp32 re-scoring below, against
+# the oneDNN-packed fp32 head):
+#   rows   1    4    5    8    9   16   32
+#   int8  1.2  1.2  2.4  2.5  3.4  4.7  9.1
+#   fp32  2.6  2.3  3.0  3.0  3.1  3.5  5.2
+# From 9 rows on the fp32 head is faster, and exact: it keeps those calls (prefill with prompt logprobs,
+# batches of 9+). Inside a batch-1 decode step the int8 call takes ~1.0 ms, not 0.6 as in a tight loop:
+# its 28 MB are evicted between steps and re-read at about the host's copy bandwidth.
+INT8_HEAD_MAX_ROWS = 8
+# Int8 logits of SmolLM2-AWQ (max ~40) are off by up to ~0.8 (mean 0.06): mostly the weight rounding (bf16
+# activations alone: 0.2, the bf16 output: 0.12). That alone moved the argmax at 2-4% of positions (near-
+# ties). So each row's 32 best int8 logits are recomputed in fp32 from the plain weight, where there is
+# one (a tied head: the embedding table, kept for the lookup anyway); over 6144 positions (Pride and
+# Prejudice, Shakespeare, random) the argmax then equalled the fp32 head's at every one and the top 5 did
+# too. An untied head's plain weight is gone after packing: there the int8 argmax can flip near-ties.
+INT8_HEAD_CANDIDATES = 32
 
 # checkpoint module name -> (our fused module name, shard index)
 _STACKED = {
@@ -157,11 +179,14 @@ class LlamaForCausalLM(nn.Module):
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.int8_lm_head is not None and hidden.numel() <= INT8_HEAD_MAX_ROWS * hidden.shape[-1]:
+            return self._int8_logits(hidden)
         if self.packed_lm_head is not None:
             return packed_linear(hidden, self.packed_lm_head, None)
         return F.linear(hidden, self.lm_head_weight()).float()
 
     packed_lm_head: torch.Tensor | None = None
+    int8_lm_head: tuple[torch.Tensor, torch.Tensor] | None = None  # (int8 [vocab, hidden], bf16 [vocab])
     weight_bytes: int = 0  # of the checkpoint's tensors as loaded (set by the loader)
 
     def pack_for_cpu(self) -> bool:
@@ -178,6 +203,35 @@ class LlamaForCausalLM(nn.Module):
         if not self.config.tie_word_embeddings:
             self.lm_head.weight.data = torch.empty(0)
         return True
+
+    def quantize_lm_head_int8(self) -> bool:
+        """Add a per-channel int8 copy of the LM head for calls of up to ``INT8_HEAD_MAX_ROWS`` rows.
+
+        False (nothing added) off CPU, for a non-fp32 head, or a width torch's kernel cannot take. Call it
+        before ``pack_for_cpu``, which drops an untied head's plain weight. The copy costs vocab x hidden
+        bytes (28 MiB for SmolLM2) beside the packed fp32 head, which larger calls still use.
+        """
+        weight = self.lm_head_weight()
+        if weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.dim() != 2:
+            return False  # (an untied head already packed has an empty plain weight)
+        if not int8_mm_supported(weight.shape[1]):
+            return False
+        self.int8_lm_head = quantize_int8_per_channel(weight.detach())
+        return True
+
+    def _int8_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Int8-head logits, each row's ``INT8_HEAD_CANDIDATES`` best re-scored in fp32 when the plain head
+        weight is at hand."""
+        assert self.int8_lm_head is not None
+        shape = hidden.shape
+        h = hidden.reshape(-1, shape[-1])
+        logits = int8_linear(h, *self.int8_lm_head)
+        weight = self.lm_head_weight()
+        if weight.numel() and logits.shape[-1] > INT8_HEAD_CANDIDATES:
+            cand = logits.topk(INT8_HEAD_CANDIDATES, dim=-1).indices  # [rows, K]
+            exact = torch.bmm(weight[cand], h.float().unsqueeze(-1)).squeeze(-1)  # [rows, K]
+            logits.scatter_(-1, cand, exact)
+        return logits.reshape(*shape[:-1], logits.shape[-1])
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy checkpoint tensors (Hugging Face names) into this model; fail on anything missing."""

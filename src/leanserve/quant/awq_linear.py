@@ -131,8 +131,20 @@ class AWQLinear(nn.Module):
         )
         del self.qweight, self.qzeros, self.scales
         self.packed, self.scales_and_zeros = packed, sz
+        self._int4pack_call = (packed, self.group_size, sz, self.bias)
+
+    # finalize()'s int4pack tensors again, as a plain attribute: buffers and parameters are reached through
+    # nn.Module.__getattr__, and the general forward below spent ~8 us per call beside the kernel (18.8 vs
+    # 11.5 us for the embedded model's qkv at 1 row), ~1 ms per decode step over its 120 int4 linears.
+    # CPU-only and set after loading; moving the module afterwards is not supported.
+    _int4pack_call: tuple[torch.Tensor, int, torch.Tensor, torch.Tensor | None] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        call = self._int4pack_call
+        if call is not None and x.dim() == 2:  # the serving path: a flat token batch
+            packed, group, sz, bias = call
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(sz.dtype), packed, group, sz).to(x.dtype)
+            return y if bias is None else y + bias
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if self.backend == "int4pack" and self.packed is not None:

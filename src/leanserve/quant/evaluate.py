@@ -49,6 +49,7 @@ def weight_memory(model: nn.Module) -> WeightMemory:
     lm_head = getattr(model, "packed_lm_head", None)  # a tied model's packed copy is memory too
     total = nbytes([*model.parameters(), *model.buffers()]) + sum(packed_bytes(m) for m in model.modules())
     total += nbytes([lm_head]) if isinstance(lm_head, torch.Tensor) else 0
+    total += nbytes(getattr(model, "int8_lm_head", None) or [])  # a quantized model's int8 head copy
     linear = fp16 = 0
     for module in model.modules():
         if hasattr(module, "load_shard"):  # our fused linears, float or int4
