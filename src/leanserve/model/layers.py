@@ -6,8 +6,9 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from leanserve.kernels.backend import get_layer_ops
 
 
 class RMSNorm(nn.Module):
@@ -16,8 +17,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``norm(x)``; with ``residual``: ``(norm(x + residual), x + residual)`` in one fused pass."""
+        return get_layer_ops(x.device).rms_norm(x, self.weight, self.eps, residual)
 
 
 class Linear(nn.Linear):
@@ -176,13 +180,6 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate ``query [T, H, D]`` and ``key [T, KVH, D]`` by their token positions ``[T]``."""
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
-        return _rotate(query, cos, sin), _rotate(key, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half].float(), x[..., half:].float()
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+        """Rotate ``query [T, H, D]`` and ``key [T, KVH, D]`` by their token positions ``[T]`` (on CUDA
+        in place: they are views of the QKV projection's output, used once)."""
+        return get_layer_ops(query.device).apply_rotary(query, key, positions, self.cos, self.sin)

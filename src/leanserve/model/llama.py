@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leanserve.kernels.backend import get_layer_ops
 from leanserve.model.attention import AttentionMetadata, AttentionOps, PagedAttention
 from leanserve.model.config import ModelConfig
 from leanserve.model.layers import (
@@ -105,8 +106,8 @@ class LlamaMLP(nn.Module):
         self.down_proj = linear(inter, [config.hidden_size], config.mlp_bias, f"{prefix}.down_proj")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        gate_up = self.gate_up_proj(x)
+        return self.down_proj(get_layer_ops(gate_up.device).silu_and_mul(gate_up))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -123,14 +124,20 @@ class LlamaDecoderLayer(nn.Module):
         self,
         positions: torch.Tensor,
         hidden: torch.Tensor,
+        residual: torch.Tensor | None,
         kv_cache: KVCache,
         meta: AttentionMetadata,
         rotary: RotaryEmbedding,
-    ) -> torch.Tensor:
-        hidden = hidden + self.self_attn(
-            positions, self.input_layernorm(hidden), kv_cache, meta, rotary
-        )
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the MLP output and the residual stream before it: the next layer's norm adds them
+        (one fused add + norm instead of a separate add; the first layer has no residual yet)."""
+        if residual is None:
+            residual, normed = hidden, self.input_layernorm(hidden)
+        else:
+            normed, residual = self.input_layernorm(hidden, residual)
+        attn = self.self_attn(positions, normed, kv_cache, meta, rotary)
+        normed, residual = self.post_attention_layernorm(attn, residual)
+        return self.mlp(normed), residual
 
 
 class LlamaModel(nn.Module):
@@ -171,9 +178,12 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Final hidden states ``[T, hidden]`` (normed) for the step's tokens."""
         hidden = self.model.embed_tokens(input_ids)
+        residual = None
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=False):
-            hidden = layer(positions, hidden, kv_cache, meta, self.rotary)
-        return self.model.norm(hidden)
+            hidden, residual = layer(positions, hidden, residual, kv_cache, meta, self.rotary)
+        if residual is None:
+            return self.model.norm(hidden)
+        return self.model.norm(hidden, residual)[0]
 
     def lm_head_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
