@@ -219,7 +219,7 @@ class LlamaForCausalLM(nn.Module):
 
         False (nothing added) off CPU, for a non-fp32 head, or a width torch's kernel cannot take. Call it
         before ``pack_for_cpu``, which drops an untied head's plain weight. The copy costs vocab x hidden
-        bytes (28 MiB for SmolLM2) beside the packed fp32 head, which larger calls still use.
+        bytes (27 MiB for SmolLM2) beside the packed fp32 head, which larger calls still use.
         """
         weight = self.lm_head_weight()
         if weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.dim() != 2:
