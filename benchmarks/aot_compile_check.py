@@ -10,6 +10,7 @@ with ``triton.compile`` (frontend, TTGIR for the target, LLVM, PTX, then the ``p
 triton), and the ptxas report gives registers and spills per kernel.
 
     python benchmarks/aot_compile_check.py [--arch 90] [--full] [--tests [PATH ...]] [--jobs N] [-v]
+                                           [--only NAME] [--dump DIR]
 
 Prints one line per distinct compile (``ok`` with registers, spill stores/loads and stack in bytes per
 thread, shared memory per program; or ``FAIL`` and the error). A launcher case that raises, or a kernel
@@ -479,6 +480,12 @@ def compile_one(index: int) -> Result:
     if m := _PTXAS_SPILL.search(out):
         res.stack, res.spill_stores, res.spill_loads = map(int, m.groups())
     res.shared = getattr(compiled.metadata, "shared", None)
+    if dump_dir := os.environ.get("AOT_DUMP_DIR"):
+        stem = os.path.join(dump_dir, f"{job.kernel}_{index:03d}")
+        for kind in ("ttgir", "ptx"):
+            with open(f"{stem}.{kind}", "w") as f:
+                f.write(f"// {summary} | {job.case}\n" if kind == "ttgir" else "")
+                f.write(str(compiled.asm.get(kind, "")))
     if "cubin" not in compiled.asm:
         res.ok, res.error = False, "no cubin produced"
     return res
@@ -516,6 +523,10 @@ def main() -> int:
     parser.add_argument("--sms", type=int, default=132, help="SM count the launchers see (H100 SXM / H200: 132)")
     parser.add_argument("--jobs", type=int, default=min(os.cpu_count() or 1, 16), help="parallel compiles")
     parser.add_argument("-v", "--verbose", action="store_true", help="list the launcher cases of each compile")
+    parser.add_argument("--only", default=None, metavar="NAME", help="compile only kernels whose name contains NAME")
+    parser.add_argument("--dump", default=None, metavar="DIR",
+                        help="write each compile's TTGIR and PTX to DIR (layouts, convert_layout/local_alloc "
+                             "round trips through shared memory, load widths: what decides a kernel's speed)")
     args = parser.parse_args()
     if args.tests is not None and not args.tests:
         args.tests = ["tests/kernels"]
@@ -571,6 +582,11 @@ def main() -> int:
           f"(capture {time.perf_counter() - t0:.1f}s); compiling with {args.jobs} processes...")
     sys.stdout.flush()
 
+    if args.only:
+        jobs = [j for j in jobs if args.only in j.kernel]
+    if args.dump:
+        os.makedirs(args.dump, exist_ok=True)
+        os.environ["AOT_DUMP_DIR"] = os.path.abspath(args.dump)  # read by compile_one in the workers
     global _JOBS
     _JOBS = jobs
     with tempfile.TemporaryDirectory(prefix="aot-triton-cache-") as cache_dir:
