@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -10,8 +12,29 @@ import torch
 TINY_VOCAB = 300
 
 
-def build_tiny_checkpoint(out_dir: Path, arch: str = "llama", seed: int = 0, **overrides) -> Path:
-    """Save a tiny random ``arch`` model (llama | qwen2 | mistral) and a word-level tokenizer."""
+# ChatML-ish, word-level: role and content are separate words so they tokenize to known ids.
+CHAT_SPECIAL = ["<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>", "system", "user", "assistant"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|> assistant{% endif %}"
+)
+
+
+def build_tiny_checkpoint(
+    out_dir: Path,
+    arch: str = "llama",
+    seed: int = 0,
+    *,
+    chat_tokens: bool = False,
+    adjust: Callable[[Any], None] | None = None,
+    **overrides: Any,
+) -> Path:
+    """Save a tiny random ``arch`` model (llama | qwen2 | mistral) and a word-level tokenizer.
+
+    The vocabulary is ``t0 .. t299`` (t0 BOS, t1 EOS); with ``chat_tokens`` its first words are
+    ``CHAT_SPECIAL`` instead (``<s>``, ``</s>``, ChatML markers, role names) with ``CHAT_TEMPLATE``.
+    ``adjust(model)`` may rewrite the random weights before saving; ``overrides`` go to the config.
+    """
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import (
         LlamaConfig,
@@ -45,17 +68,30 @@ def build_tiny_checkpoint(out_dir: Path, arch: str = "llama", seed: int = 0, **o
     kwargs.update(overrides)
     torch.manual_seed(seed)
     model = model_cls(config_cls(**kwargs)).eval()
+    if adjust is not None:
+        with torch.no_grad():
+            adjust(model)
     model.save_pretrained(out_dir)
-    vocab = {f"t{i}": i for i in range(TINY_VOCAB)}
-    vocab_tokens = Tokenizer(models.WordLevel(vocab, unk_token="t2"))
-    vocab_tokens.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=vocab_tokens, bos_token="t0", eos_token="t1", unk_token="t2", pad_token="t2"
-    )
-    tokenizer.chat_template = (
-        "{% for m in messages %}t3 {{ m['role'] }} {{ m['content'] }} t4 {% endfor %}"
-        "{% if add_generation_prompt %}t3 assistant {% endif %}"
-    )
+    vocab_size = kwargs["vocab_size"]
+    if chat_tokens:
+        words = CHAT_SPECIAL + [f"t{i}" for i in range(len(CHAT_SPECIAL), vocab_size)]
+        word_level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+        word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=word_level, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+            additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+        )
+        tokenizer.chat_template = CHAT_TEMPLATE
+    else:
+        word_level = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t2"))
+        word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=word_level, bos_token="t0", eos_token="t1", unk_token="t2", pad_token="t2"
+        )
+        tokenizer.chat_template = (
+            "{% for m in messages %}t3 {{ m['role'] }} {{ m['content'] }} t4 {% endfor %}"
+            "{% if add_generation_prompt %}t3 assistant {% endif %}"
+        )
     tokenizer.save_pretrained(out_dir)
     return out_dir
 

@@ -17,39 +17,14 @@ from leanserve.api.server import create_app, server_for
 from leanserve.engine.async_engine import AsyncEngine
 from leanserve.engine.config import EngineConfig
 from leanserve.settings import ServerSettings
+from tests.conftest import build_tiny_checkpoint
 
-VOCAB = 300
 MAX_MODEL_LEN = 128
-_SPECIAL = ["<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>", "system", "user", "assistant"]
-# ChatML-ish, word-level: role and content are separate words so they tokenize to known ids.
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|> assistant{% endif %}"
-)
 
 
 def build_tiny_model(folder: Path) -> Path:
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        tie_word_embeddings=False, bos_token_id=0, eos_token_id=1,
-    )
-    LlamaForCausalLM(config).eval().save_pretrained(folder)
-    words = _SPECIAL + [f"t{i}" for i in range(len(_SPECIAL), VOCAB)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(folder)
-    return folder
+    # Untied head, ChatML-ish word vocabulary (the chat tests tokenize roles and markers to known ids).
+    return build_tiny_checkpoint(folder, "llama", chat_tokens=True, tie_word_embeddings=False)
 
 
 def engine_config(model: Path, **overrides: Any) -> EngineConfig:

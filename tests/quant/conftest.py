@@ -7,36 +7,29 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import build_tiny_checkpoint
+
 VOCAB = 300
 
 
 def make_tiny_llama(out: Path, num_kv_heads: int = 4, seed: int = 0, logit_scale: float = 1.0) -> Path:
-    """Save a random 2-layer Llama (hidden 64, int4pack-friendly shapes) with a word-level tokenizer.
+    """A random 2-layer Llama (hidden 64, int4pack-friendly shapes), untied, with uneven norm weights.
 
     ``logit_scale`` multiplies lm_head so that greedy choices have clear margins (a random model's
     logits are otherwise nearly flat, and any rounding would flip near-ties).
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=num_kv_heads, max_position_embeddings=512,
-        tie_word_embeddings=False, eos_token_id=1, bos_token_id=0,
-    )
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
+    def adjust(model) -> None:
         model.lm_head.weight.mul_(logit_scale)
         # Uneven input channels, as real models have: what makes activation-aware scaling matter.
         for layer in model.model.layers:
             layer.input_layernorm.weight.copy_(torch.rand(64) * 3 + 0.1)
-    model.save_pretrained(out)
-    vocab = {f"t{i}": i for i in range(VOCAB)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="t2"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="t1", bos_token="t0", unk_token="t2").save_pretrained(out)
-    return out
+
+    # No pad token: a padding row of the embedding would be zeroed at init, and every row should be random.
+    return build_tiny_checkpoint(
+        out, "llama", seed, adjust=adjust, num_key_value_heads=num_kv_heads, tie_word_embeddings=False,
+        pad_token_id=None,
+    )
 
 
 def write_word_text(path: Path, words: int = 6000, seed: int = 0) -> Path:
