@@ -1,0 +1,64 @@
+"""Plot the GPU figures recorded in benchmarks/results/ (no GPU needed).
+
+    python benchmarks/plot_gpu.py [--results benchmarks/results] [--out benchmarks/results/gpu.png]
+
+Reads the JSON lines that ``decode_step.py`` and ``quant.py --gpu-only`` printed on the card
+(``h200_decode_step.json``, ``h200_awq.json``) and draws: the 1.1B decode step against its
+weight-read floor (fused and unfused layer ops under CUDA graphs, and the full runner step), and the
+AWQ INT4 GEMM against fp16 ``torch.matmul`` by batch rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--results", type=Path, default=HERE / "results")
+    p.add_argument("--out", type=Path, default=HERE / "results" / "gpu.png")
+    args = p.parse_args()
+    step = json.loads((args.results / "h200_decode_step.json").read_text())
+    awq = json.loads((args.results / "h200_awq.json").read_text())
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fused, unfused = step["fused"]["rows"], step["unfused"]["rows"]
+    batches = [r["batch"] for r in fused]
+    left.plot(batches, [r["floor_ms"] for r in fused], "k--", label="floor: weights + K/V at copy bandwidth")
+    left.plot(batches, [r["graph_ms"] for r in fused], "o-", label="CUDA graph, fused Triton layer ops")
+    left.plot(batches, [r["graph_ms"] for r in unfused], "s-", label="CUDA graph, unfused torch ops")
+    left.plot(batches, [r["step_ms"] for r in fused], "^-", label="runner step (graph + logits + sampling)")
+    left.plot(batches, [1.5 * r["floor_ms"] for r in fused], ":", color="grey", label="bar: 1.5x floor")
+    left.set_xscale("log", base=2)
+    left.set_xlabel("decode batch (sequences, 512-token contexts)")
+    left.set_ylabel("ms per step")
+    left.set_ylim(bottom=0)
+    left.set_title(f"1.1B Llama decode step, {step['device']}, bf16")
+    left.legend(fontsize=8)
+
+    ms = [1, 16, 64, 256]
+    x = range(len(ms))
+    width = 0.38
+    right.bar([i - width / 2 for i in x], [awq[f"gemm_us_awq_m{m}"] for m in ms], width, label="AWQ INT4 (Triton)")
+    right.bar([i + width / 2 for i in x], [awq[f"gemm_us_fp16_m{m}"] for m in ms], width, label="fp16 torch.matmul")
+    right.axhline(awq["gemm_us_fp16_m1"] / 2.5, color="grey", ls=":", label="bar at M=1: 2.5x faster than fp16")
+    right.set_xticks(list(x), [f"M={m}" for m in ms])
+    right.set_ylabel("us per call (in a CUDA graph, weights rotated out of L2)")
+    right.set_title(f"AWQ GEMM {awq['gemm_k']}x{awq['gemm_n']}, group 128")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=110)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
