@@ -146,11 +146,47 @@ def profile_eager_step(runner, seqs) -> tuple[int, list[tuple[str, float, int]]]
     return launches, rows[:15]
 
 
+def matmul_probe(device: torch.device, bandwidth: float) -> list[dict]:
+    """The 1.1B model's four projections at 1 and 8 rows, bf16: ``F.linear`` (what the model calls)
+    against ``torch.mv`` and a matmul with the weight stored transposed. Each time is one call's share
+    of a CUDA graph cycling through 8 weight copies (so the weights come from HBM, not L2)."""
+    import torch.nn.functional as F
+
+    shapes = {"qkv": (2560, 2048), "o": (2048, 2048), "gate_up": (11264, 2048), "down": (2048, 5632)}
+    rows = []
+    for name, (out_f, in_f) in shapes.items():
+        weights = [torch.randn(out_f, in_f, device=device, dtype=torch.bfloat16) * 0.02 for _ in range(8)]
+        transposed = [w.t().contiguous() for w in weights]
+        for m in (1, 8):
+            x = torch.randn(m, in_f, device=device, dtype=torch.bfloat16)
+            variants = {
+                "F.linear": [lambda w=w, x=x: F.linear(x, w) for w in weights],
+                "x @ W^T stored": [lambda w=w, x=x: x @ w for w in transposed],
+            }
+            if m == 1:
+                variants["torch.mv"] = [lambda w=w, x=x: torch.mv(w, x[0]) for w in weights]
+            for label, calls in variants.items():
+                for fn in calls:
+                    fn()
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    for fn in calls:
+                        fn()
+                us = 1000 * event_ms(graph.replay, 20) / len(calls)
+                gbps = out_f * in_f * 2 / us / 1e3
+                rows.append(dict(layer=name, m=m, variant=label, us=us, pct_of_copy=100 * gbps / bandwidth))
+                print(f"  {name:8s} {out_f}x{in_f} M={m} {label:15s} {us:7.1f} us  "
+                      f"{100 * gbps / bandwidth:5.1f}% of copy")
+    return rows
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--batches", default="1,8,32,64")
     p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--matmul-probe", action="store_true", help="only time the projections' matmul variants")
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("benchmarks/decode_step.py: no CUDA device, nothing to benchmark.")
@@ -161,6 +197,12 @@ def main() -> int:
     from leanserve.model.runner import ModelRunner, allocate_kv_cache
 
     device, dtype, block_size = torch.device("cuda"), torch.bfloat16, 16
+    if args.matmul_probe:
+        bandwidth = copy_gbps(device)
+        print(f"device {torch.cuda.get_device_name()}: copy {bandwidth:.0f} GB/s; projection matmuls, bf16")
+        print(json.dumps({"device": torch.cuda.get_device_name(), "copy_gbps": bandwidth,
+                          "matmul_probe": matmul_probe(device, bandwidth)}))
+        return 0
     batches = [int(b) for b in args.batches.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         config = tinyllama_config(Path(tmp))
