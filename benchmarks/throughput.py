@@ -7,6 +7,11 @@ lengths with EOS ignored) runs through three systems in one process, one after t
 2. transformers ``generate`` with static batches of 8 in submission order, left-padded; a batch runs
    until its longest member is done, and only each member's requested tokens count as useful output.
 3. transformers continuous batching (``ContinuousBatchingManager``), where the installed version has it.
+   On CPU it can only use sdpa or eager attention, which attend over the whole batch as one sequence under a
+   block-diagonal mask: a step costs (query tokens in the batch) x (cached tokens of every request in it), so
+   it slows down quadratically with the number of concurrent requests (see RESULTS.md, "Offline throughput").
+   The phase is therefore capped (``--hf-continuous-limit``): past the cap it is stopped, and its rate is the
+   tokens it had generated, finished requests or not, over the time it ran.
 
 It also reports the engine's overhead share: the part of step time that is not the model's forward pass
 (layers + LM head), i.e. scheduling, block bookkeeping, input layout, sampling and detokenizing.
@@ -16,6 +21,7 @@ the machine is shared and timings move with it.
 
 Usage: python benchmarks/throughput.py [--quick] [--num-requests N] [--seed S] [--model PATH] [--data FILE]
            [--threads N] [--kv-cache-memory X] [--skip-hf-static] [--skip-hf-continuous]
+           [--hf-continuous-limit SECONDS]
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "pride_and_prejudice.txt"
 HF_STATIC_BATCH = 8
+HF_CONTINUOUS_LIMIT_S = 600.0
 
 
 @dataclass
@@ -270,7 +277,11 @@ def run_hf_static(model_dir: Path, requests: Sequence[Request], batch_size: int 
 # ---- 3. transformers continuous batching --------------------------------------------------------
 @torch.inference_mode()
 def run_hf_continuous(
-    model_dir: Path, requests: Sequence[Request], max_num_seqs: int, max_num_batched_tokens: int
+    model_dir: Path,
+    requests: Sequence[Request],
+    max_num_seqs: int,
+    max_num_batched_tokens: int,
+    limit_s: float | None = HF_CONTINUOUS_LIMIT_S,
 ) -> Result:
     from transformers import ContinuousBatchingConfig, GenerationConfig
     from transformers.generation.continuous_batching.utils import WorkloadHints
@@ -294,11 +305,16 @@ def run_hf_continuous(
         num_requests=len(requests),
     )
 
-    def serve(manager: Any, batch: Sequence[Request], bar: tqdm | None) -> dict[str, int]:
+    def serve(
+        manager: Any, batch: Sequence[Request], bar: tqdm | None, deadline: float | None = None
+    ) -> tuple[dict[str, int], bool]:
+        """Returns the tokens each finished request got, and whether the deadline cut the run short."""
         for r in batch:
             manager.add_request(r.prompt_ids, request_id=r.request_id, max_new_tokens=r.output_len, eos_token_id=-1)
         produced: dict[str, int] = {}
         while len(produced) < len(batch):
+            if deadline is not None and time.perf_counter() > deadline:
+                return produced, True
             result = manager.get_result(timeout=1)
             if result is None:
                 if not manager.is_running():
@@ -309,8 +325,19 @@ def run_hf_continuous(
             if result.is_finished():
                 produced[result.request_id] = len(result.generated_tokens)
                 if bar is not None:
-                    bar.update(produced[result.request_id])
-        return produced
+                    bar.update(1)
+        return produced, False
+
+    def stop_and_count(manager: Any, produced: dict[str, int]) -> int:
+        """Hard-stops the manager and adds the tokens of the requests it had not finished (it fails and returns
+        them, generated tokens included) to those of the finished ones. The context manager's own stop on exit then
+        only logs that the manager is not started."""
+        manager.stop(block=True, hard_stop=True)
+        unfinished = 0
+        while (result := manager.get_result(timeout=0)) is not None:
+            if result.request_id not in produced:
+                unfinished += len(result.generated_tokens)
+        return sum(produced.values()) + unfinished
 
     with model.continuous_batching_context_manager(
         generation_config=gen_config, continuous_batching_config=cb_config, workload_hints=hints
@@ -319,17 +346,27 @@ def run_hf_continuous(
         serve(manager, warm, None)  # off the clock, like the other two
         load_before = load1()
         start = time.perf_counter()
-        with tqdm(total=sum(r.output_len for r in requests), desc="hf continuous", unit="tok", file=sys.stderr) as bar:
-            produced = serve(manager, requests, bar)
+        deadline = start + limit_s if limit_s else None
+        # Counted in finished requests: results only come back when a request is done, so a token count would
+        # stand still for minutes while the first prompts are prefilled, and read as a far lower rate than the real one.
+        with tqdm(total=len(requests), desc="hf continuous (finished)", unit="req", file=sys.stderr) as bar:
+            produced, cut = serve(manager, requests, bar, deadline)
+        if cut:
+            output_tokens = stop_and_count(manager, produced)
         wall = time.perf_counter() - start
     expected = {r.request_id: r.output_len for r in requests}
-    if produced != expected:
-        wrong = {k: (produced.get(k), v) for k, v in expected.items() if produced.get(k) != v}
-        raise RuntimeError(f"continuous batching produced wrong lengths (got, wanted): {list(wrong.items())[:5]}")
-    extra = {
+    if not cut:
+        output_tokens = sum(produced.values())
+        if produced != expected:
+            wrong = {k: (produced.get(k), v) for k, v in expected.items() if produced.get(k) != v}
+            raise RuntimeError(f"continuous batching produced wrong lengths (got, wanted): {list(wrong.items())[:5]}")
+    extra: dict[str, Any] = {
         k: getattr(cb_config, k) for k in ("max_requests_per_batch", "max_batch_tokens", "num_blocks", "page_size")
     }
-    return Result("hf continuous batching", len(requests), sum(produced.values()), wall, load_before, load1(), extra)
+    extra["stopped_at_limit_s"] = limit_s if cut else None
+    extra["finished_requests"] = len(produced)
+    name = f"hf continuous (cut at {limit_s:.0f}s)" if cut else "hf continuous batching"
+    return Result(name, len(requests), output_tokens, wall, load_before, load1(), extra)
 
 
 # ---- report -------------------------------------------------------------------------------------
@@ -368,6 +405,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--skip-hf-static", action="store_true")
     p.add_argument("--skip-hf-continuous", action="store_true")
+    p.add_argument(
+        "--hf-continuous-limit",
+        type=float,
+        default=HF_CONTINUOUS_LIMIT_S,
+        metavar="SECONDS",
+        help="stop HF continuous batching after this long and rate the tokens it generated by then (0: no limit); "
+        "its CPU attention slows quadratically with the concurrent requests, so the full workload takes ~25 min",
+    )
     return p.parse_args(argv)
 
 
@@ -399,7 +444,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not args.skip_hf_continuous:
         try:
             continuous = run_hf_continuous(
-                model_dir, requests, engine.extra["max_num_seqs"], engine.extra["max_num_batched_tokens"]
+                model_dir,
+                requests,
+                engine.extra["max_num_seqs"],
+                engine.extra["max_num_batched_tokens"],
+                args.hf_continuous_limit or None,
             )
             results.append(continuous)
         except Exception as e:  # noqa: BLE001 - absent in this transformers, or fails here: say why, keep the rest
@@ -415,16 +464,27 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"({e['model_forward_seconds']:.1f} s forward of {e['step_seconds']:.1f} s in {e['steps']} steps; "
         f"{e['overhead_share_outside_runner']:.1%} outside runner.execute)"
     )
+    if continuous is not None and continuous.extra["stopped_at_limit_s"]:
+        cut_at = continuous.extra["stopped_at_limit_s"]
+        print(
+            f"hf continuous batching was stopped at --hf-continuous-limit {cut_at:.0f} s "
+            f"with {continuous.extra['finished_requests']}/{continuous.requests} requests finished; its rate counts "
+            "every token generated by then, so its ratio compares the engine's whole run with HF's first part"
+        )
     summary: dict[str, Any] = {
         "engine_tok_s": round(engine.tok_s, 2),
         "hf_static_tok_s": round(static.tok_s, 2) if static else None,
         "hf_continuous_tok_s": round(continuous.tok_s, 2) if continuous else None,
         "ratio_vs_hf_static": round(engine.tok_s / static.tok_s, 3) if static else None,
-        "ratio_vs_hf_continuous": round(engine.tok_s / continuous.tok_s, 3) if continuous else None,
+        "ratio_vs_hf_continuous": round(engine.tok_s / continuous.tok_s, 3)
+        if continuous and continuous.tok_s
+        else None,
         "engine_overhead_share": round(e["overhead_share"], 4),
         "engine_overhead_share_outside_runner": round(e["overhead_share_outside_runner"], 4),
         "engine_overhead_share_of_wall": round(e["overhead_share_of_wall"], 4),
         "hf_continuous_error": continuous_error,
+        # Set when HF continuous batching hit --hf-continuous-limit: its rate then covers that many seconds only.
+        "hf_continuous_cut_at_s": continuous.extra["stopped_at_limit_s"] if continuous else None,
         "workload": workload.describe(),
         "output_tokens": engine.output_tokens,
         "model": str(model_dir),
