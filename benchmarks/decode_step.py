@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from gpu_timing import copy_gbps, event_ms, graph_us, wall_ms
 
 
 def tinyllama_config(model_dir: Path):
@@ -47,13 +47,13 @@ def tinyllama_config(model_dir: Path):
     return ModelConfig.from_pretrained(model_dir)
 
 
-def build_model(config, device: torch.device, dtype: torch.dtype):
-    from leanserve.model.attention import attention_ops_for
+def build_model(config, device: torch.device, dtype: torch.dtype, ops):
+    """Random weights from a fixed seed: every call builds the same model, with the given kernel ops."""
     from leanserve.model.layers import default_linear_factory
     from leanserve.model.llama import LlamaForCausalLM
 
     with torch.device("meta"):
-        model = LlamaForCausalLM(config, default_linear_factory(dtype), attention_ops_for(device))
+        model = LlamaForCausalLM(config, default_linear_factory(dtype), ops)
     model = model.to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
@@ -64,40 +64,6 @@ def build_model(config, device: torch.device, dtype: torch.dtype):
                 param.data = (torch.randn(param.shape, generator=gen, device=device) * 0.02).to(dtype)
     model.reset_buffers(device)
     return model.eval().requires_grad_(False)
-
-
-def copy_gbps(device: torch.device) -> float:
-    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    return 2 * src.numel() / event_ms(lambda: dst.copy_(src), 20) / 1e6
-
-
-def event_ms(fn, iters: int) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def wall_ms(fn, iters: int) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(1000 * (time.perf_counter() - start))
-    return statistics.median(times)
 
 
 def decode_batch(batch: int, context: int, block_size: int, vocab: int):
@@ -166,14 +132,7 @@ def matmul_probe(device: torch.device, bandwidth: float) -> list[dict]:
             if m == 1:
                 variants["torch.mv"] = [lambda w=w, x=x: torch.mv(w, x[0]) for w in weights]
             for label, calls in variants.items():
-                for fn in calls:
-                    fn()
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    for fn in calls:
-                        fn()
-                us = 1000 * event_ms(graph.replay, 20) / len(calls)
+                us = graph_us(calls)
                 gbps = out_f * in_f * 2 / us / 1e3
                 rows.append(dict(layer=name, m=m, variant=label, us=us, pct_of_copy=100 * gbps / bandwidth))
                 print(f"  {name:8s} {out_f}x{in_f} M={m} {label:15s} {us:7.1f} us  "
@@ -198,7 +157,7 @@ def main() -> int:
 
     device, dtype, block_size = torch.device("cuda"), torch.bfloat16, 16
     if args.matmul_probe:
-        bandwidth = copy_gbps(device)
+        bandwidth = copy_gbps()
         print(f"device {torch.cuda.get_device_name()}: copy {bandwidth:.0f} GB/s; projection matmuls, bf16")
         print(json.dumps({"device": torch.cuda.get_device_name(), "copy_gbps": bandwidth,
                           "matmul_probe": matmul_probe(device, bandwidth)}))
@@ -206,23 +165,27 @@ def main() -> int:
     batches = [int(b) for b in args.batches.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         config = tinyllama_config(Path(tmp))
-    model = build_model(config, device, dtype)
-    weight_bytes = sum(t.numel() * t.element_size() for name, t in model.named_parameters() if "embed" not in name)
+    fused_ops = backend.get_model_ops(device)
+    variants = {  # fused: our Triton RMSNorm+residual / rotary / SiLU-and-mul; unfused: the torch ops
+        "fused": fused_ops,
+        "unfused": backend.ModelOps(fused_ops.attention, backend.reference_layer_ops()),
+    }
     blocks = max(batches) * -(-args.context // block_size)
     kv = allocate_kv_cache(config, blocks, block_size, dtype, device)
     for k_cache, v_cache in kv:  # real numbers, not zeros, in every slot attention reads
         k_cache.normal_()
         v_cache.normal_()
-    runner = ModelRunner(model, kv, block_size, device)
-    bandwidth = copy_gbps(device)
+    bandwidth = copy_gbps()
     kv_bytes_per_token = config.kv_bytes_per_token(dtype.itemsize)
     name = torch.cuda.get_device_name()
-    print(f"device {name}: copy {bandwidth:.0f} GB/s; {weight_bytes / 1e9:.2f} GB of bf16 weights read per step; "
-          f"context {args.context}")
     results = {}
-    for variant in ("fused", "unfused"):
-        # fused: our Triton RMSNorm+residual / rotary / SiLU-and-mul kernels; unfused: the torch ops.
-        backend.override_layer_ops(device, None if variant == "fused" else backend.reference_layer_ops())
+    for variant, ops in variants.items():
+        model = build_model(config, device, dtype, ops)
+        weight_bytes = sum(t.numel() * t.element_size() for n, t in model.named_parameters() if "embed" not in n)
+        if variant == "fused":
+            print(f"device {name}: copy {bandwidth:.0f} GB/s; {weight_bytes / 1e9:.2f} GB of bf16 weights read per "
+                  f"step; context {args.context}")
+        runner = ModelRunner(model, kv, block_size, device)
         start = time.perf_counter()
         runner.capture_decode_graphs(max_model_len=config.max_position_embeddings, max_batch=max(batches))
         capture_s = time.perf_counter() - start
@@ -242,7 +205,7 @@ def main() -> int:
             runner.execute(seqs)  # fills the static buffers for this batch
             eager = wall_ms(lambda size=size, g=graphs: g._forward(size), max(10, args.iters // 5))
             replay = event_ms(graphs.graphs[size].replay, args.iters)
-            step = wall_ms(lambda seqs=seqs: runner.execute(seqs), args.iters)
+            step = wall_ms(lambda seqs=seqs, r=runner: r.execute(seqs), args.iters)
             with_graph = [r.token_id for r in runner.execute(seqs)]
             runner.decode_graphs = None
             eager_tokens = [r.token_id for r in runner.execute(seqs)]
@@ -257,7 +220,8 @@ def main() -> int:
         for key, us, count in top:
             print(f"  {us:9.1f} {count:5d}  {key}")
         results[variant] = dict(capture_s=capture_s, kernels_per_step=launches, rows=rows)
-    backend.override_layer_ops(device, None)
+        del runner, graphs, model
+        torch.cuda.empty_cache()
     print(json.dumps({"device": name, "copy_gbps": bandwidth, "weight_bytes": weight_bytes, "context": args.context,
                       **results}))
     return 0

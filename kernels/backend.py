@@ -1,7 +1,9 @@
-"""Picks the attention ops for a device: Triton kernels where they can run, torch references otherwise.
+"""Picks the kernel ops for a device: Triton kernels where they can run, torch references otherwise.
 
-Importing this module never imports triton (the CPU server imports the kernels package without it);
-the Triton modules are imported only when ``get_attention_ops`` selects them.
+``get_model_ops`` is what a model calls once, at construction: Triton on CUDA, the references on any
+other device. ``get_attention_ops`` also hands out the Triton attention ops on CPU under
+``TRITON_INTERPRET=1``, for the kernel tests. Importing this module never imports triton (the CPU
+server imports the kernels package without it); the Triton modules are imported only when selected.
 """
 
 from __future__ import annotations
@@ -47,6 +49,10 @@ def get_attention_ops(device: torch.device | str) -> AttentionOps:
         from .paged_attention import paged_decode_attention, paged_prefill_attention
 
         return AttentionOps(write_kv_cache, paged_decode_attention, paged_prefill_attention, "triton")
+    return reference_attention_ops()
+
+
+def reference_attention_ops() -> AttentionOps:
     return AttentionOps(
         reference.write_kv_cache,
         reference.paged_decode_attention,
@@ -63,31 +69,24 @@ class LayerOps:
     name: str
 
 
-_layer_ops: dict[str, LayerOps] = {}
-
-
-def get_layer_ops(device: torch.device | str) -> LayerOps:
-    """Fused RMSNorm / rotary / SiLU-and-multiply: Triton on CUDA, torch references elsewhere (memoised per device type:
-    the model asks for them on every layer call)."""
-    kind = torch.device(device).type
-    if kind not in _layer_ops:
-        if kind == "cuda" and triton_available():
-            from .fused_layers import apply_rotary, rms_norm, silu_and_mul
-
-            _layer_ops[kind] = LayerOps(rms_norm, apply_rotary, silu_and_mul, "triton")
-        else:
-            _layer_ops[kind] = reference_layer_ops()
-    return _layer_ops[kind]
-
-
 def reference_layer_ops() -> LayerOps:
     return LayerOps(reference.rms_norm, reference.apply_rotary, reference.silu_and_mul, "reference")
 
 
-def override_layer_ops(device: torch.device | str, ops: LayerOps | None) -> None:
-    """Pin the layer ops for a device type (None: back to the default choice). For benchmarks that
-    compare the fused kernels with the unfused torch ops in one process."""
-    kind = torch.device(device).type
-    _layer_ops.pop(kind, None)
-    if ops is not None:
-        _layer_ops[kind] = ops
+@dataclass(frozen=True)
+class ModelOps:
+    """Every kernel a decoder calls: attention and the per-layer fused ops."""
+
+    attention: AttentionOps
+    layers: LayerOps
+
+
+def get_model_ops(device: torch.device | str) -> ModelOps:
+    """Triton kernels for a model on CUDA; the torch references on any other device (the interpreter is
+    for the kernel tests, never for a model)."""
+    device = torch.device(device)
+    if device.type == "cuda" and triton_available():
+        from .fused_layers import apply_rotary, rms_norm, silu_and_mul
+
+        return ModelOps(get_attention_ops(device), LayerOps(rms_norm, apply_rotary, silu_and_mul, "triton"))
+    return ModelOps(reference_attention_ops(), reference_layer_ops())

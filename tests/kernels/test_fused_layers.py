@@ -7,8 +7,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from leanserve.kernels import reference  # noqa: E402
-from leanserve.kernels.backend import get_layer_ops  # noqa: E402
+from leanserve.kernels import backend, reference  # noqa: E402
 from leanserve.kernels.fused_layers import apply_rotary, rms_norm, silu_and_mul  # noqa: E402
 
 from tests.kernels.kernel_cases import DEVICE, TOLERANCES, generator, randn  # noqa: E402
@@ -85,10 +84,14 @@ def test_rotary_rejects_positions_past_the_table() -> None:
         apply_rotary(q, k, torch.tensor([3, 16], device=DEVICE), cos, sin)
 
 
-def test_layer_ops_by_device() -> None:
-    assert get_layer_ops("cpu").name == "reference"
-    if torch.cuda.is_available():
-        assert get_layer_ops("cuda").name == "triton"
+def test_model_ops_by_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A model on CPU runs the references even while the interpreter is on for these tests.
+    cpu = backend.get_model_ops("cpu")
+    assert (cpu.attention.name, cpu.layers.name) == ("reference", "reference")
+    monkeypatch.setattr(backend, "triton_available", lambda: True)
+    cuda = backend.get_model_ops("cuda")
+    assert (cuda.attention.name, cuda.layers.name) == ("triton", "triton")
+    assert cuda.layers.rms_norm is rms_norm and cuda.layers.apply_rotary is apply_rotary
 
 
 @pytest.mark.parametrize("rows,cols", [(1, 64), (5, 1536), (3, 100)])  # 1536: two column blocks

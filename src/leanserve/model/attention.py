@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from leanserve.kernels import reference
+from leanserve.kernels.backend import AttentionOps
 
 
 @dataclass
@@ -44,28 +44,6 @@ class AttentionMetadata:
     # CPU decode path: the decodes, sorted by context length, in groups of similar length (padding
     # every decode to the longest context in the batch wasted most of the attention work).
     decode_groups: list[DecodeGroup] | None = None
-
-
-@dataclass(frozen=True)
-class AttentionOps:
-    write_kv_cache: object
-    paged_decode_attention: object
-    paged_prefill_attention: object
-
-
-def attention_ops_for(device: torch.device) -> AttentionOps:
-    """Triton kernels on CUDA when they are importable; the torch references otherwise."""
-    if device.type == "cuda":
-        try:
-            from leanserve.kernels import backend
-
-            ops = backend.get_attention_ops(device)
-            return AttentionOps(ops.write_kv_cache, ops.paged_decode_attention, ops.paged_prefill_attention)
-        except ImportError:
-            pass
-    return AttentionOps(
-        reference.write_kv_cache, reference.paged_decode_attention, reference.paged_prefill_attention
-    )
 
 
 class PagedAttention:

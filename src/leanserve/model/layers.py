@@ -8,20 +8,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from leanserve.kernels.backend import get_layer_ops
+from leanserve.kernels.backend import LayerOps, reference_layer_ops
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float) -> None:
+    def __init__(self, hidden_size: int, eps: float, ops: LayerOps | None = None) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+        self.ops = ops or reference_layer_ops()  # chosen once by device (backend.get_model_ops)
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``norm(x)``; with ``residual``: ``(norm(x + residual), x + residual)`` in one fused pass."""
-        return get_layer_ops(x.device).rms_norm(x, self.weight, self.eps, residual)
+        return self.ops.rms_norm(x, self.weight, self.eps, residual)
 
 
 class Linear(nn.Linear):
@@ -161,8 +162,10 @@ class RotaryEmbedding(nn.Module):
         max_position: int,
         base: float,
         scaling: dict[str, Any] | None = None,
+        ops: LayerOps | None = None,
     ) -> None:
         super().__init__()
+        self.ops = ops or reference_layer_ops()  # chosen once by device (backend.get_model_ops)
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
         kind = None if scaling is None else scaling.get("rope_type", scaling.get("type"))
         if kind == "linear":
@@ -182,4 +185,4 @@ class RotaryEmbedding(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate ``query [T, H, D]`` and ``key [T, KVH, D]`` by their token positions ``[T]`` (on CUDA
         in place: they are views of the QKV projection's output, used once)."""
-        return get_layer_ops(query.device).apply_rotary(query, key, positions, self.cos, self.sin)
+        return self.ops.apply_rotary(query, key, positions, self.cos, self.sin)

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leanserve.kernels.backend import get_layer_ops
-from leanserve.model.attention import AttentionMetadata, AttentionOps, PagedAttention
+from leanserve.kernels.backend import LayerOps, ModelOps
+from leanserve.model.attention import AttentionMetadata, PagedAttention
 from leanserve.model.config import ModelConfig
 from leanserve.model.layers import (
     LinearFactory,
@@ -63,7 +63,7 @@ _STACKED = {
 
 class LlamaAttention(nn.Module):
     def __init__(
-        self, config: ModelConfig, linear: LinearFactory, ops: AttentionOps, prefix: str
+        self, config: ModelConfig, linear: LinearFactory, ops: ModelOps, prefix: str
     ) -> None:
         super().__init__()
         h, kvh, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
@@ -73,7 +73,7 @@ class LlamaAttention(nn.Module):
             config.hidden_size, [h * d, kvh * d, kvh * d], config.attention_bias, f"{prefix}.qkv_proj"
         )
         self.o_proj = linear(h * d, [config.hidden_size], False, f"{prefix}.o_proj")
-        self.attn = PagedAttention(h, kvh, d, ops)
+        self.attn = PagedAttention(h, kvh, d, ops.attention)
 
     def forward(
         self,
@@ -94,8 +94,9 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig, linear: LinearFactory, prefix: str) -> None:
+    def __init__(self, config: ModelConfig, linear: LinearFactory, ops: LayerOps, prefix: str) -> None:
         super().__init__()
+        self.ops = ops
         if config.hidden_act != "silu":
             raise NotImplementedError(f"activation {config.hidden_act!r} (only silu is supported)")
         inter = config.intermediate_size
@@ -107,18 +108,18 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        return self.down_proj(get_layer_ops(gate_up.device).silu_and_mul(gate_up))
+        return self.down_proj(self.ops.silu_and_mul(gate_up))
 
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(
-        self, config: ModelConfig, linear: LinearFactory, ops: AttentionOps, prefix: str
+        self, config: ModelConfig, linear: LinearFactory, ops: ModelOps, prefix: str
     ) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(config, linear, ops, f"{prefix}.self_attn")
-        self.mlp = LlamaMLP(config, linear, f"{prefix}.mlp")
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = LlamaMLP(config, linear, ops.layers, f"{prefix}.mlp")
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops.layers)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops.layers)
 
     def forward(
         self,
@@ -141,20 +142,22 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, linear: LinearFactory, ops: AttentionOps) -> None:
+    def __init__(self, config: ModelConfig, linear: LinearFactory, ops: ModelOps) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, linear, ops, f"model.layers.{i}")
             for i in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops.layers)
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config: ModelConfig, linear: LinearFactory, ops: AttentionOps) -> None:
+    def __init__(self, config: ModelConfig, linear: LinearFactory, ops: ModelOps) -> None:
+        """``ops``: the kernels for the device the model will run on (``backend.get_model_ops``)."""
         super().__init__()
         self.config = config
+        self.layer_ops = ops.layers
         self.model = LlamaModel(config, linear, ops)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -163,7 +166,9 @@ class LlamaForCausalLM(nn.Module):
     def _make_rotary(self) -> RotaryEmbedding:
         c = self.config
         with torch.device("cpu"):
-            return RotaryEmbedding(c.head_dim, c.max_position_embeddings, c.rope_theta, c.rope_scaling)
+            return RotaryEmbedding(
+                c.head_dim, c.max_position_embeddings, c.rope_theta, c.rope_scaling, self.layer_ops
+            )
 
     def reset_buffers(self, device: torch.device) -> None:
         """Rebuild the rotary tables after the model was materialised from the meta device."""

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from leanserve.model.attention import attention_ops_for
+from leanserve.kernels.backend import get_model_ops
 from leanserve.model.config import ModelConfig
 from leanserve.model.layers import LinearFactory, default_linear_factory
 from leanserve.model.llama import LlamaForCausalLM
@@ -70,7 +70,7 @@ def load_model(
     linear = linear_factory_for(config, dtype, device)
     # Build on the meta device so no time goes into random init of weights we overwrite anyway.
     with torch.device("meta"):
-        model = LlamaForCausalLM(config, linear, attention_ops_for(device))
+        model = LlamaForCausalLM(config, linear, get_model_ops(device))
     model = model.to_empty(device=device)
     for param in model.parameters():
         if param.is_floating_point():
