@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+from gpu_timing import copy_gbps as measure_copy_gbps
+from gpu_timing import event_ms
 
 BLOCK_SIZE = 16
 DTYPE = torch.bfloat16
@@ -38,29 +38,6 @@ class Result:
     pct_of_copy: float
     tflops: float
     max_abs_err: float
-
-
-def cuda_time_ms(fn: Callable[[], object], warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    pairs = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        pairs.append((start, end))
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in pairs)
-
-
-def copy_bandwidth_gbps(warmup: int, iters: int) -> float:
-    """Device-to-device copy of 1 GiB: bytes read plus bytes written per second."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device=DEVICE)
-    dst = torch.empty_like(src)
-    ms = cuda_time_ms(lambda: dst.copy_(src), warmup, iters)
-    return 2 * src.numel() / ms / 1e6
 
 
 def paged_cache(num_seqs: int, context_len: int, kv_heads: int, head_dim: int, gen: torch.Generator):
@@ -104,8 +81,8 @@ def bench_decode(ops, num_seqs, context_len, heads, kv_heads, head_dim, warmup, 
         return out[:, :, 0]
 
     err = (triton_fn().float() - baseline_fn().float()).abs().max().item()
-    t_ms = cuda_time_ms(triton_fn, warmup, iters)
-    b_ms = cuda_time_ms(baseline_fn, warmup, iters)
+    t_ms = event_ms(triton_fn, iters, warmup)
+    b_ms = event_ms(baseline_fn, iters, warmup)
     kv_bytes = 2 * num_seqs * context_len * kv_heads * head_dim * DTYPE.itemsize
     io_bytes = 2 * query.numel() * DTYPE.itemsize + tables.numel() * 4
     flops = 4 * num_seqs * heads * context_len * head_dim
@@ -140,8 +117,8 @@ def bench_prefill(ops, num_seqs, chunk, prefix, heads, kv_heads, head_dim, warmu
         return out.transpose(1, 2).reshape_as(query)
 
     err = (triton_fn().float() - baseline_fn().float()).abs().max().item()
-    t_ms = cuda_time_ms(triton_fn, warmup, iters)
-    b_ms = cuda_time_ms(baseline_fn, warmup, iters)
+    t_ms = event_ms(triton_fn, iters, warmup)
+    b_ms = event_ms(baseline_fn, iters, warmup)
     kv_bytes = 2 * num_seqs * context_len * kv_heads * head_dim * DTYPE.itemsize
     io_bytes = 2 * query.numel() * DTYPE.itemsize
     # Causal: each query sees prefix + its index + 1 keys; QK and PV are 2 flops per MAC each.
@@ -168,8 +145,8 @@ def bench_write(ops, num_tokens, kv_heads, head_dim, warmup, iters, copy_gbps):
     def baseline_fn():
         reference.write_kv_cache(key, value, k_cache, v_cache, slots)
 
-    t_ms = cuda_time_ms(triton_fn, warmup, iters)
-    b_ms = cuda_time_ms(baseline_fn, warmup, iters)
+    t_ms = event_ms(triton_fn, iters, warmup)
+    b_ms = event_ms(baseline_fn, iters, warmup)
     moved = 2 * 2 * key.numel() * DTYPE.itemsize + slots.numel() * 8  # read K,V + write K,V
     config = f"{num_tokens} tokens KV{kv_heads} D{head_dim}"
     return _result("write_kv", config, t_ms, b_ms, moved, 0, copy_gbps, 0.0)
@@ -212,7 +189,7 @@ def main() -> int:
         return 0
     ops = backend.get_attention_ops(torch.device("cuda"))
     w, n = args.warmup, args.iters
-    copy_gbps = copy_bandwidth_gbps(w, n)
+    copy_gbps = measure_copy_gbps(n)
     results = [
         bench_decode(ops, 64, 4096, 32, 8, 128, w, n, copy_gbps),
         bench_decode(ops, 64, 4096, 32, 8, 128, w, n, copy_gbps, parts=1),

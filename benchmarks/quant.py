@@ -27,6 +27,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from gpu_timing import graph_us
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
@@ -114,31 +115,6 @@ def lm_head_ms(model_dir: Path) -> float:
     for _ in range(50):
         model.compute_logits(h)
     return 1000 * (time.perf_counter() - start) / 50
-
-
-def graph_us(calls: list, replays: int = 20) -> float:
-    """Median time per call (us) of ``calls`` launched back to back inside one CUDA graph.
-
-    The graph removes launch gaps (serving replays decode graphs too), and cycling through several
-    weight copies keeps the weights out of L2 (an int4 4096x11008 layer is 23 MB; the L2 holds 50-60).
-    """
-    for fn in calls:  # warm-up: compiles, cuBLAS handles
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for fn in calls:
-            fn()
-    graph.replay()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(1000 * start.elapsed_time(end) / len(calls))
-    return sorted(times)[len(times) // 2]
 
 
 def sweep_launch_configs(layers: list, k: int, group: int, ms: list[int]) -> dict[str, float | str]:
