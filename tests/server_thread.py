@@ -1,10 +1,12 @@
-"""A real uvicorn server for tests: an ASGI app on 127.0.0.1, a port the OS picked, its own thread."""
+"""Real servers for tests: an ASGI app served by uvicorn on 127.0.0.1 in its own thread, a free port,
+and a poll-until-true helper."""
 
 from __future__ import annotations
 
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import uvicorn
@@ -34,3 +36,17 @@ class ServerThread:
         self.server.should_exit = True
         self.thread.join(timeout=10)
         self.sock.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.02)

@@ -4,10 +4,8 @@ over it on 127.0.0.1. A module of its own, as every tests/ folder has a conftest
 from __future__ import annotations
 
 import signal
-import socket
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ from leanserve.engine.async_engine import AsyncEngine
 from leanserve.engine.config import EngineConfig
 from leanserve.settings import ServerSettings
 from tests.conftest import build_tiny_checkpoint
+from tests.server_thread import free_port, wait_for  # noqa: F401 - re-exported for the tests here
 
 MAX_MODEL_LEN = 128
 
@@ -34,12 +33,6 @@ def engine_config(model: Path, **overrides: Any) -> EngineConfig:
     )
     kw.update(overrides)
     return EngineConfig(**kw)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerThread:
@@ -80,11 +73,3 @@ class ServerThread:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.02)

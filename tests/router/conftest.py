@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -42,11 +41,3 @@ def router_server() -> Iterator[Callable[..., ServerThread]]:
     yield start
     for s in servers:
         s.stop()
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.02)

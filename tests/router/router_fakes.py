@@ -4,20 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from tests.server_thread import ServerThread  # noqa: F401 - re-exported for the tests here
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.server_thread import ServerThread, free_port  # noqa: F401 - re-exported for the tests here
 
 
 @dataclass

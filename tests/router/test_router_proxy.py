@@ -9,8 +9,8 @@ import httpx
 import pytest
 
 from leanserve.router.proxy import RouterConfig
-from tests.router.conftest import wait_for
 from tests.router.router_fakes import FakeReplica, ServerThread, free_port
+from tests.server_thread import wait_for
 
 COMPLETION = {"model": "fake", "prompt": "hello", "max_tokens": 4}
 
