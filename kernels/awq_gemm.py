@@ -41,8 +41,8 @@ def _nibbles_to_float(words, shifts):
     """The nibbles of ``words`` as exact fp32 values 0..15, without int-to-float conversions.
 
     ``0x4B000000 | q`` is the bit pattern of the float ``2**23 + q``; one subtraction leaves ``q``.
-    The conversion instruction runs at a quarter of the FMA rate and, at one per weight, bound the
-    first version of this kernel; this is a logic op and an add.
+    Int-to-float conversions issue at a fraction of the FMA rate, one per weight; this is a logic op
+    and an add. Its effect was only measured together with deeper K splits (benchmarks/RESULTS.md).
     """
     bits = ((words >> shifts) & 0xF) | 0x4B000000
     return bits.to(tl.float32, bitcast=True) - 8388608.0
@@ -108,7 +108,7 @@ def _awq_gemm_kernel(
     n8 = N // 8
     cols, shifts = _nibble_columns(offs_c)
     cols = tl.reshape(cols, [BLOCK_N])
-    n_mask = tl.reshape(c_mask[:, None] & (shifts[None, :] >= 0), [BLOCK_N])
+    n_mask = tl.reshape(tl.broadcast_to(c_mask[:, None], (BLOCK_C, 8)), [BLOCK_N])
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):  # K % BLOCK_K == 0: no K mask
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -199,8 +199,8 @@ def _gemv(
     groups = k // group_size
     if splits is None:
         # Each program is latency-bound: split K (down to one group per slice) until about 32
-        # programs per SM are in flight (H200, 4096x11008 at M=1, block_c 16: K in 1 slice 74 us,
-        # 4 slices 30, 32 slices 23).
+        # programs per SM are in flight (H200, 4096x11008 at M=1, block_c 16, block_k 32: K in 4
+        # slices 35.6 us, 8: 26.2, 16: 24.6, 32: 23.3).
         programs = triton.cdiv(n // 8, block_c) * m
         splits = triton.cdiv(32 * num_sms(x.device), programs)
     k_per_split = triton.cdiv(groups, max(1, min(splits, groups))) * group_size
