@@ -127,19 +127,20 @@ class DecodeGraphs:
         """Final hidden states ``[n, hidden]`` of the step's ``n`` decodes (valid until the next run)."""
         n = len(inputs.token_ids)
         size = self.bucket_for(n)
+        pad = size - n
         width = max(len(t) for t in inputs.block_tables)
-        host = torch.tensor([inputs.token_ids, inputs.positions, inputs.slots], dtype=torch.int64)
+        # Padding rows ride along in the same copies: token 0 at position 0, slot -1, context 0.
+        host = torch.tensor(
+            [inputs.token_ids + [0] * pad, inputs.positions + [0] * pad, inputs.slots + [-1] * pad],
+            dtype=torch.int64,
+        )
         rows = [t + [0] * (width - len(t)) for t in inputs.block_tables]
-        self.input_ids[:n].copy_(host[0], non_blocking=True)
-        self.positions[:n].copy_(host[1], non_blocking=True)
-        self.slots[:n].copy_(host[2], non_blocking=True)
-        self.context_lens[:n].copy_(torch.tensor(inputs.context_lens, dtype=torch.int32), non_blocking=True)
+        self.input_ids[:size].copy_(host[0], non_blocking=True)
+        self.positions[:size].copy_(host[1], non_blocking=True)
+        self.slots[:size].copy_(host[2], non_blocking=True)
+        lens = torch.tensor(inputs.context_lens + [0] * pad, dtype=torch.int32)
+        self.context_lens[:size].copy_(lens, non_blocking=True)
         self.block_tables[:n, :width].copy_(torch.tensor(rows, dtype=torch.int32), non_blocking=True)
-        if size > n:
-            self.slots[n:size].fill_(-1)
-            self.context_lens[n:size].fill_(0)
-            self.input_ids[n:size].fill_(0)
-            self.positions[n:size].fill_(0)
         if not self.use_graphs:
             return self._forward(size)[:n]
         self.graphs[size].replay()
