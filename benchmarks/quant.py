@@ -23,6 +23,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -153,7 +154,7 @@ def sweep_launch_configs(layers: list, k: int, group: int, ms: list[int]) -> dic
     return best
 
 
-def gpu_kernel_bench(sweep: bool = False, sweep_m: list[int] | None = None) -> dict[str, float]:
+def gpu_kernel_bench(sweep: bool = False, sweep_m: Sequence[int] = (1, 16, 64, 256)) -> dict[str, float]:
     """AWQ GEMM against fp16 ``torch.matmul`` on a Llama-7B MLP layer (in 4096, out 11008)."""
     from leanserve.kernels.awq_gemm import awq_gemm
     from leanserve.kernels.awq_reference import awq_gemm_reference, pack_awq
@@ -180,7 +181,7 @@ def gpu_kernel_bench(sweep: bool = False, sweep_m: list[int] | None = None) -> d
         results[f"gemm_us_awq_m{m}"], results[f"gemm_us_fp16_m{m}"] = t_awq, t_fp16
         results[f"gemm_speedup_m{m}"] = t_fp16 / t_awq
     if sweep:
-        results.update(sweep_launch_configs(layers, k, group, sweep_m or [1, 16, 64, 256]))
+        results.update(sweep_launch_configs(layers, k, group, list(sweep_m)))
     return results
 
 
@@ -194,14 +195,15 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads for decode")
     p.add_argument("--gpu-only", action="store_true", help="only the AWQ GEMM vs fp16 benchmark (needs CUDA)")
     p.add_argument("--sweep", action="store_true", help="with CUDA: also sweep the launch configs")
-    p.add_argument("--sweep-m", default="1,16,64,256", help="the M values --sweep covers")
+    p.add_argument("--sweep-m", type=lambda v: [int(m) for m in v.split(",")], default=[1, 16, 64, 256],
+                   help="the M values --sweep covers, comma-separated")
     args = p.parse_args()
     if args.gpu_only:
         if not torch.cuda.is_available():
             print("benchmarks/quant.py --gpu-only: no CUDA device, nothing to run.")
             print(json.dumps({"skipped": "no CUDA device"}))
             return
-        print(json.dumps(gpu_kernel_bench(args.sweep, [int(m) for m in args.sweep_m.split(",")])))
+        print(json.dumps(gpu_kernel_bench(args.sweep, args.sweep_m)))
         return
 
     src = Path(resolve_model_path(args.model))
@@ -259,7 +261,7 @@ def main() -> None:
     head_int4 = lm_head_ms(awq_dir)
     say("  INT4 model's lm_head (int8) alone, batch 1", f"{head_int4:.2f} ms/token")
 
-    gpu = gpu_kernel_bench(args.sweep, [int(m) for m in args.sweep_m.split(",")]) if torch.cuda.is_available() else {}
+    gpu = gpu_kernel_bench(args.sweep, args.sweep_m) if torch.cuda.is_available() else {}
     result = {
         "ppl_fp": ppl[0][0], "ppl_awq": ppl[0][1], "ppl_rtn": ppl[0][2],
         "ppl_fp_shakespeare": ppl[1][0], "ppl_awq_shakespeare": ppl[1][1], "ppl_rtn_shakespeare": ppl[1][2],
