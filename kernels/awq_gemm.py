@@ -7,13 +7,16 @@ out in registers, and keeps its outputs in *nibble order*: nibble ``i`` of word 
 permuted. Two shapes of launch:
 
 - GEMV (small ``M``, decode), bound by reading the weights: one program per (row, block of words,
-  slice of K), products accumulated elementwise and summed over K once. With K split, the slices
-  meet in an fp32 buffer through atomic adds; unsplit, a program stores its outputs directly.
+  slice of K), one accumulator per nibble position laid out like the words, summed over K once. With
+  K split, the slices meet in a shared fp32 workspace and the last one to arrive stores the outputs,
+  so a call is one launch; unsplit, a program stores its outputs directly.
 - tiled (larger ``M``, prefill): ``BLOCK_M x 8*BLOCK_C`` output tiles, the dequantized ``[BLOCK_K,
   8*BLOCK_C]`` weight tile fed to ``tl.dot``. A K step never straddles a group.
 
-An earlier version loaded one word per output column (each word eight times): the load units, not
-memory, bound it, at 76 GB/s on an H200 (a 4096x11008 layer at M=1: 296 us against fp16's 25 us).
+History on an H200 (4096x11008 at M=1; fp16 ``torch.matmul`` 24.8 us): one word loaded per output
+column, each word eight times, 296 us (load-unit bound); whole words into a ``[BLOCK_K, BLOCK_C, 8]``
+tensor, 21.9 us (that 3-d layout went through shared memory every step, and the split-K sums needed a
+zero-fill and a cast launch around the kernel). The present version is not yet timed on a GPU.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import triton.language as tl
 from ._device import num_sms
 
 GEMV_MAX_M = 8  # at or below this many rows the GEMV launch wins (weight-read bound)
+ONE_BITS = 0x3F800000  # 1.0f, see _nibble_plus_one
 
 
 @triton.jit
@@ -49,46 +53,149 @@ def _nibbles_to_float(words, shifts):
 
 
 @triton.jit
+def _nibble_plus_one(words, J: tl.constexpr, one_bits):
+    """``1 + q/16`` as fp32, for nibble ``J`` (bits ``4J..4J+3``) of each word; ``one_bits`` is 1.0f's bits.
+
+    The nibble is moved to the top of a float's mantissa (bits 19-22) and 1.0's exponent is or-ed in:
+    no int-to-float conversion, no subtraction. Costs per nibble, as ptxas schedules them on sm_90: one
+    left shift (``IMAD.SHL``, on the FMA pipe, which has room) and one ``LOP3`` (and-or), plus one
+    ``SHF`` per word for the upper four nibbles, which only need left shifts once the word is shifted
+    down by 16. ``one_bits`` arrives as a kernel argument because ptxas fuses ``(a & imm) | reg`` into
+    one LOP3 but splits ``(a & imm) | imm`` into two. The ``1 +`` is taken out per group with the sum of
+    ``x`` (``_fold_group``); keeping ``q`` in the mantissa's top bits keeps that exact enough: the sums
+    lose about two bits, not the twenty a ``2**23 + q`` pattern would.
+    """
+    if J >= 4:
+        words = words >> 16  # arithmetic: the sign bits land outside the mask
+    return (((words << (19 - 4 * (J % 4))) & 0x00780000) | one_bits).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _fold_group(y, a, xs, zero_words, s_ptr, g, N, offs_c, c_mask, one_bits, J: tl.constexpr):
+    """Add one group's products for nibble ``J`` into ``y``, in place in the ``[BLOCK_K, BLOCK_C]`` layout.
+
+    ``a`` holds ``sum x * (1 + q/16)`` and ``xs`` the matching ``sum x``, per K position, so
+    ``a - xs * (1 + z/16) = sum x * (q - z) / 16`` and ``y += 16 * scale *`` that. No reduction across
+    threads happens until the program's very end.
+    """
+    col = offs_c * 8 + (J % 4) * 2 + J // 4  # AWQ_ORDER
+    scale = tl.load(s_ptr + g * N + col, mask=c_mask, other=0.0).to(tl.float32) * 16.0
+    return y + (a - xs * _nibble_plus_one(zero_words, J, one_bits)[None, :]) * scale[None, :]
+
+
+@triton.jit
+def _store_nibble_outputs(y, out_row, bias_ptr, offs_c, c_mask, J: tl.constexpr, HAS_BIAS: tl.constexpr):
+    col = offs_c * 8 + (J % 4) * 2 + J // 4
+    total = tl.sum(y, axis=0)
+    if HAS_BIAS:
+        total += tl.load(bias_ptr + col, mask=c_mask, other=0.0).to(tl.float32)
+    tl.store(out_row + col, total.to(out_row.dtype.element_ty), mask=c_mask)
+
+
+@triton.jit
+def _add_nibble_outputs(y, sum_row, offs_c, c_mask, J: tl.constexpr):
+    col = offs_c * 8 + (J % 4) * 2 + J // 4
+    tl.atomic_add(sum_row + col, tl.sum(y, axis=0), mask=c_mask, sem="relaxed")
+
+
+@triton.jit
 def _awq_gemv_kernel(
-    x_ptr, qw_ptr, qz_ptr, s_ptr, bias_ptr, out_ptr,
-    N, K, stride_xm,
+    x_ptr, qw_ptr, qz_ptr, s_ptr, bias_ptr, out_ptr, sum_ptr, count_ptr,
+    N, n8, K, stride_xm, one_bits,
     GROUP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, K_PER_SPLIT: tl.constexpr,
-    SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
-    """SPLIT: add this K slice's sums into the fp32 ``out`` (zeroed by the launcher); otherwise the
-    program owns its outputs and stores them (plus the bias) in ``out``'s dtype."""
+    """One program: one row of ``x``, ``BLOCK_C`` words (8 * BLOCK_C outputs), one slice of K.
+
+    The eight nibbles of a word go to eight ``[BLOCK_K, BLOCK_C]`` accumulators laid out exactly like
+    the loaded words, so the loop never moves data between threads (the previous version's 3-d
+    ``[BLOCK_K, BLOCK_C, 8]`` tensor went through shared memory on every step). With K split, the
+    slices add into the fp32 ``sum`` workspace and the last slice to arrive (an atomic counter per
+    output block) stores the row in ``out``'s dtype and leaves ``sum`` and the counter at zero for
+    the next launch: one launch, no zero-fill or cast kernels around it.
+    """
     pid_c = tl.program_id(0)
-    row = tl.program_id(1).to(tl.int64)
+    row = tl.program_id(1)
     pid_k = tl.program_id(2)
-    n8 = N // 8
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < n8
-    cols, shifts = _nibble_columns(offs_c)
-    acc = tl.zeros((BLOCK_C, 8), dtype=tl.float32)
+    x_row = x_ptr + row.to(tl.int64) * stride_xm
+    y0 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
+    y1 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
+    y2 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
+    y3 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
+    y4 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
+    y5 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
+    y6 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
+    y7 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
     k_start = pid_k * K_PER_SPLIT
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)  # K_PER_SPLIT and K are whole groups
     for g0 in range(k_start, k_end, GROUP):
-        g = g0 // GROUP
-        zeros = _nibbles_to_float(tl.load(qz_ptr + g * n8 + offs_c, mask=c_mask, other=0)[:, None], shifts[None, :])
-        scales = tl.load(s_ptr + g * N + cols, mask=c_mask[:, None], other=0.0).to(tl.float32)
-        # Within a group the zero point and scale are constant: sum x*q and x, apply them once.
-        xq = tl.zeros((BLOCK_C, 8), dtype=tl.float32)
-        xs = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for k0 in range(g0, g0 + GROUP, BLOCK_K):
+        a0 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
+        a1 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
+        a2 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
+        a3 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
+        a4 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
+        a5 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
+        a6 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
+        a7 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
+        xs = tl.zeros((BLOCK_K, 1), dtype=tl.float32)
+        for k0 in tl.range(g0, g0 + GROUP, BLOCK_K, num_stages=NUM_STAGES):
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + row * stride_xm + offs_k).to(tl.float32)
+            x = tl.load(x_row + offs_k).to(tl.float32)[:, None]  # (too small for the cp.async ring)
             words = tl.load(qw_ptr + offs_k[:, None] * n8 + offs_c[None, :], mask=c_mask[None, :], other=0)
-            q = _nibbles_to_float(words[:, :, None], shifts[None, None, :])
-            xq += tl.sum(q * x[:, None, None], axis=0)
+            a0 += x * _nibble_plus_one(words, 0, one_bits)
+            a1 += x * _nibble_plus_one(words, 1, one_bits)
+            a2 += x * _nibble_plus_one(words, 2, one_bits)
+            a3 += x * _nibble_plus_one(words, 3, one_bits)
+            a4 += x * _nibble_plus_one(words, 4, one_bits)
+            a5 += x * _nibble_plus_one(words, 5, one_bits)
+            a6 += x * _nibble_plus_one(words, 6, one_bits)
+            a7 += x * _nibble_plus_one(words, 7, one_bits)
             xs += x
-        acc += scales * (xq - zeros * tl.sum(xs, axis=0))
-    out = out_ptr + row * N + cols
-    if SPLIT:
-        tl.atomic_add(out, acc, mask=c_mask[:, None])
+        g = g0 // GROUP
+        zw = tl.load(qz_ptr + g * n8 + offs_c, mask=c_mask, other=0)
+        y0 = _fold_group(y0, a0, xs, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 0)
+        y1 = _fold_group(y1, a1, xs, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 1)
+        y2 = _fold_group(y2, a2, xs, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 2)
+        y3 = _fold_group(y3, a3, xs, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 3)
+        y4 = _fold_group(y4, a4, xs, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 4)
+        y5 = _fold_group(y5, a5, xs, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 5)
+        y6 = _fold_group(y6, a6, xs, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 6)
+        y7 = _fold_group(y7, a7, xs, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 7)
+    out_row = out_ptr + row.to(tl.int64) * N
+    if SPLITS == 1:
+        _store_nibble_outputs(y0, out_row, bias_ptr, offs_c, c_mask, 0, HAS_BIAS)
+        _store_nibble_outputs(y1, out_row, bias_ptr, offs_c, c_mask, 1, HAS_BIAS)
+        _store_nibble_outputs(y2, out_row, bias_ptr, offs_c, c_mask, 2, HAS_BIAS)
+        _store_nibble_outputs(y3, out_row, bias_ptr, offs_c, c_mask, 3, HAS_BIAS)
+        _store_nibble_outputs(y4, out_row, bias_ptr, offs_c, c_mask, 4, HAS_BIAS)
+        _store_nibble_outputs(y5, out_row, bias_ptr, offs_c, c_mask, 5, HAS_BIAS)
+        _store_nibble_outputs(y6, out_row, bias_ptr, offs_c, c_mask, 6, HAS_BIAS)
+        _store_nibble_outputs(y7, out_row, bias_ptr, offs_c, c_mask, 7, HAS_BIAS)
     else:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + cols, mask=c_mask[:, None], other=0.0).to(tl.float32)
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=c_mask[:, None])
+        sum_row = sum_ptr + row.to(tl.int64) * N
+        _add_nibble_outputs(y0, sum_row, offs_c, c_mask, 0)
+        _add_nibble_outputs(y1, sum_row, offs_c, c_mask, 1)
+        _add_nibble_outputs(y2, sum_row, offs_c, c_mask, 2)
+        _add_nibble_outputs(y3, sum_row, offs_c, c_mask, 3)
+        _add_nibble_outputs(y4, sum_row, offs_c, c_mask, 4)
+        _add_nibble_outputs(y5, sum_row, offs_c, c_mask, 5)
+        _add_nibble_outputs(y6, sum_row, offs_c, c_mask, 6)
+        _add_nibble_outputs(y7, sum_row, offs_c, c_mask, 7)
+        # Every thread's adds come before the counter's release (the pattern of CUTLASS's semaphore:
+        # a CTA barrier, then one release atomic); the last arriver's acquire then sees all slices.
+        tl.debug_barrier()
+        counter = count_ptr + row * tl.num_programs(0) + pid_c
+        if tl.atomic_add(counter, 1, sem="acq_rel") == SPLITS - 1:
+            offs_n = pid_c * BLOCK_C * 8 + tl.arange(0, BLOCK_C * 8)
+            n_mask = offs_n < N
+            total = tl.load(sum_row + offs_n, mask=n_mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            tl.store(out_row + offs_n, total.to(out_ptr.dtype.element_ty), mask=n_mask)
+            tl.store(sum_row + offs_n, tl.zeros((BLOCK_C * 8,), dtype=tl.float32), mask=n_mask)
+            tl.atomic_xchg(counter, 0, sem="relaxed")
 
 
 @triton.jit
@@ -186,42 +293,66 @@ def _gemv(
     scales: torch.Tensor,
     group_size: int,
     bias: torch.Tensor | None,
-    block_c: int = 16,
-    block_k: int | None = None,
+    block_c: int = 64,
+    block_k: int = 8,
     splits: int | None = None,
     num_warps: int = 4,
+    num_stages: int = 3,
 ) -> torch.Tensor:
+    """Defaults: a ``[8, 64]`` word tile is one 16-byte load per thread at 4 warps; the loads go
+    through a ``num_stages`` deep cp.async ring (Triton's pipeliner), which is what keeps enough bytes
+    in flight per SM. Chosen from the sm_90 SASS, not yet timed: ``quant.py --gpu-only --sweep``."""
     m, k = x.shape
     n = scales.shape[1]
-    block_k = block_k or _block_k(group_size, 32)
     if group_size % block_k:
         raise ValueError(f"block_k {block_k} must divide the group size {group_size}")
+    if block_k * block_c < 4 * 32 * num_warps:
+        # Smaller tiles would leave threads holding copies of each other's words (the same work twice).
+        raise ValueError(f"a {block_k}x{block_c} word tile is too small for {num_warps} warps of 16-byte loads")
     groups = k // group_size
+    blocks = triton.cdiv(n // 8, block_c)
     if splits is None:
-        # Each program is latency-bound: split K (down to one group per slice) until about 32
-        # programs per SM are in flight (H200, 4096x11008 at M=1, block_c 16, block_k 32: K in 4
-        # slices 35.6 us, 8: 26.2, 16: 24.6, 32: 23.3).
-        programs = triton.cdiv(n // 8, block_c) * m
-        splits = triton.cdiv(32 * num_sms(x.device), programs)
+        # Split K (down to one group per slice) until about 32 warps per SM are in flight (the v3 kernel
+        # on an H200 went 35.6 -> 23.3 us from 4 to 32 slices on 4096x11008).
+        splits = triton.cdiv(8 * num_sms(x.device) * 4, blocks * m * num_warps)
     k_per_split = triton.cdiv(groups, max(1, min(splits, groups))) * group_size
     splits = triton.cdiv(k, k_per_split)
-    grid = (triton.cdiv(n // 8, block_c), m, splits)
-    common = dict(GROUP=group_size, BLOCK_C=block_c, BLOCK_K=block_k, K_PER_SPLIT=k_per_split, num_warps=num_warps)
-    if splits == 1:
-        # One program per block of outputs: it stores them directly, no zeroing or cast launches.
-        out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-        _awq_gemv_kernel[grid](
-            x, qweight, qzeros, scales, bias if bias is not None else scales, out, n, k, x.stride(0),
-            SPLIT=False, HAS_BIAS=bias is not None, **common,
-        )
-        return out
-    acc = torch.zeros(m, n, device=x.device, dtype=torch.float32)
-    _awq_gemv_kernel[grid](
-        x, qweight, qzeros, scales, scales, acc, n, k, x.stride(0), SPLIT=True, HAS_BIAS=False, **common
+    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    sums, counts = _split_workspace(x.device, m * n, m * blocks) if splits > 1 else (out, out)
+    _awq_gemv_kernel[(blocks, m, splits)](
+        # N // 8 passed on its own: Triton sees it divisible by 4 (N by 32) and loads 16-byte vectors.
+        x, qweight, qzeros, scales, bias if bias is not None else scales, out, sums, counts, n, n // 8, k, x.stride(0),
+        ONE_BITS,
+        GROUP=group_size, BLOCK_C=block_c, BLOCK_K=block_k, K_PER_SPLIT=k_per_split, SPLITS=splits,
+        HAS_BIAS=bias is not None, NUM_STAGES=num_stages, num_warps=num_warps,
     )
-    if bias is not None:
-        acc += bias.float()
-    return acc.to(x.dtype)
+    return out
+
+
+# Per device: the fp32 sums and int32 arrival counters of split-K GEMV launches. Zero between launches
+# (each launch's last slices put them back), so they are allocated once and shared by every layer.
+_WORKSPACES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+# Outgrown workspaces stay allocated: a CUDA graph captured earlier still reads and writes them.
+_OUTGROWN: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+
+def _split_workspace(device: torch.device, sums: int, counts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    have = _WORKSPACES.get(device)
+    if have is not None and have[0].numel() >= sums and have[1].numel() >= counts:
+        return have
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "the AWQ GEMV needs a larger split-K workspace inside a CUDA graph capture: run the "
+            "largest batch once eagerly before capturing"
+        )
+    if have is not None:
+        _OUTGROWN.append(have)
+        sums, counts = max(sums, have[0].numel()), max(counts, have[1].numel())
+    _WORKSPACES[device] = (
+        torch.zeros(sums, device=device, dtype=torch.float32),
+        torch.zeros(counts, device=device, dtype=torch.int32),
+    )
+    return _WORKSPACES[device]
 
 
 def _tiled(

@@ -47,7 +47,7 @@ def test_awq_gemm_matches_reference(m: int, k: int, n: int, group: int, mode: st
     "config",
     [
         {"splits": 1},  # direct store, bias added in the kernel
-        {"splits": 2, "block_c": 4, "block_k": 32},
+        {"splits": 2, "block_c": 16, "block_k": 32, "num_stages": 1},
         {"splits": 1, "block_c": 32, "block_k": 64, "num_warps": 8},
     ],
 )
@@ -77,10 +77,36 @@ def test_tiled_launch_configs_match_reference(config: dict[str, int]) -> None:
     torch.testing.assert_close(out.float(), ref, atol=2e-3 * ref.abs().max().item(), rtol=0)
 
 
+def test_split_gemv_leaves_its_workspace_zero_for_the_next_launch() -> None:
+    """The split-K slices meet in a shared workspace that the last slice of each block resets: two
+    layers of different shapes called back to back both come out right, and the workspace is zero after."""
+    from leanserve.kernels import awq_gemm as module
+
+    gen = torch.Generator().manual_seed(9)
+    cases = [
+        (320, 136, 64, {"splits": 2}),  # 5 groups in 2 slices: 3 groups, then 2
+        (256, 264, 32, {"splits": 8, "block_c": 16, "block_k": 32}),  # one group per slice, 3 output blocks
+    ]
+    for k, n, group, config in cases * 2:
+        qweight, qzeros, scales = random_awq(k, n, group, seed=k + n)
+        x = torch.randn(3, k, generator=gen).to(DEVICE, torch.float32)
+        out = awq_gemm(x, qweight, qzeros, scales, group, force="gemv", gemv_config=config)
+        ref = awq_gemm_reference(x, qweight, qzeros, scales, group)
+        torch.testing.assert_close(out, ref, atol=1e-4 * ref.abs().max().item(), rtol=0)
+        sums, counts = module._WORKSPACES[x.device]
+        assert sums.numel() >= 3 * n and not sums.any() and not counts.any()
+
+
 def test_gemv_rejects_a_block_k_that_does_not_divide_the_group() -> None:
     qweight, qzeros, scales = random_awq(128, 32, 64)
     with pytest.raises(ValueError, match="block_k"):
         awq_gemm(torch.randn(1, 128).to(DEVICE), qweight, qzeros, scales, 64, gemv_config={"block_k": 48})
+
+
+def test_gemv_rejects_a_tile_smaller_than_its_warps() -> None:
+    qweight, qzeros, scales = random_awq(128, 32, 64)
+    with pytest.raises(ValueError, match="too small"):
+        awq_gemm(torch.randn(1, 128).to(DEVICE), qweight, qzeros, scales, 64, gemv_config={"block_c": 8})
 
 
 def test_default_launch_by_m() -> None:
@@ -117,3 +143,17 @@ def test_awq_linear_triton_backend_matches_reference() -> None:
     for m in (1, 20):  # the GEMV and the tiled launch
         x = torch.randn(m, 64, generator=gen).to(DEVICE)
         torch.testing.assert_close(layers["triton"](x), layers["reference"](x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gemv_at_a_7b_mlp_size(m: int, dtype: torch.dtype) -> None:
+    """A Llama-7B up projection (4096 x 11008, group 128), twice: the split-K slices of thousands of
+    programs meet through the shared workspace, which the first call must leave clean for the second."""
+    qweight, qzeros, scales = random_awq(4096, 11008, 128, seed=m)
+    x = torch.randn(m, 4096, generator=torch.Generator().manual_seed(m)).to(DEVICE, dtype)
+    ref = awq_gemm_reference(x.float(), qweight, qzeros, scales, 128)
+    for _ in range(2):
+        out = awq_gemm(x, qweight, qzeros, scales, 128)
+        torch.testing.assert_close(out.float(), ref, atol=1e-2 * ref.abs().max().item(), rtol=0)
