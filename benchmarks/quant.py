@@ -124,9 +124,10 @@ def sweep_launch_configs(layers: list, k: int, group: int, ms: list[int]) -> dic
 
     tiled = [dict(block_m=bm, block_c=c, block_k=64, num_warps=4) for bm in (16, 64, 128) for c in (8, 16)]
     grids = {
-        1: [("gemv", dict(block_c=c, block_k=bk, splits=sp, num_stages=st))
-            for c in (32, 64, 128) for bk in (8, 16, 32) if c * bk >= 512  # 16-byte loads for 4 warps
-            for st in (1, 3) for sp in (None, 8, 16)],
+        1: [("gemv", dict(block_c=c, block_k=bk, splits=sp, unpack=u))
+            for c, bk in ((32, 16), (32, 32), (64, 8), (64, 16), (64, 32), (128, 8), (128, 16))
+            for u in ("asm", "shift") for sp in (None, 16)]
+           + [("gemv", dict(num_stages=st)) for st in (1, 2, 4)],
         16: [("tiled", cfg) for cfg in tiled if cfg["block_m"] == 16],
         64: [("tiled", cfg) for cfg in tiled if cfg["block_m"] == 64],
         256: [("tiled", cfg) for cfg in tiled if cfg["block_m"] >= 64],

@@ -21,6 +21,8 @@ zero-fill and a cast launch around the kernel). The present version is not yet t
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -62,7 +64,7 @@ def _nibble_plus_one(words, J: tl.constexpr, one_bits):
     ``SHF`` per word for the upper four nibbles, which only need left shifts once the word is shifted
     down by 16. ``one_bits`` arrives as a kernel argument because ptxas fuses ``(a & imm) | reg`` into
     one LOP3 but splits ``(a & imm) | imm`` into two. The ``1 +`` is taken out per group with the sum of
-    ``x`` (``_fold_group``); keeping ``q`` in the mantissa's top bits keeps that exact enough: the sums
+    ``x`` (``_fold_nibble``); keeping ``q`` in the mantissa's top bits keeps that exact enough: the sums
     lose about two bits, not the twenty a ``2**23 + q`` pattern would.
     """
     if J >= 4:
@@ -70,17 +72,119 @@ def _nibble_plus_one(words, J: tl.constexpr, one_bits):
     return (((words << (19 - 4 * (J % 4))) & 0x00780000) | one_bits).to(tl.float32, bitcast=True)
 
 
-@triton.jit
-def _fold_group(y, a, xs, zero_words, s_ptr, g, N, offs_c, c_mask, one_bits, J: tl.constexpr):
-    """Add one group's products for nibble ``J`` into ``y``, in place in the ``[BLOCK_K, BLOCK_C]`` layout.
+# PTX for all eight ``1 + q/16`` of a word at once (sm_90; see ``_word_plus_one``). Four shifts put a pair
+# of nibbles (i, i + 4) at bits 6-9 and 22-25, one LOP3 each masks them and ors in two fp16 1.0s, so
+# each 32-bit result holds two fp16 ``1 + q/16``; eight conversions widen them to fp32.
+_UNPACK_PTX = tl.constexpr("""
+{
+.reg .b32 t<4>;
+.reg .b16 h<8>;
+shl.b32 t0, $8, 6;
+shl.b32 t1, $8, 2;
+shr.u32 t2, $8, 2;
+shr.u32 t3, $8, 6;
+lop3.b32 t0, t0, 0x03C003C0, 0x3C003C00, 0xEA;
+lop3.b32 t1, t1, 0x03C003C0, 0x3C003C00, 0xEA;
+lop3.b32 t2, t2, 0x03C003C0, 0x3C003C00, 0xEA;
+lop3.b32 t3, t3, 0x03C003C0, 0x3C003C00, 0xEA;
+mov.b32 {h0, h4}, t0;
+mov.b32 {h1, h5}, t1;
+mov.b32 {h2, h6}, t2;
+mov.b32 {h3, h7}, t3;
+cvt.f32.f16 $0, h0;
+cvt.f32.f16 $1, h1;
+cvt.f32.f16 $2, h2;
+cvt.f32.f16 $3, h3;
+cvt.f32.f16 $4, h4;
+cvt.f32.f16 $5, h5;
+cvt.f32.f16 $6, h6;
+cvt.f32.f16 $7, h7;
+}
+""")
 
-    ``a`` holds ``sum x * (1 + q/16)`` and ``xs`` the matching ``sum x``, per K position, so
-    ``a - xs * (1 + z/16) = sum x * (q - z) / 16`` and ``y += 16 * scale *`` that. No reduction across
-    threads happens until the program's very end.
+
+@triton.jit
+def _word_plus_one(words, one_bits, ASM: tl.constexpr):
+    """The eight ``1 + q/16`` of each word, in nibble order.
+
+    ``ASM`` (compiled CUDA only; the interpreter cannot run PTX): two nibbles per LOP3 through fp16, one
+    logic op per two nibbles instead of per nibble, plus the fp16-to-fp32 conversions, which issue on
+    the FMA pipe; the plain version's shifts and LOP3s all compete for the ALU pipe.
     """
+    if ASM:
+        return tl.inline_asm_elementwise(
+            _UNPACK_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r", [words],
+            dtype=(tl.float32,) * 8, is_pure=True, pack=1,
+        )
+    else:
+        return (
+            _nibble_plus_one(words, 0, one_bits), _nibble_plus_one(words, 1, one_bits),
+            _nibble_plus_one(words, 2, one_bits), _nibble_plus_one(words, 3, one_bits),
+            _nibble_plus_one(words, 4, one_bits), _nibble_plus_one(words, 5, one_bits),
+            _nibble_plus_one(words, 6, one_bits), _nibble_plus_one(words, 7, one_bits),
+        )
+
+
+@triton.jit
+def _group_products(x_row, qw_ptr, g0, n8, offs_c, c_mask, one_bits, GROUP: tl.constexpr,
+                    BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, NUM_STAGES: tl.constexpr, ASM: tl.constexpr):
+    """One group's ``sum x * (1 + q/16)`` for each nibble position, and ``sum x``, per K position.
+
+    Eight ``[BLOCK_K, BLOCK_C]`` accumulators laid out exactly like the loaded words: the loop never
+    moves data between threads. The word loads go through a ``NUM_STAGES`` deep cp.async ring (Triton's
+    pipeliner); x's 2-byte loads are too small for it and are plain loads.
+    """
+    a0 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
+    a1 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
+    a2 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
+    a3 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
+    a4 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
+    a5 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
+    a6 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
+    a7 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
+    xs = tl.zeros((BLOCK_K, 1), dtype=tl.float32)
+    for k0 in tl.range(g0, g0 + GROUP, BLOCK_K, num_stages=NUM_STAGES):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_row + offs_k).to(tl.float32)[:, None]
+        words = tl.load(qw_ptr + offs_k[:, None] * n8 + offs_c[None, :], mask=c_mask[None, :], other=0)
+        n0, n1, n2, n3, n4, n5, n6, n7 = _word_plus_one(words, one_bits, ASM)
+        a0 += x * n0
+        a1 += x * n1
+        a2 += x * n2
+        a3 += x * n3
+        a4 += x * n4
+        a5 += x * n5
+        a6 += x * n6
+        a7 += x * n7
+        xs += x
+    return a0, a1, a2, a3, a4, a5, a6, a7, xs
+
+
+@triton.jit
+def _fold_nibble(y, a, xs, zero_words, s_ptr, g, N, offs_c, c_mask, one_bits, J: tl.constexpr):
+    """``y += 16 * scale * (a - xs * (1 + z/16))``: since ``a = sum x * (1 + q/16)``, that adds
+    ``scale * sum x * (q - z)`` for nibble ``J``, still per K position (no reduction across threads
+    until the program's very end)."""
     col = offs_c * 8 + (J % 4) * 2 + J // 4  # AWQ_ORDER
     scale = tl.load(s_ptr + g * N + col, mask=c_mask, other=0.0).to(tl.float32) * 16.0
     return y + (a - xs * _nibble_plus_one(zero_words, J, one_bits)[None, :]) * scale[None, :]
+
+
+@triton.jit
+def _fold_group(y0, y1, y2, y3, y4, y5, y6, y7, a0, a1, a2, a3, a4, a5, a6, a7, xs,
+                qz_ptr, s_ptr, g, N, n8, offs_c, c_mask, one_bits):
+    """Group ``g``'s products into the running outputs, with its zero points and scales."""
+    zw = tl.load(qz_ptr + g * n8 + offs_c, mask=c_mask, other=0)
+    return (
+        _fold_nibble(y0, a0, xs, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 0),
+        _fold_nibble(y1, a1, xs, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 1),
+        _fold_nibble(y2, a2, xs, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 2),
+        _fold_nibble(y3, a3, xs, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 3),
+        _fold_nibble(y4, a4, xs, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 4),
+        _fold_nibble(y5, a5, xs, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 5),
+        _fold_nibble(y6, a6, xs, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 6),
+        _fold_nibble(y7, a7, xs, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 7),
+    )
 
 
 @triton.jit
@@ -103,13 +207,13 @@ def _awq_gemv_kernel(
     x_ptr, qw_ptr, qz_ptr, s_ptr, bias_ptr, out_ptr, sum_ptr, count_ptr,
     N, n8, K, stride_xm, one_bits,
     GROUP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, K_PER_SPLIT: tl.constexpr,
-    SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_STAGES: tl.constexpr,
+    SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_STAGES: tl.constexpr, ASM: tl.constexpr,
 ):
     """One program: one row of ``x``, ``BLOCK_C`` words (8 * BLOCK_C outputs), one slice of K.
 
-    The eight nibbles of a word go to eight ``[BLOCK_K, BLOCK_C]`` accumulators laid out exactly like
-    the loaded words, so the loop never moves data between threads (the previous version's 3-d
-    ``[BLOCK_K, BLOCK_C, 8]`` tensor went through shared memory on every step). With K split, the
+    The eight nibbles of a word go to eight accumulators laid out like the loaded words
+    (``_group_products``; the previous version's 3-d ``[BLOCK_K, BLOCK_C, 8]`` tensor went through
+    shared memory on every step), reduced across threads once, at the end. With K split, the
     slices add into the fp32 ``sum`` workspace and the last slice to arrive (an atomic counter per
     output block) stores the row in ``out``'s dtype and leaves ``sum`` and the counter at zero for
     the next launch: one launch, no zero-fill or cast kernels around it.
@@ -120,49 +224,31 @@ def _awq_gemv_kernel(
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < n8
     x_row = x_ptr + row.to(tl.int64) * stride_xm
-    y0 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
-    y1 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
-    y2 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
-    y3 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
-    y4 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
-    y5 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
-    y6 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
-    y7 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
     k_start = pid_k * K_PER_SPLIT
-    k_end = tl.minimum(k_start + K_PER_SPLIT, K)  # K_PER_SPLIT and K are whole groups
-    for g0 in range(k_start, k_end, GROUP):
-        a0 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
-        a1 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
-        a2 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
-        a3 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
-        a4 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
-        a5 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
-        a6 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
-        a7 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
-        xs = tl.zeros((BLOCK_K, 1), dtype=tl.float32)
-        for k0 in tl.range(g0, g0 + GROUP, BLOCK_K, num_stages=NUM_STAGES):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_row + offs_k).to(tl.float32)[:, None]  # (too small for the cp.async ring)
-            words = tl.load(qw_ptr + offs_k[:, None] * n8 + offs_c[None, :], mask=c_mask[None, :], other=0)
-            a0 += x * _nibble_plus_one(words, 0, one_bits)
-            a1 += x * _nibble_plus_one(words, 1, one_bits)
-            a2 += x * _nibble_plus_one(words, 2, one_bits)
-            a3 += x * _nibble_plus_one(words, 3, one_bits)
-            a4 += x * _nibble_plus_one(words, 4, one_bits)
-            a5 += x * _nibble_plus_one(words, 5, one_bits)
-            a6 += x * _nibble_plus_one(words, 6, one_bits)
-            a7 += x * _nibble_plus_one(words, 7, one_bits)
-            xs += x
-        g = g0 // GROUP
-        zw = tl.load(qz_ptr + g * n8 + offs_c, mask=c_mask, other=0)
-        y0 = _fold_group(y0, a0, xs, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 0)
-        y1 = _fold_group(y1, a1, xs, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 1)
-        y2 = _fold_group(y2, a2, xs, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 2)
-        y3 = _fold_group(y3, a3, xs, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 3)
-        y4 = _fold_group(y4, a4, xs, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 4)
-        y5 = _fold_group(y5, a5, xs, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 5)
-        y6 = _fold_group(y6, a6, xs, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 6)
-        y7 = _fold_group(y7, a7, xs, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 7)
+    if K_PER_SPLIT == GROUP:
+        # One group per slice (what the launcher picks for big layers): no running sums across groups,
+        # so the registers of the eight ``y`` tiles are not held through the loop.
+        a0, a1, a2, a3, a4, a5, a6, a7, xs = _group_products(
+            x_row, qw_ptr, k_start, n8, offs_c, c_mask, one_bits, GROUP, BLOCK_K, BLOCK_C, NUM_STAGES, ASM)
+        y0, y1, y2, y3, y4, y5, y6, y7 = _fold_group(
+            0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, a0, a1, a2, a3, a4, a5, a6, a7, xs,
+            qz_ptr, s_ptr, k_start // GROUP, N, n8, offs_c, c_mask, one_bits)
+    else:
+        y0 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
+        y1 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
+        y2 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
+        y3 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
+        y4 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
+        y5 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
+        y6 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
+        y7 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
+        k_end = tl.minimum(k_start + K_PER_SPLIT, K)  # K_PER_SPLIT and K are whole groups
+        for g0 in range(k_start, k_end, GROUP):
+            a0, a1, a2, a3, a4, a5, a6, a7, xs = _group_products(
+                x_row, qw_ptr, g0, n8, offs_c, c_mask, one_bits, GROUP, BLOCK_K, BLOCK_C, NUM_STAGES, ASM)
+            y0, y1, y2, y3, y4, y5, y6, y7 = _fold_group(
+                y0, y1, y2, y3, y4, y5, y6, y7, a0, a1, a2, a3, a4, a5, a6, a7, xs,
+                qz_ptr, s_ptr, g0 // GROUP, N, n8, offs_c, c_mask, one_bits)
     out_row = out_ptr + row.to(tl.int64) * N
     if SPLITS == 1:
         _store_nibble_outputs(y0, out_row, bias_ptr, offs_c, c_mask, 0, HAS_BIAS)
@@ -275,7 +361,7 @@ def awq_gemm(
     group_size: int,
     bias: torch.Tensor | None = None,
     force: str | None = None,  # "gemv" or "tiled": pick the launch (tests); default by M
-    gemv_config: dict[str, int] | None = None,  # block_c / block_k / splits / num_warps (benchmarks)
+    gemv_config: dict[str, int | str] | None = None,  # block_c/block_k/splits/num_warps/num_stages/unpack
     tiled_config: dict[str, int] | None = None,  # block_m / block_c / block_k / num_warps / num_stages
 ) -> torch.Tensor:
     """``x [M, K] @ dequant(W) [K, N] (+ bias)`` in ``x.dtype``, accumulating in fp32."""
@@ -294,18 +380,24 @@ def _gemv(
     group_size: int,
     bias: torch.Tensor | None,
     block_c: int = 64,
-    block_k: int = 8,
+    block_k: int = 16,
     splits: int | None = None,
     num_warps: int = 4,
     num_stages: int = 3,
+    unpack: str | None = None,
 ) -> torch.Tensor:
-    """Defaults: a ``[8, 64]`` word tile is one 16-byte load per thread at 4 warps; the loads go
-    through a ``num_stages`` deep cp.async ring (Triton's pipeliner), which is what keeps enough bytes
-    in flight per SM. Chosen from the sm_90 SASS, not yet timed: ``quant.py --gpu-only --sweep``."""
+    """Defaults, chosen from sm_90 SASS and not yet timed (``quant.py --gpu-only --sweep`` does): a
+    ``[16, 64]`` word tile at 4 warps is two 16-byte loads per thread per step, 3.9 instructions per
+    weight in the loop and 128 registers (``[8, 64]``: 4.5 and 72; ``[32, 64]``: 3.7 and 168); the loads
+    go through a ``num_stages`` deep cp.async ring (Triton's pipeliner), which keeps bytes in flight."""
     m, k = x.shape
     n = scales.shape[1]
     if group_size % block_k:
         raise ValueError(f"block_k {block_k} must divide the group size {group_size}")
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    unpack = unpack or ("shift" if interpreted else "asm")
+    if unpack not in ("asm", "shift") or (unpack == "asm" and interpreted):
+        raise ValueError(f"unpack {unpack!r}: 'shift', or 'asm' when compiled (the interpreter cannot run PTX)")
     if block_k * block_c < 4 * 32 * num_warps:
         # Smaller tiles would leave threads holding copies of each other's words (the same work twice).
         raise ValueError(f"a {block_k}x{block_c} word tile is too small for {num_warps} warps of 16-byte loads")
@@ -324,7 +416,7 @@ def _gemv(
         x, qweight, qzeros, scales, bias if bias is not None else scales, out, sums, counts, n, n // 8, k, x.stride(0),
         ONE_BITS,
         GROUP=group_size, BLOCK_C=block_c, BLOCK_K=block_k, K_PER_SPLIT=k_per_split, SPLITS=splits,
-        HAS_BIAS=bias is not None, NUM_STAGES=num_stages, num_warps=num_warps,
+        HAS_BIAS=bias is not None, NUM_STAGES=num_stages, ASM=unpack == "asm", num_warps=num_warps,
     )
     return out
 

@@ -148,12 +148,14 @@ def test_awq_linear_triton_backend_matches_reference() -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 3, 8])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_gemv_at_a_7b_mlp_size(m: int, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("unpack", ["asm", "shift"])
+def test_gemv_at_a_7b_mlp_size(m: int, dtype: torch.dtype, unpack: str) -> None:
     """A Llama-7B up projection (4096 x 11008, group 128), twice: the split-K slices of thousands of
-    programs meet through the shared workspace, which the first call must leave clean for the second."""
+    programs meet through the shared workspace, which the first call must leave clean for the second.
+    Both nibble unpackings; the PTX one runs only compiled, so only here."""
     qweight, qzeros, scales = random_awq(4096, 11008, 128, seed=m)
     x = torch.randn(m, 4096, generator=torch.Generator().manual_seed(m)).to(DEVICE, dtype)
     ref = awq_gemm_reference(x.float(), qweight, qzeros, scales, 128)
     for _ in range(2):
-        out = awq_gemm(x, qweight, qzeros, scales, 128)
+        out = awq_gemm(x, qweight, qzeros, scales, 128, gemv_config={"unpack": unpack})
         torch.testing.assert_close(out.float(), ref, atol=1e-2 * ref.abs().max().item(), rtol=0)
