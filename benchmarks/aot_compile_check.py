@@ -1,13 +1,15 @@
 """Compile every Triton kernel for a CUDA target ahead of time, without a GPU.
 
 The kernels are launched through their real launchers (``paged_decode_attention``, ``paged_prefill_attention``,
-``write_kv_cache``, ``awq_gemm``, ``rms_norm``, ``apply_rotary``, ``silu_and_mul``) on CPU tensors of the
-shapes the server uses (``--tests``: also through the kernel tests), with a stand-in Triton driver that
-reports a CUDA target. Each launch is stopped just before compilation, so every kernel is
-captured with exactly the signature, constexprs, specialisation (divisibility / ``== 1``) and
-num_warps/num_stages the launcher would give it on the GPU. Each capture is then compiled to a cubin
-with ``triton.compile`` (frontend, TTGIR for the target, LLVM, PTX, then the ``ptxas`` bundled with
-triton), and the ptxas report gives registers and spills per kernel.
+``write_kv_cache``, ``awq_gemm``, ``gemv``, ``rms_norm``, ``apply_rotary``, ``silu_and_mul``) on CPU tensors
+of the shapes the server uses (``--tests``: also through the kernel tests), with a stand-in Triton driver
+that reports a CUDA target. Every case runs twice, with programmatic dependent launch off and on (the
+launchers' ``pdl_enabled`` answers as an sm_90 GPU would); kernels without PDL give the same compile.
+Each launch is stopped just before compilation, so every kernel is captured with exactly the signature,
+constexprs, specialisation (divisibility / ``== 1``) and num_warps/num_stages the launcher would give it
+on the GPU. Each capture is then compiled to a cubin with ``triton.compile`` (frontend, TTGIR for the
+target, LLVM, PTX, then the ``ptxas`` bundled with triton), and the ptxas report gives registers and
+spills per kernel.
 
     python benchmarks/aot_compile_check.py [--arch 90] [--full] [--tests [PATH ...]] [--jobs N] [-v]
                                            [--only NAME] [--dump DIR]
@@ -75,6 +77,20 @@ FULL_AWQ_SHAPES = (
     ("smollm2-mlp-up", 576, 1536, 64),
     ("llama-1b-mlp-up", 2048, 8192, 128),
     ("llama-1b-qkv-g32", 2048, 3072, 32),  # BLOCK_K 32
+)
+# Decode GEMVs: ((name, N = out_features, K = in_features), rows M). Each M up to the next power of two
+# is its own compile (M_PAD); each launch also runs unsplit with a bias. TinyLlama-1.1B's projections
+# (benchmarks/decode_step.py) plus an odd shape (ragged N and K: the masked tail tile).
+GEMV_CASES = (
+    (("tinyllama-qkv", 2560, 2048), (1, 8)),
+    (("tinyllama-gate_up", 11264, 2048), (1, 8)),
+    (("tinyllama-down", 2048, 5632), (1, 2)),
+    (("odd", 1000, 100), (3,)),
+)
+GEMV_FULL_CASES = GEMV_CASES + (
+    (("tinyllama-o", 2048, 2048), (1, 2, 4, 8)),
+    (("smollm2-qkv", 960, 576), (1, 5)),
+    (("llama-8b-down", 4096, 14336), (1, 8)),
 )
 
 
@@ -191,6 +207,7 @@ def _cases(modules, full: bool):
         return None if isinstance(mod, Exception) else mod
 
     pa, kv, awq = (usable(n) for n in ("paged_attention", "kv_cache", "awq_gemm"))
+    gemv_mod = usable("gemv")
 
     def launcher(name):
         """A Triton launcher by function name, from whichever kernels/ module defines it (files move)."""
@@ -291,6 +308,18 @@ def _cases(modules, full: bool):
 
                 yield (f"silu_and_mul {dtype_name}/intermediate{width}", silu)
 
+        if gemv_mod is not None:
+            for (shape_name, n, k), rows in GEMV_FULL_CASES if full else GEMV_CASES:
+                for m in rows:
+                    for bias, config in ((False, None), (True, gemv_mod.GemvConfig(splits=1))):
+                        def linear(m=m, n=n, k=k, bias=bias, config=config, dtype=dtype):
+                            b = torch.zeros(n, dtype=dtype) if bias else None
+                            gemv_mod.gemv(torch.zeros(m, k, dtype=dtype), torch.zeros(n, k, dtype=dtype), b,
+                                          config=config)
+
+                        split = "auto" if config is None else "1"
+                        yield (f"gemv m={m} bias={bias} splits={split} {dtype_name}/{shape_name}(N{n},K{k})", linear)
+
         if awq is not None:
             has_gemv_config = "gemv_config" in awq.awq_gemm.__code__.co_varnames
             if full:
@@ -320,17 +349,23 @@ def _cases(modules, full: bool):
 
 
 _SMS = [132]
+_PDL = [False]  # what the launchers' pdl_enabled answers for the case being captured
 _PATCHED: list = []
 
 
 def _patch_sms() -> None:
     """Launchers size grids (split-K, KV partitions) by the SM count, and that becomes constexprs such
-    as K_PER_SPLIT: make every loaded kernels module answer like the GPU, not like the CPU path (8)."""
+    as K_PER_SPLIT: make every loaded kernels module answer like the GPU, not like the CPU path (8).
+    Their ``pdl_enabled`` answers ``_PDL`` (CPU tensors would always say no)."""
     done = {(id(mod), attr) for mod, attr, _ in _PATCHED}
     for mod in list(sys.modules.values()):
         name = getattr(mod, "__name__", "") or ""
         if not name.startswith((PKG + ".", "leanserve.kernels.")):
             continue
+        fn = getattr(mod, "pdl_enabled", None)
+        if callable(fn) and (id(mod), "pdl_enabled") not in done:
+            _PATCHED.append((mod, "pdl_enabled", fn))
+            mod.pdl_enabled = lambda device: _PDL[0]
         for attr in ("num_sms", "_num_sms"):
             fn = getattr(mod, attr, None)
             if callable(fn) and (id(mod), attr) not in done:
@@ -400,11 +435,14 @@ def capture(modules, full: bool, tests: list[str], sms: int) -> tuple[list[Job],
     launch_errors = []
     try:
         for name, thunk in _cases(modules, full):
-            _current_case[0] = name
-            try:
-                thunk()
-            except Exception:
-                launch_errors.append((name, traceback.format_exc(limit=6)))
+            for pdl in (False, True):
+                _current_case[0] = name + (" pdl" if pdl else "")
+                _PDL[0] = pdl
+                try:
+                    thunk()
+                except Exception:
+                    launch_errors.append((_current_case[0], traceback.format_exc(limit=6)))
+        _PDL[0] = False
         if tests:
             before = len(CAPTURED)
             summary = _run_tests(tests)

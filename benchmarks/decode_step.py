@@ -9,14 +9,27 @@ batch size, every sequence at ``--context`` tokens:
 - runner step: what serving pays per step: inputs copied in, graph replay, logits, greedy sampling
   and the results back on the host (wall clock, median).
 
-All of it twice: with our fused Triton layer kernels (RMSNorm + residual, rotary, SiLU-and-mul) and
-with the unfused torch ops they replace.
+All of it for each variant of the model's kernels (``--variants``, in this order by default):
+
+- ``fused``: our fused Triton layer kernels (RMSNorm + residual, rotary, SiLU-and-mul), cuBLAS
+  (``F.linear``) linears, no programmatic dependent launch (PDL): what was measured before;
+- ``gemv_pdl``: the Triton GEMV for the linears (decode batches up to 8 rows) and PDL on every Triton
+  decode kernel: what the model runs on an sm_90+ GPU now;
+- ``gemv``: the Triton GEMV, PDL off;
+- ``fused_pdl``: cuBLAS linears, PDL on our kernels;
+- ``unfused``: the torch ops the fused layer kernels replace, cuBLAS linears.
+
+PDL variants are skipped where the GPU cannot do PDL (before sm_90). Each variant also reports how many
+of its greedy tokens equal ``fused``'s (bf16 rounding differs between matmuls, so random-weight
+near-ties may flip a few).
 
 The floor is the bytes a step must read (every weight but the embedding table, plus the step's K/V)
 over the measured device copy bandwidth. Each variant also profiles one eager step (kernel count and
-the top kernels by GPU time). Ends with one JSON line.
+the top kernels by GPU time) and prints a JSON line of its own when done; the run ends with one JSON
+line holding everything.
 
-    python benchmarks/decode_step.py [--context 512] [--batches 1,8,32,64]
+    python benchmarks/decode_step.py [--context 512] [--batches 1,8,32,64] [--variants fused,gemv_pdl,...]
+    python benchmarks/decode_step.py --matmul-probe      (projection matmuls only: benchmarks/matmul_probe.py)
 
 Without CUDA it says so and exits 0.
 """
@@ -25,13 +38,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from gpu_timing import copy_gbps, event_ms, graph_us, wall_ms
+from gpu_timing import copy_gbps, event_ms, wall_ms
 
 
 def tinyllama_config(model_dir: Path):
@@ -112,32 +126,28 @@ def profile_eager_step(runner, seqs) -> tuple[int, list[tuple[str, float, int]]]
     return launches, rows[:15]
 
 
-def matmul_probe(device: torch.device, bandwidth: float) -> list[dict]:
-    """The 1.1B model's four projections at 1 and 8 rows, bf16: ``F.linear`` (what the model calls)
-    against ``torch.mv`` and a matmul with the weight stored transposed. Each time is one call's share
-    of a CUDA graph cycling through 8 weight copies (so the weights come from HBM, not L2)."""
-    import torch.nn.functional as F
+VARIANTS = ("fused", "gemv_pdl", "gemv", "fused_pdl", "unfused")
 
-    shapes = {"qkv": (2560, 2048), "o": (2048, 2048), "gate_up": (11264, 2048), "down": (2048, 5632)}
-    rows = []
-    for name, (out_f, in_f) in shapes.items():
-        weights = [torch.randn(out_f, in_f, device=device, dtype=torch.bfloat16) * 0.02 for _ in range(8)]
-        transposed = [w.t().contiguous() for w in weights]
-        for m in (1, 8):
-            x = torch.randn(m, in_f, device=device, dtype=torch.bfloat16)
-            variants = {
-                "F.linear": [lambda w=w, x=x: F.linear(x, w) for w in weights],
-                "x @ W^T stored": [lambda w=w, x=x: x @ w for w in transposed],
-            }
-            if m == 1:
-                variants["torch.mv"] = [lambda w=w, x=x: torch.mv(w, x[0]) for w in weights]
-            for label, calls in variants.items():
-                us = graph_us(calls)
-                gbps = out_f * in_f * 2 / us / 1e3
-                rows.append(dict(layer=name, m=m, variant=label, us=us, pct_of_copy=100 * gbps / bandwidth))
-                print(f"  {name:8s} {out_f}x{in_f} M={m} {label:15s} {us:7.1f} us  "
-                      f"{100 * gbps / bandwidth:5.1f}% of copy")
-    return rows
+
+def kernel_variants(device: torch.device) -> dict[str, tuple[object, bool]]:
+    """Variant name -> (the model's ModelOps, PDL on)."""
+    import torch.nn.functional as F
+    from leanserve.kernels import backend
+
+    triton_ops = backend.get_model_ops(device)  # fused layers + the GEMV for decode-sized linears
+    cublas = backend.ModelOps(triton_ops.attention, triton_ops.layers, F.linear)
+    unfused = backend.ModelOps(triton_ops.attention, backend.reference_layer_ops(), F.linear)
+    return {"fused": (cublas, False), "gemv_pdl": (triton_ops, True), "gemv": (triton_ops, False),
+            "fused_pdl": (cublas, True), "unfused": (unfused, False)}
+
+
+def set_pdl(on: bool, device: torch.device) -> bool:
+    """Turn PDL on or off for every launch from now on (the launchers read LEANSERVE_PDL each time);
+    returns whether it is on."""
+    from leanserve.kernels._device import pdl_enabled
+
+    os.environ["LEANSERVE_PDL"] = "1" if on else "0"
+    return pdl_enabled(device)
 
 
 def main() -> int:
@@ -145,31 +155,35 @@ def main() -> int:
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--batches", default="1,8,32,64")
     p.add_argument("--iters", type=int, default=50)
-    p.add_argument("--matmul-probe", action="store_true", help="only time the projections' matmul variants")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
+    p.add_argument("--matmul-probe", action="store_true",
+                   help="only time the projections: cuBLAS vs the Triton GEMV (benchmarks/matmul_probe.py)")
     args = p.parse_args()
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        p.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
     if not torch.cuda.is_available():
         print("benchmarks/decode_step.py: no CUDA device, nothing to benchmark.")
         print(json.dumps({"skipped": "no CUDA device"}))
         return 0
-    from leanserve.kernels import backend
 
     from leanserve.model.runner import ModelRunner, allocate_kv_cache
 
     device, dtype, block_size = torch.device("cuda"), torch.bfloat16, 16
     if args.matmul_probe:
+        import matmul_probe
+
         bandwidth = copy_gbps()
-        print(f"device {torch.cuda.get_device_name()}: copy {bandwidth:.0f} GB/s; projection matmuls, bf16")
-        print(json.dumps({"device": torch.cuda.get_device_name(), "copy_gbps": bandwidth,
-                          "matmul_probe": matmul_probe(device, bandwidth)}))
+        head = {"device": torch.cuda.get_device_name(), "copy_gbps": bandwidth}
+        print(f"device {head['device']}: copy {bandwidth:.0f} GB/s; projection matmuls, bf16")
+        results = matmul_probe.run(bandwidth, lambda part: print(json.dumps({**head, **part})))
+        print(json.dumps({**head, **results}))
         return 0
     batches = [int(b) for b in args.batches.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         config = tinyllama_config(Path(tmp))
-    fused_ops = backend.get_model_ops(device)
-    variants = {  # fused: our Triton RMSNorm+residual / rotary / SiLU-and-mul; unfused: the torch ops
-        "fused": fused_ops,
-        "unfused": backend.ModelOps(fused_ops.attention, backend.reference_layer_ops()),
-    }
+    all_variants = kernel_variants(device)
+    variants = {name: all_variants[name] for name in args.variants.split(",")}
     blocks = max(batches) * -(-args.context // block_size)
     kv = allocate_kv_cache(config, blocks, block_size, dtype, device)
     for k_cache, v_cache in kv:  # real numbers, not zeros, in every slot attention reads
@@ -179,10 +193,15 @@ def main() -> int:
     kv_bytes_per_token = config.kv_bytes_per_token(dtype.itemsize)
     name = torch.cuda.get_device_name()
     results = {}
-    for variant, ops in variants.items():
+    tokens: dict[str, dict[int, list[int]]] = {}
+    weight_bytes = 0
+    for variant, (ops, pdl) in variants.items():
+        if set_pdl(pdl, device) != pdl:
+            print(f"\n[{variant}] skipped: this GPU cannot launch with PDL (needs sm_90+)")
+            continue
         model = build_model(config, device, dtype, ops)
-        weight_bytes = sum(t.numel() * t.element_size() for n, t in model.named_parameters() if "embed" not in n)
-        if variant == "fused":
+        if not weight_bytes:
+            weight_bytes = sum(t.numel() * t.element_size() for n, t in model.named_parameters() if "embed" not in n)
             print(f"device {name}: copy {bandwidth:.0f} GB/s; {weight_bytes / 1e9:.2f} GB of bf16 weights read per "
                   f"step; context {args.context}")
         runner = ModelRunner(model, kv, block_size, device)
@@ -191,8 +210,9 @@ def main() -> int:
         capture_s = time.perf_counter() - start
         graphs = runner.decode_graphs
         launches, top = profile_eager_step(runner, decode_batch(1, args.context, block_size, config.vocab_size))
-        print(f"\n[{variant} layer ops] {len(graphs.buckets)} graphs captured in {capture_s:.1f} s; "
-              f"{launches} kernels per step")
+        linear = "cublas" if ops.linear is torch.nn.functional.linear else "triton_gemv"
+        print(f"\n[{variant}: {linear} linears, PDL {'on' if pdl else 'off'}] {len(graphs.buckets)} graphs "
+              f"captured in {capture_s:.1f} s; {launches} kernels per step")
         header = f"{'batch':>5} {'floor ms':>9} {'eager fwd':>10} {'graph':>8} {'step':>8} {'graph/floor':>12} " \
                  f"{'step/floor':>11} {'tok/s':>9}"
         print(header)
@@ -211,17 +231,28 @@ def main() -> int:
             eager_tokens = [r.token_id for r in runner.execute(seqs)]
             runner.decode_graphs = graphs
             agree = sum(a == b for a, b in zip(with_graph, eager_tokens)) / batch
+            tokens.setdefault(variant, {})[batch] = with_graph
+            baseline = tokens.get("fused", {}).get(batch)
+            vs_fused = None if baseline is None else sum(a == b for a, b in zip(with_graph, baseline)) / batch
             rows.append(dict(batch=batch, floor_ms=floor, eager_forward_ms=eager, graph_ms=replay, step_ms=step,
                              graph_over_floor=replay / floor, step_over_floor=step / floor,
-                             tok_s=1000 * batch / step, graph_eager_token_agreement=agree))
+                             tok_s=1000 * batch / step, graph_eager_token_agreement=agree,
+                             tokens_agree_with_fused=vs_fused))
             print(f"{batch:>5} {floor:>9.3f} {eager:>10.3f} {replay:>8.3f} {step:>8.3f} {replay / floor:>12.2f} "
-                  f"{step / floor:>11.2f} {1000 * batch / step:>9.0f}  graph/eager tokens agree {agree:.0%}")
+                  f"{step / floor:>11.2f} {1000 * batch / step:>9.0f}  graph/eager tokens agree {agree:.0%}"
+                  + ("" if vs_fused is None else f", with fused {vs_fused:.0%}"))
         print("top kernels of one eager step at batch 1 (us total, count):")
         for key, us, count in top:
             print(f"  {us:9.1f} {count:5d}  {key}")
-        results[variant] = dict(capture_s=capture_s, kernels_per_step=launches, rows=rows)
+        results[variant] = dict(capture_s=capture_s, kernels_per_step=launches, rows=rows, linear=linear, pdl=pdl)
+        print(json.dumps({"variant": variant, **results[variant]}))  # kept if a time limit cuts the run
         del runner, graphs, model
         torch.cuda.empty_cache()
+    os.environ.pop("LEANSERVE_PDL", None)
+    print("\nCUDA graph ms (x floor) by variant:")
+    for variant, result in results.items():
+        print(f"  {variant:10s} " + "  ".join(f"b{r['batch']}: {r['graph_ms']:.3f} ({r['graph_over_floor']:.2f}x)"
+                                              for r in result["rows"]))
     print(json.dumps({"device": name, "copy_gbps": bandwidth, "weight_bytes": weight_bytes, "context": args.context,
                       **results}))
     return 0

@@ -1,8 +1,10 @@
-"""Device facts the launchers size their grids by."""
+"""Device facts the launchers size their grids by, and whether they may use programmatic dependent
+launch."""
 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -18,3 +20,37 @@ def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
     return 8
+
+
+@functools.cache
+def _cuda_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+@functools.cache
+def _triton_has_gdc() -> bool:
+    try:
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def pdl_supported(device: torch.device) -> bool:
+    """Whether kernels on ``device`` can be launched with programmatic dependent launch (PDL).
+
+    PDL lets a kernel start while the one before it drains: it may load what the previous kernel does
+    not write (weights) and then waits for it (``griddepcontrol.wait``) before touching anything else.
+    It needs a CUDA device of compute capability 9.0 or newer; the interpreter cannot run the inline
+    assembly.
+    """
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1" or not _triton_has_gdc():
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _cuda_capability(index) >= (9, 0)
+
+
+def pdl_enabled(device: torch.device) -> bool:
+    """Whether the launchers use PDL on ``device``: wherever it is supported, unless ``LEANSERVE_PDL=0``
+    (read at each launch, so a benchmark can compare)."""
+    return os.environ.get("LEANSERVE_PDL", "1") != "0" and pdl_supported(device)

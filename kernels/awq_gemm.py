@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from ._device import num_sms
+from ._workspace import scratch
 
 GEMV_MAX_M = 8  # at or below this many rows the GEMV launch wins (weight-read bound)
 ONE_BITS = 0x3F800000  # 1.0f, see _nibble_plus_one
@@ -410,7 +411,11 @@ def _gemv(
     k_per_split = triton.cdiv(groups, max(1, min(splits, groups))) * group_size
     splits = triton.cdiv(k, k_per_split)
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    sums, counts = _split_workspace(x.device, m * n, m * blocks) if splits > 1 else (out, out)
+    if splits > 1:  # zero between launches: the last slice of each block puts them back
+        sums = scratch(x.device, "awq sums", m * n, torch.float32)
+        counts = scratch(x.device, "split-K arrival counters", m * blocks, torch.int32)
+    else:
+        sums = counts = out  # unused
     _awq_gemv_kernel[(blocks, m, splits)](
         # N // 8 passed on its own: Triton sees it divisible by 4 (N by 32) and loads 16-byte vectors.
         x, qweight, qzeros, scales, bias if bias is not None else scales, out, sums, counts, n, n // 8, k, x.stride(0),
@@ -419,32 +424,6 @@ def _gemv(
         HAS_BIAS=bias is not None, NUM_STAGES=num_stages, ASM=unpack == "asm", num_warps=num_warps,
     )
     return out
-
-
-# Per device: the fp32 sums and int32 arrival counters of split-K GEMV launches. Zero between launches
-# (each launch's last slices put them back), so they are allocated once and shared by every layer.
-_WORKSPACES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-# Outgrown workspaces stay allocated: a CUDA graph captured earlier still reads and writes them.
-_OUTGROWN: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-
-def _split_workspace(device: torch.device, sums: int, counts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    have = _WORKSPACES.get(device)
-    if have is not None and have[0].numel() >= sums and have[1].numel() >= counts:
-        return have
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(
-            "the AWQ GEMV needs a larger split-K workspace inside a CUDA graph capture: run the "
-            "largest batch once eagerly before capturing"
-        )
-    if have is not None:
-        _OUTGROWN.append(have)
-        sums, counts = max(sums, have[0].numel()), max(counts, have[1].numel())
-    _WORKSPACES[device] = (
-        torch.zeros(sums, device=device, dtype=torch.float32),
-        torch.zeros(counts, device=device, dtype=torch.int32),
-    )
-    return _WORKSPACES[device]
 
 
 def _tiled(

@@ -75,18 +75,23 @@ def reference_layer_ops() -> LayerOps:
 
 @dataclass(frozen=True)
 class ModelOps:
-    """Every kernel a decoder calls: attention and the per-layer fused ops."""
+    """Every kernel a decoder calls: attention, the per-layer fused ops and the linear layers' matmul
+    (``F.linear`` semantics)."""
 
     attention: AttentionOps
     layers: LayerOps
+    linear: Callable[..., torch.Tensor] = reference.linear
 
 
 def get_model_ops(device: torch.device | str) -> ModelOps:
     """Triton kernels for a model on CUDA; the torch references on any other device (the interpreter is
-    for the kernel tests, never for a model)."""
+    for the kernel tests, never for a model). On CUDA, linears of up to ``gemv.GEMV_MAX_M`` rows (decode
+    steps) run the Triton GEMV, larger ones ``F.linear``."""
     device = torch.device(device)
     if device.type == "cuda" and triton_available():
         from .fused_layers import apply_rotary, rms_norm, silu_and_mul
+        from .gemv import linear
 
-        return ModelOps(get_attention_ops(device), LayerOps(rms_norm, apply_rotary, silu_and_mul, "triton"))
+        layers = LayerOps(rms_norm, apply_rotary, silu_and_mul, "triton")
+        return ModelOps(get_attention_ops(device), layers, linear)
     return ModelOps(reference_attention_ops(), reference_layer_ops())

@@ -4,7 +4,8 @@ A decode step of a small model on a GPU is a long chain of small kernels. Unfuse
 plus RMSNorm is two to six launches, the rotary embedding of q and k about twenty (gathers, casts,
 four products, two sums, a concat, a cast, twice) and the MLP's gating two; each of these does it in
 one launch. Semantics are those of ``reference.rms_norm`` / ``apply_rotary`` / ``silu_and_mul``;
-everything is computed in fp32.
+everything is computed in fp32. On sm_90+ they are launched with programmatic dependent launch
+(``_pdl.py``): the norm loads its weight before waiting on the kernel before it.
 """
 
 from __future__ import annotations
@@ -14,17 +15,22 @@ import triton
 import triton.language as tl
 
 from . import _checks
+from ._device import pdl_enabled
+from ._pdl import pdl_launch_dependents, pdl_launch_options, pdl_wait
 
 
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
     n_cols, eps, stride_x, stride_res, stride_out, stride_res_out,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < n_cols
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # a weight: no kernel writes it
+    pdl_wait(USE_PDL)
+    pdl_launch_dependents(USE_PDL)
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         total = (x.to(tl.float32) + tl.load(res_ptr + row * stride_res + offs, mask=mask, other=0.0).to(tl.float32))
@@ -33,7 +39,6 @@ def _rms_norm_kernel(
         tl.store(res_out_ptr + row * stride_res_out + offs, x, mask=mask)
     xf = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * stride_out + offs, (xf * rstd * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -64,11 +69,12 @@ def rms_norm(
     res_out = torch.empty_like(out) if residual is not None else out
     res_in = residual if residual is not None else x
     if n_rows:
+        pdl = pdl_enabled(x.device)
         _rms_norm_kernel[(n_rows,)](
             x, res_in, weight, out, res_out,
             n_cols, eps, x.stride(0), res_in.stride(0), out.stride(0), res_out.stride(0),
-            HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n_cols),
-            num_warps=4 if n_cols <= 4096 else 8,
+            HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n_cols), USE_PDL=pdl,
+            num_warps=4 if n_cols <= 4096 else 8, **pdl_launch_options(pdl),
         )
     return out if residual is None else (out, res_out)
 
@@ -93,8 +99,12 @@ def _rotary_kernel(
     n_heads, n_kv_heads, max_position,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_cos,
     BLOCK_H: tl.constexpr, BLOCK_KVH: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
+    # The cos/sin rows depend on the positions, which a kernel may have written: nothing to prefetch.
+    pdl_wait(USE_PDL)
+    pdl_launch_dependents(USE_PDL)
     # Clamped: a bad position reads a wrong row, never foreign memory (the launcher checks values).
     pos = tl.minimum(tl.maximum(tl.load(pos_ptr + token), 0), max_position - 1).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_HALF)
@@ -132,17 +142,20 @@ def apply_rotary(
         )
         _checks.remember_validated("rotary", (positions,), (cos.shape[0],))
     half = head_dim // 2
+    pdl = pdl_enabled(query.device)
     _rotary_kernel[(n_tokens,)](
         query, key, positions, cos, sin, n_heads, key.shape[1], cos.shape[0],
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), cos.stride(0),
         BLOCK_H=triton.next_power_of_2(n_heads), BLOCK_KVH=triton.next_power_of_2(key.shape[1]),
-        HALF=half, BLOCK_HALF=triton.next_power_of_2(half), num_warps=4,
+        HALF=half, BLOCK_HALF=triton.next_power_of_2(half), USE_PDL=pdl, num_warps=4, **pdl_launch_options(pdl),
     )
     return query, key
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, n_cols, stride_x, stride_out, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, n_cols, stride_x, stride_out, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_wait(USE_PDL)
+    pdl_launch_dependents(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_cols
@@ -164,7 +177,9 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty(n_rows, n_cols, dtype=x.dtype, device=x.device)
     if n_rows:
         block = min(1024, triton.next_power_of_2(n_cols))
+        pdl = pdl_enabled(x.device)
         _silu_and_mul_kernel[(n_rows, triton.cdiv(n_cols, block))](
-            x, out, n_cols, x.stride(0), out.stride(0), BLOCK=block, num_warps=4
+            x, out, n_cols, x.stride(0), out.stride(0), BLOCK=block, USE_PDL=pdl, num_warps=4,
+            **pdl_launch_options(pdl),
         )
     return out

@@ -4,7 +4,8 @@ Semantics of ``reference.write_kv_cache``: token ``t`` goes to flat slot ``slot_
 (``block * block_size + offset``); slot ``-1`` marks padding and writes nothing. One program per
 token moves all of its KV heads, so each program touches two contiguous ``[kv_heads, head_dim]``
 rows per tensor. ``key``/``value`` may be strided views (e.g. slices of a fused QKV output) as long
-as ``head_dim`` is contiguous; values are converted to the cache dtype on the way.
+as ``head_dim`` is contiguous; values are converted to the cache dtype on the way. On sm_90+ it is
+launched with programmatic dependent launch (``_pdl.py``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import triton
 import triton.language as tl
 
 from . import _checks
+from ._device import pdl_enabled
+from ._pdl import pdl_launch_dependents, pdl_launch_options, pdl_wait
 
 
 @triton.jit
@@ -22,8 +25,12 @@ def _write_kv_kernel(
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    PAGE: tl.constexpr,
+    PAGE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    # Before anything, padding programs included: a program that exits without waiting could let
+    # this kernel complete ahead of the one it depends on.
+    pdl_wait(USE_PDL)
+    pdl_launch_dependents(USE_PDL)
     token = tl.program_id(0)
     slot = tl.load(slot_ptr + token).to(tl.int64)
     # -1 is padding; other out-of-range slots are rejected by the launcher, and skipping them here
@@ -88,11 +95,13 @@ def write_kv_cache(
             f"{num_slots}), got {slot_mapping[bad][:8].tolist()}",
         )
         _checks.remember_validated("kv", (slot_mapping,), (num_slots,))
+    pdl = pdl_enabled(key.device)
     _write_kv_kernel[(num_tokens,)](
         key, value, k_cache, v_cache, slot_mapping, num_slots,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_H=triton.next_power_of_2(num_kv_heads),
-        BLOCK_D=triton.next_power_of_2(head_dim), PAGE=page, num_warps=4,
+        BLOCK_D=triton.next_power_of_2(head_dim), PAGE=page, USE_PDL=pdl, num_warps=4,
+        **pdl_launch_options(pdl),
     )

@@ -7,7 +7,9 @@ and run an online softmax in fp32 with base-2 exponentials (the scale is pre-mul
 Q.K and P.V use ``tl.dot``: fp16/bf16 operands on tensor cores with fp32 accumulation (P is rounded to
 the value dtype, as in flash attention), fp32 operands in full IEEE precision (no TF32).
 
-A sequence with an empty context gets an all-zero output (the reference does the same).
+A sequence with an empty context gets an all-zero output (the reference does the same). On sm_90+
+the decode kernels are launched with programmatic dependent launch (``_pdl.py``); every input of
+theirs comes from the step, so they wait first and only gain the earlier launch.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import triton
 import triton.language as tl
 
 from . import _checks
-from ._device import num_sms
+from ._device import num_sms, pdl_enabled
+from ._pdl import pdl_launch_dependents, pdl_launch_options, pdl_wait
 
 LOG2E = 1.4426950408889634
 
@@ -53,12 +56,15 @@ def _decode_partition_kernel(
     stride_ms, stride_mh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """One (sequence, kv head, partition): attention of the group's query heads over its key range.
 
     SPLIT: write the unnormalised accumulator plus the running max and sum (log2 domain) to the
     partials; otherwise write the normalised output directly.
     """
+    pdl_wait(USE_PDL)
+    pdl_launch_dependents(USE_PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     part = tl.program_id(2)
@@ -130,9 +136,11 @@ def _decode_reduce_kernel(
     stride_ps, stride_ph, stride_pp,
     stride_ms, stride_mh,
     stride_os, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """One (sequence, query head): merge the partitions' partial softmax results."""
+    pdl_wait(USE_PDL)
+    pdl_launch_dependents(USE_PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     offs_p = tl.arange(0, BLOCK_P)
@@ -335,10 +343,12 @@ def paged_decode_attention(
     partition_size = triton.cdiv(max(triton.cdiv(ctx_limit, parts), 1), block_n) * block_n
     if num_partitions is None:
         parts = max(triton.cdiv(ctx_limit, partition_size), 1)
+    pdl = pdl_enabled(query.device)
     common = dict(
         GROUP=group, BLOCK_G=max(MIN_DOT, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_D=max(MIN_DOT, triton.next_power_of_2(head_dim)), BLOCK_N=block_n, PAGE=page,
         DOT_PRECISION=_dot_precision(query.dtype), num_warps=4, num_stages=_num_stages(head_dim),
+        USE_PDL=pdl, **pdl_launch_options(pdl),
     )
     strides = (
         query.stride(0), query.stride(1),
@@ -367,7 +377,8 @@ def paged_decode_attention(
         partial, maxes, sums, out, parts,
         partial.stride(0), partial.stride(1), partial.stride(2), maxes.stride(0), maxes.stride(1),
         out.stride(0), out.stride(1),
-        HEAD_DIM=head_dim, BLOCK_D=common["BLOCK_D"], BLOCK_P=triton.next_power_of_2(parts), num_warps=4,
+        HEAD_DIM=head_dim, BLOCK_D=common["BLOCK_D"], BLOCK_P=triton.next_power_of_2(parts), USE_PDL=pdl,
+        num_warps=4, **pdl_launch_options(pdl),
     )
     return out
 

@@ -171,3 +171,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """The gated MLP's activation: ``x [..., 2 * I]`` holds gate then up; returns ``silu(gate) * up``."""
     gate, up = x.chunk(2, dim=-1)
     return torch.nn.functional.silu(gate) * up
+
+
+# A linear layer, ``x [..., K] @ weight [N, K]^T (+ bias)``: what the Triton GEMV (``gemv.linear``) must
+# reproduce. An alias, not a wrapper: the CPU model calls it for every unpacked linear.
+linear = torch.nn.functional.linear

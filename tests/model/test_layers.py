@@ -87,3 +87,34 @@ def test_int8_mm_supported_widths() -> None:
     # torch's kernel reads inputs 16 at a time and does not check: other widths gave garbage or crashed.
     assert not int8_mm_supported(56) and not int8_mm_supported(63)
     assert int8_mm_supported(576) == hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+
+def test_model_routes_every_linear_and_the_lm_head_through_ops_linear(tmp_path) -> None:
+    import torch.nn.functional as F
+    from leanserve.kernels import backend
+
+    from leanserve.model.config import ModelConfig
+    from leanserve.model.layers import default_linear_factory
+    from leanserve.model.llama import LlamaForCausalLM
+    from tests.conftest import build_tiny_checkpoint
+
+    assert backend.get_model_ops("cpu").linear is F.linear  # the CPU path is the plain matmul
+    config = ModelConfig.from_pretrained(build_tiny_checkpoint(tmp_path, "llama"))
+    shapes = []
+
+    def recording_linear(x, weight, bias=None):
+        shapes.append(tuple(weight.shape))
+        return F.linear(x, weight, bias)
+
+    ops = backend.get_model_ops("cpu")
+    ops = backend.ModelOps(ops.attention, ops.layers, recording_linear)
+    model = LlamaForCausalLM(config, default_linear_factory(torch.float32), ops)
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert len(linears) == 4 * config.num_hidden_layers
+    assert all(m.linear_op is recording_linear for m in linears)
+    x = torch.randn(2, config.hidden_size)
+    qkv = model.model.layers[0].self_attn.qkv_proj
+    assert torch.equal(qkv(x), F.linear(x, qkv.weight, qkv.bias))
+    logits = model.compute_logits(x)
+    assert shapes == [tuple(qkv.weight.shape), (config.vocab_size, config.hidden_size)]
+    assert logits.shape == (2, config.vocab_size) and logits.dtype == torch.float32

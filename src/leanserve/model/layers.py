@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from leanserve.kernels.backend import LayerOps, reference_layer_ops
@@ -38,6 +40,9 @@ class Linear(nn.Linear):
     ) -> None:
         super().__init__(in_features, sum(shard_sizes), bias=bias, dtype=dtype)
         self.shard_sizes = shard_sizes
+        # The matmul, ``F.linear`` semantics; the model sets its device's (backend.ModelOps.linear: the
+        # Triton GEMV for decode-sized calls on CUDA).
+        self.linear_op: Callable[..., torch.Tensor] = F.linear
 
     packed: torch.Tensor | None = None
 
@@ -49,7 +54,7 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
             return packed_linear(x, self.packed, self.bias)
-        return super().forward(x)
+        return self.linear_op(x, self.weight, self.bias)
 
     def load_shard(self, param_name: str, shard: int, tensor: torch.Tensor) -> None:
         param: torch.Tensor = getattr(self, param_name)

@@ -10,13 +10,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from leanserve.kernels.backend import LayerOps, ModelOps
 from leanserve.model.attention import AttentionMetadata, PagedAttention
 from leanserve.model.config import ModelConfig
 from leanserve.model.layers import (
+    Linear,
     LinearFactory,
     RMSNorm,
     RotaryEmbedding,
@@ -158,7 +158,11 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.layer_ops = ops.layers
+        self.linear_op = ops.linear  # the LM head's matmul, and every Linear's below
         self.model = LlamaModel(config, linear, ops)
+        for module in self.model.modules():
+            if isinstance(module, Linear):
+                module.linear_op = ops.linear
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = self._make_rotary()
@@ -198,7 +202,7 @@ class LlamaForCausalLM(nn.Module):
             return self._int8_logits(hidden)
         if self.packed_lm_head is not None:
             return packed_linear(hidden, self.packed_lm_head, None)
-        return F.linear(hidden, self.lm_head_weight()).float()
+        return self.linear_op(hidden, self.lm_head_weight()).float()
 
     packed_lm_head: torch.Tensor | None = None
     int8_lm_head: tuple[torch.Tensor, torch.Tensor] | None = None  # (int8 [vocab, hidden], bf16 [vocab])

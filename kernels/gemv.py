@@ -1,0 +1,289 @@
+"""Triton GEMV for decode-sized linears: ``y [M, N] = x [M, K] @ W [N, K]^T (+ bias)``, ``M <= 8``.
+
+At decode sizes a linear layer is a stream of its weight: every weight is read once and used ``M``
+times. cuBLAS's small-M kernels reach 30-80% of copy bandwidth on a 1.1B model's projections
+(benchmarks/RESULTS.md); this kernel is built to stream ``W`` (``nn.Linear`` layout, K contiguous):
+
+- each program owns ``BLOCK_N`` rows of ``W`` and one slice of K, walked in ``[BLOCK_N, BLOCK_K]``
+  tiles. ``BLOCK_K`` spans every lane of every warp with one 16-byte vector (``VEC`` elements) each,
+  so each thread issues ``BLOCK_N`` whole-vector loads per tile, and the layout is the same whatever
+  order Triton's coalescing picks for dims it cannot rank (3.6 and 3.9 break those ties differently).
+  The vectors need row strides Triton can prove 16-byte aligned (K a multiple of 16, as in every model
+  we serve); other K still work, with narrower loads;
+- products are summed over each thread's ``VEC`` elements in registers into an fp32 accumulator
+  ``[M, BLOCK_N, BLOCK_K // VEC]``: no cross-thread reduction in the loop, one at the end;
+- the next tile is loaded before the current one is used;
+- rows past N and padding rows of x are clamped, not masked, and a ragged end of K is read as the whole
+  tile that ends at K (its already-counted part dropped from the sum), so no load is predicated;
+- K is split when N alone gives too few programs to keep every SM streaming. The slices meet in one
+  launch: each writes fp32 partials to a cached workspace, then bumps an arrival counter per block of
+  outputs; the last to arrive sums all partials in slice order (the result does not depend on who
+  came last), adds the bias, stores ``y`` in x's dtype and resets the counter to 0 for the next call
+  (so a CUDA graph replays it as is);
+- with PDL (``_pdl.py``) a program loads its first weight tile, then waits for the previous kernel,
+  then reads x: the weights stream while the previous kernel drains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from . import _checks
+from ._device import num_sms, pdl_enabled, pdl_supported
+from ._pdl import pdl_launch_dependents, pdl_launch_options, pdl_wait
+from ._workspace import scratch
+
+GEMV_MAX_M = 8  # rows of x this kernel takes (decode batches); above it the matmul is compute-shaped
+VECTOR_BYTES = 16  # one ld.global.v4 per thread and chunk
+# Programs per SM the K split aims for: enough bytes in flight per SM to cover memory latency.
+PROGRAMS_PER_SM = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class GemvConfig:
+    """Launch parameters; ``None`` picks the default for the shape (benchmarks sweep them)."""
+
+    block_n: int | None = None  # rows of W per program
+    block_k: int | None = None  # K elements per tile (a power of two; default one vector per lane)
+    splits: int | None = None  # K slices (1 = unsplit: no workspace)
+    num_warps: int = 4
+    pdl: bool | None = None  # programmatic dependent launch: None as _device.pdl_enabled, True where supported
+
+
+@triton.jit
+def _tile_sum(w, x_ptrs, keep, HAS_KEEP: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+              CHUNKS: tl.constexpr, VEC: tl.constexpr):
+    """``[M, BLOCK_N, CHUNKS]``: products of a weight tile ``[1, BLOCK_N, BLOCK_K]`` with x
+    ``[M, BLOCK_N, BLOCK_K]`` (broadcast over N), summed over each thread's ``VEC`` elements; with
+    HAS_KEEP only the K positions where ``keep`` holds count."""
+    products = w.to(tl.float32) * tl.load(x_ptrs).to(tl.float32)
+    if HAS_KEEP:
+        products = tl.where(keep, products, 0.0)
+    return tl.sum(tl.reshape(products, [M_PAD, BLOCK_N, CHUNKS, VEC]), axis=3)
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, count_ptr,
+    M, N, K, K_SLICE, stride_xm, stride_wn, stride_ym,
+    M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
+    SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    """One (block of ``BLOCK_N`` outputs, slice of K). SPLIT: partials + arrival counter (see module
+    docstring); otherwise the program stores its outputs."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    CHUNKS: tl.constexpr = BLOCK_K // VEC
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, M_PAD)
+    # Clamped rows read real (duplicate) data; their results are never stored.
+    w_rows = tl.minimum(offs_n, N - 1).to(tl.int64)
+    x_rows = tl.minimum(offs_m, M - 1)
+    # Both tiles are [M, BLOCK_N, BLOCK_K] pointer tensors (x's broadcast over N, w's over M) with K
+    # contiguous, so they get the same layout and the product needs no conversion (x expanded from
+    # [M, BLOCK_K] got its own layout, and a shared-memory round trip per step). x's repeated
+    # addresses within a thread become one load in ptxas.
+    offs_k = tl.arange(0, BLOCK_K)[None, None, :]
+    w_tile = w_ptr + w_rows[None, :, None] * stride_wn + offs_k
+    x_tile = x_ptr + x_rows[:, None, None] * stride_xm + offs_k + 0 * offs_n[None, :, None]
+    k_begin = pid_k * K_SLICE
+    k_end = tl.minimum(k_begin + K_SLICE, K)
+    n_full = (k_end - k_begin) // BLOCK_K
+    # The launcher keeps BLOCK_K <= K, so the first tile is in bounds even when this slice is only a
+    # ragged tail (its data is then loaded but not used).
+    w = tl.load(w_tile + tl.minimum(k_begin, K - BLOCK_K))
+    # Everything above reads only weights; x (and the workspace) may be the previous kernel's output.
+    pdl_wait(USE_PDL)
+    pdl_launch_dependents(USE_PDL)
+
+    acc = tl.zeros([M_PAD, BLOCK_N, CHUNKS], dtype=tl.float32)
+    last_full = k_begin + (n_full - 1) * BLOCK_K
+    for i in range(n_full):
+        k0 = k_begin + i * BLOCK_K
+        # The last iteration reloads its own tile (an L1 hit) instead of branching.
+        w_next = tl.load(w_tile + tl.minimum(k0 + BLOCK_K, last_full))
+        acc += _tile_sum(w, x_tile + k0, None, False, M_PAD, BLOCK_N, CHUNKS, VEC)
+        w = w_next
+    tail = k_begin + n_full * BLOCK_K
+    if tail < k_end:
+        # A ragged end of K (only the last slice has one): the tile that ends at K, whose first part
+        # was already counted. Its loads stay whole, unmasked vectors (masked x loads are not merged
+        # across N by ptxas: M x BLOCK_N x VEC registers, spills); the products before `tail` drop out.
+        last = K - BLOCK_K
+        w = tl.load(w_tile + last)
+        acc += _tile_sum(w, x_tile + last, last + offs_k >= tail, True, M_PAD, BLOCK_N, CHUNKS, VEC)
+    y = tl.sum(acc, axis=2)  # [M_PAD, BLOCK_N]
+
+    out_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    if SPLIT:
+        parts = part_ptr + offs_m[:, None] * N + offs_n[None, :]
+        mn = M * N
+        tl.store(parts + pid_k * mn, y, mask=out_mask)
+        # Every thread's partial stores come before the arrival (the atomic is acq_rel, GPU scope).
+        tl.debug_barrier()
+        arrived = tl.atomic_add(count_ptr + pid_n, 1)
+        n_splits = tl.num_programs(1)
+        if arrived == n_splits - 1:
+            # All slices, this one's too, in slice order: the sum does not depend on which came last.
+            # .cg: read the other SMs' partials from L2, never a stale L1 line.
+            y = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
+            for s in range(n_splits):
+                y += tl.load(parts + s * mn, mask=out_mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                y += tl.load(bias_ptr + w_rows).to(tl.float32)[None, :]
+            tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=out_mask)
+            tl.store(count_ptr + pid_n, 0)
+    else:
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + w_rows).to(tl.float32)[None, :]
+        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+def split_workspace(device: torch.device, partial_numel: int, num_counters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp32 partials (no initial value needed) and int32 arrival counters of a split launch."""
+    return (scratch(device, "gemv partials", partial_numel, torch.float32),
+            scratch(device, "split-K arrival counters", num_counters, torch.int32))
+
+
+def _prev_power_of_2(n: int) -> int:
+    return 1 << (n.bit_length() - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Launch:
+    m_pad: int
+    block_n: int
+    block_k: int
+    vec: int
+    k_slice: int
+    splits: int
+    num_warps: int
+    pdl: bool
+
+
+def _plan(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device, config: GemvConfig) -> _Launch:
+    pdl = pdl_enabled(device) if config.pdl is None else bool(config.pdl) and pdl_supported(device)
+    return _shape_plan(m, n, k, dtype, device, config, pdl)
+
+
+@functools.lru_cache(maxsize=1024)  # a model has a handful of shapes; an eager step calls this ~100 times
+def _shape_plan(
+    m: int, n: int, k: int, dtype: torch.dtype, device: torch.device, config: GemvConfig, pdl: bool
+) -> _Launch:
+    vec = min(VECTOR_BYTES // dtype.itemsize, _prev_power_of_2(k))
+    num_warps = config.num_warps
+    block_k = config.block_k or vec * 32 * num_warps
+    # Per thread: BLOCK_N weight vectors per tile (two tiles where ptxas overlaps them), M x vectors and
+    # M x BLOCK_N sums; fewer rows as M grows keeps that under ~160 registers with no spills (sm_90,
+    # Triton 3.6: 70-95 at M = 1, 96-128 at M = 2, 126-157 at M = 8).
+    block_n = config.block_n or (8 if m <= 2 else 4)
+    for name, value in (("block_k", block_k), ("block_n", block_n), ("num_warps", num_warps)):
+        if value < 1 or value & (value - 1):
+            _checks.fail(f"{name} must be a power of two, got {value}")
+    # BLOCK_K <= K keeps the first tile in bounds (see the kernel); a short K takes fewer warps so that
+    # the tile still spans them all along K.
+    block_k = max(min(block_k, _prev_power_of_2(k)), vec)
+    while num_warps > 1 and block_k < vec * 32 * num_warps:
+        num_warps //= 2
+    block_n = min(block_n, triton.next_power_of_2(n))
+    tiles = triton.cdiv(k, block_k)
+    splits = config.splits
+    if splits is None:
+        splits = triton.cdiv(PROGRAMS_PER_SM * num_sms(device), triton.cdiv(n, block_n))
+    if splits < 1:
+        _checks.fail(f"splits must be >= 1, got {splits}")
+    k_slice = triton.cdiv(tiles, min(splits, tiles)) * block_k
+    return _Launch(triton.next_power_of_2(m), block_n, block_k, vec, k_slice, triton.cdiv(k, k_slice),
+                   num_warps, pdl)
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None) -> None:
+    _checks.check_float("x", x, 2)
+    _checks.check_float("weight", weight, 2)
+    if x.shape[0] > GEMV_MAX_M:
+        _checks.fail(f"x has {x.shape[0]} rows; the GEMV takes at most {GEMV_MAX_M} (use a matmul)")
+    if weight.shape[1] != x.shape[1]:
+        _checks.fail(f"weight {tuple(weight.shape)} must be [N, K] with K = x's {x.shape[1]} columns")
+    if weight.dtype != x.dtype:
+        _checks.fail(f"weight dtype {weight.dtype} must equal x's {x.dtype}")
+    tensors = {"x": x, "weight": weight}
+    if bias is not None:
+        _checks.check_float("bias", bias, 1)
+        if bias.shape[0] != weight.shape[0] or bias.dtype != x.dtype:
+            _checks.fail(f"bias must be [{weight.shape[0]}] {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+        tensors["bias"] = bias
+    if out is not None:
+        expected = (x.shape[0], weight.shape[0])
+        if tuple(out.shape) != expected or out.dtype != x.dtype or (out.numel() and out.stride(-1) != 1):
+            _checks.fail(f"out must be {expected} {x.dtype} contiguous in its last dim, got "
+                         f"{tuple(out.shape)} {out.dtype} strides {out.stride()}")
+        tensors["out"] = out
+    _checks.check_same_device(**tensors)
+
+
+def gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    config: GemvConfig | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for ``x [M <= 8, K]`` and ``weight [N, K]`` (same dtype, fp32
+    accumulation), in ``x.dtype``. ``out`` is an optional preallocated ``[M, N]`` output.
+
+    Only metadata is checked (no index tensors, so no value checks and nothing for
+    ``trusted_inputs()`` to skip). With PDL the first weight tile is read before waiting for the kernel
+    launched just before this one, so ``weight`` must not be that kernel's output (model weights never
+    are).
+    """
+    _check(x, weight, bias, out)
+    m, k = x.shape
+    n = weight.shape[0]
+    if out is None:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out
+    if k == 0:  # an empty sum: the bias or zeros, as F.linear gives
+        return out.copy_(bias.expand(m, n) if bias is not None else torch.zeros_like(out))
+    plan = _plan(m, n, k, x.dtype, x.device, config or GemvConfig())
+    blocks = triton.cdiv(n, plan.block_n)
+    if plan.splits > 1:
+        if plan.splits * m * n >= 2**31:
+            _checks.fail(f"split workspace of {plan.splits} x {m} x {n} is too large for int32 offsets")
+        partials, counters = split_workspace(x.device, plan.splits * m * n, blocks)
+    else:
+        partials = counters = out  # unused
+    _gemv_kernel[(blocks, plan.splits)](
+        x, weight, bias if bias is not None else weight, out, partials, counters,
+        m, n, k, plan.k_slice, x.stride(0), weight.stride(0), out.stride(0),
+        M_PAD=plan.m_pad, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, VEC=plan.vec,
+        SPLIT=plan.splits > 1, HAS_BIAS=bias is not None, USE_PDL=plan.pdl,
+        num_warps=plan.num_warps, **pdl_launch_options(plan.pdl),
+    )
+    return out
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` with the GEMV for decode-sized calls (``x [..., K]`` of at most ``GEMV_MAX_M`` rows)
+    and ``F.linear`` for everything else (larger batches, autograd, mixed dtypes, strided K)."""
+    k = x.shape[-1]
+    rows = x.numel() // k if k else 0
+    if (
+        not 0 < rows <= GEMV_MAX_M
+        or x.dtype != weight.dtype
+        or x.stride(-1) != 1
+        or weight.stride(-1) != 1
+        or (bias is not None and (bias.dtype != x.dtype or bias.stride(-1) != 1))
+        or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    ):
+        return F.linear(x, weight, bias)
+    y = gemv(x.reshape(rows, k), weight, bias)
+    return y.view(*x.shape[:-1], weight.shape[0])

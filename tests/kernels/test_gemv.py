@@ -1,0 +1,186 @@
+"""Triton GEMV (decode-sized linears) against ``F.linear``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+triton = pytest.importorskip("triton")
+
+from leanserve.kernels import _device, gemv  # noqa: E402
+from leanserve.kernels.backend import trusted_inputs  # noqa: E402
+
+from tests.kernels.kernel_cases import DEVICE, TOLERANCES, generator, nan_like, randn  # noqa: E402
+
+# (M, N, K): N and K off every block size (K also off the 16-byte vector), powers of two, every M.
+SHAPES = [(1, 70, 100), (3, 130, 264), (5, 33, 7), (8, 64, 256), (2, 40, 300), (7, 19, 520), (4, 24, 65)]
+
+
+def reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(x.float(), w.float(), None if b is None else b.float())
+
+
+def assert_matches(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    atol, rtol = TOLERANCES[dtype]
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    # Outputs are sums of K products of unit normals (|y| ~ sqrt(K)): scale atol with them.
+    torch.testing.assert_close(got.float(), want, atol=atol * want.abs().max().item(), rtol=rtol)
+
+
+def inputs(seed: int, m: int, n: int, k: int, dtype: torch.dtype, bias: bool):
+    gen = generator(seed)
+    x = randn(gen, m, k, dtype=dtype)
+    w = randn(gen, n, k, dtype=dtype)
+    b = randn(gen, n, dtype=dtype) if bias else None
+    return x, w, b
+
+
+@pytest.mark.parametrize("m,n,k", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_gemv_matches_f_linear(m: int, n: int, k: int, dtype: torch.dtype, splits: int) -> None:
+    bias = (m + splits) % 2 == 0  # half the cases with a bias, across every shape and split
+    x, w, b = inputs(m * n + k, m, n, k, dtype, bias)
+    out = nan_like(torch.empty(m, n, dtype=dtype, device=DEVICE))
+    # Small tiles so that even these shapes take several N blocks and several K tiles per slice.
+    config = gemv.GemvConfig(block_n=8, block_k=32, splits=splits)
+    got = gemv.gemv(x, w, b, config=config, out=out)
+    assert got is out
+    assert_matches(got, reference(x, w, b), dtype)
+
+
+def test_default_config_matches_f_linear() -> None:
+    x, w, b = inputs(1, 4, 300, 600, torch.float16, True)
+    assert_matches(gemv.gemv(x, w, b), reference(x, w, b), torch.float16)
+
+
+def test_split_reduction_ignores_stale_workspace_and_leaves_counters_at_zero() -> None:
+    m, n, k = 3, 50, 256
+    x, w, b = inputs(7, m, n, k, torch.float32, True)
+    config = gemv.GemvConfig(block_n=16, block_k=32, splits=4)
+    blocks = -(-n // 16)
+    partials, counters = gemv.split_workspace(x.device, 4 * m * n, blocks)
+    partials.fill_(float("nan"))  # every partial read must have been written by this call
+    first = gemv.gemv(x, w, b, config=config)
+    assert_matches(first, reference(x, w, b), torch.float32)
+    assert counters.eq(0).all()
+    # The second call finds the same workspace (a CUDA graph replays exactly this), and the sum's
+    # order does not depend on which slice finished last.
+    again = gemv.gemv(x, w, b, config=config)
+    assert gemv.split_workspace(x.device, 4 * m * n, blocks)[0] is partials
+    assert torch.equal(first, again)
+    assert counters.eq(0).all()
+
+
+def test_strided_rows_of_x_and_weight() -> None:
+    gen = generator(11)
+    # x: every other row of a wider buffer; weight: rows 5..45 of a fused [q; k; v]-like matrix.
+    x = randn(gen, 6, 200, dtype=torch.float32)[::2, :150]
+    fused = randn(gen, 60, 150, dtype=torch.float32)
+    w = fused[5:45]
+    got = gemv.gemv(x, w, config=gemv.GemvConfig(block_n=8, block_k=32, splits=2))
+    assert_matches(got, reference(x, w, None), torch.float32)
+
+
+def test_empty_dims_follow_f_linear() -> None:
+    x = torch.ones(2, 0, device=DEVICE)
+    b = torch.arange(3.0, device=DEVICE)
+    assert torch.equal(gemv.gemv(x, torch.ones(3, 0, device=DEVICE), b), b.expand(2, 3))
+    assert gemv.gemv(torch.ones(0, 4, device=DEVICE), torch.ones(3, 4, device=DEVICE)).shape == (0, 3)
+    assert gemv.gemv(torch.ones(2, 4, device=DEVICE), torch.ones(0, 4, device=DEVICE)).shape == (2, 0)
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: (torch.ones(9, 8), torch.ones(4, 8), None), "at most 8"),
+        (lambda: (torch.ones(2, 8), torch.ones(4, 7), None), "K = x's 8"),
+        (lambda: (torch.ones(2, 8), torch.ones(4, 8, dtype=torch.float16), None), "dtype"),
+        (lambda: (torch.ones(2, 8), torch.ones(4, 8), torch.ones(5)), "bias"),
+        (lambda: (torch.ones(8, 2).t(), torch.ones(4, 8), None), "contiguous"),
+        (lambda: (torch.ones(2, 8, dtype=torch.int32), torch.ones(4, 8), None), "float16"),
+    ],
+)
+def test_rejects_bad_arguments_even_with_trusted_inputs(make, match: str) -> None:
+    x, w, b = (t if t is None else t.to(DEVICE) for t in make())
+    with trusted_inputs(), pytest.raises(ValueError, match=match):
+        gemv.gemv(x, w, b)
+
+
+def test_rejects_bad_config() -> None:
+    x = torch.ones(1, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="block_n"):
+        gemv.gemv(x, x, config=gemv.GemvConfig(block_n=6))
+    with pytest.raises(ValueError, match="splits"):
+        gemv.gemv(x, x, config=gemv.GemvConfig(splits=0))
+
+
+def test_linear_takes_leading_dims_and_falls_back_above_8_rows(monkeypatch) -> None:
+    x, w, b = inputs(3, 6, 40, 64, torch.float32, True)
+    calls = []
+    real = gemv.gemv
+    monkeypatch.setattr(gemv, "gemv", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
+    got = gemv.linear(x.view(2, 3, 64), w, b)
+    assert got.shape == (2, 3, 40) and calls == [(6, 64)]
+    assert_matches(got.view(6, 40), reference(x, w, b), torch.float32)
+    assert gemv.linear(x[0], w, b).shape == (40,)  # a 1-d input, as F.linear allows
+    big = torch.ones(9, 64, device=DEVICE)
+    assert torch.equal(gemv.linear(big, w, b), F.linear(big, w, b)) and len(calls) == 2
+
+
+def test_pdl_only_on_cuda_sm90_outside_the_interpreter(monkeypatch) -> None:
+    cuda0 = torch.device("cuda", 0)
+    monkeypatch.setattr(_device, "_cuda_capability", lambda index: (9, 0))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delenv("LEANSERVE_PDL", raising=False)
+    assert _device.pdl_enabled(cuda0)
+    assert not _device.pdl_enabled(torch.device("cpu"))
+    monkeypatch.setenv("LEANSERVE_PDL", "0")
+    assert not _device.pdl_enabled(cuda0)
+    monkeypatch.setenv("LEANSERVE_PDL", "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not _device.pdl_enabled(cuda0)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(_device, "_cuda_capability", lambda index: (8, 0))
+    assert not _device.pdl_enabled(cuda0)
+
+
+# Compiled on a GPU: the 1.1B model's projections at every decode batch, PDL off and on, and a CUDA
+# graph of back-to-back split launches sharing one workspace.
+TINYLLAMA = [(2560, 2048), (2048, 2048), (11264, 2048), (2048, 5632)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", TINYLLAMA)
+@pytest.mark.parametrize("pdl", [False, True])
+def test_projections_gpu(n: int, k: int, pdl: bool) -> None:
+    for m in range(1, 9):
+        x, w, b = inputs(m + n, m, n, k, torch.bfloat16, m % 2 == 0)
+        torch.cuda.synchronize()  # with PDL, W is read before the wait: not the output of the last kernel
+        assert_matches(gemv.gemv(x, w, b, config=gemv.GemvConfig(pdl=pdl)), reference(x, w, b), torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pdl", [False, True])
+def test_chain_in_cuda_graph_gpu(pdl: bool) -> None:
+    gen = generator(5)
+    x = randn(gen, 2, 2048, dtype=torch.bfloat16)
+    weights = [randn(gen, 2048, 2048, dtype=torch.bfloat16) * 0.03 for _ in range(4)]
+    torch.cuda.synchronize()
+
+    def chain() -> torch.Tensor:
+        h = x
+        for w in weights:
+            h = gemv.gemv(h, w, config=gemv.GemvConfig(pdl=pdl))
+        return h
+
+    eager = chain()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = chain()
+    for _ in range(3):
+        captured.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured, eager)
