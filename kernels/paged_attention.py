@@ -23,6 +23,7 @@ import triton.language as tl
 from . import _checks
 from ._device import num_sms, pdl_enabled
 from ._pdl import pdl_launch_dependents, pdl_launch_options, pdl_wait
+from ._workspace import scratch
 
 LOG2E = 1.4426950408889634
 
@@ -31,7 +32,7 @@ LOG2E = 1.4426950408889634
 # program reads its KV head once for all the query heads sharing it.
 DECODE_BLOCK_N = 64
 MIN_DOT = 16
-# Split-KV heuristic: a partition of fewer keys than this is not worth its reduce traffic.
+# Split-KV heuristic: a partition of fewer keys than this is not worth its merge traffic.
 MIN_PARTITION_TOKENS = 128
 MAX_PARTITIONS = 64
 # Prefill tiles: BLOCK_M queries x BLOCK_N keys (halved for head_dim 256 to stay in registers).
@@ -46,7 +47,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 @triton.jit
 def _decode_partition_kernel(
-    q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, out_ptr, max_ptr, sum_ptr,
+    q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, out_ptr, max_ptr, sum_ptr, final_ptr, count_ptr,
     scale_log2, ctx_limit, num_blocks, partition_size,
     stride_qs, stride_qh,
     stride_kb, stride_kt, stride_kh,
@@ -54,6 +55,7 @@ def _decode_partition_kernel(
     stride_table,
     stride_os, stride_oh, stride_op,
     stride_ms, stride_mh,
+    stride_fs, stride_fh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr,
@@ -61,7 +63,9 @@ def _decode_partition_kernel(
     """One (sequence, kv head, partition): attention of the group's query heads over its key range.
 
     SPLIT: write the unnormalised accumulator plus the running max and sum (log2 domain) to the
-    partials; otherwise write the normalised output directly.
+    partials (``out_ptr``, ``max_ptr``, ``sum_ptr``); the last partition of a (sequence, kv head) to
+    arrive (an atomic counter) merges them into ``final_ptr``, so a split decode is one launch.
+    Otherwise write the normalised output directly to ``out_ptr``.
     """
     pdl_wait(USE_PDL)
     pdl_launch_dependents(USE_PDL)
@@ -118,12 +122,22 @@ def _decode_partition_kernel(
 
     out_mask = mask_g[:, None] & mask_d[None, :]
     if SPLIT:
-        # An empty partition stores m=-inf, l=0, acc=0: the reduce gives it zero weight.
+        # An empty partition stores m=-inf, l=0, acc=0: the merge gives it zero weight.
         base = seq * stride_os + heads * stride_oh + part * stride_op
         tl.store(out_ptr + base[:, None] + offs_d[None, :], acc, mask=out_mask)
         stat = seq * stride_ms + heads * stride_mh + part
         tl.store(max_ptr + stat, m_i, mask=mask_g)
         tl.store(sum_ptr + stat, l_i, mask=mask_g)
+        # Every thread's partial stores come before the arrival (CTA barrier, then an acq_rel atomic).
+        tl.debug_barrier()
+        counter = count_ptr + seq * tl.num_programs(1) + kv_head
+        if tl.atomic_add(counter, 1, sem="acq_rel") == tl.num_programs(2) - 1:
+            _merge_partitions(
+                out_ptr, max_ptr, sum_ptr, final_ptr, seq, heads, mask_g, tl.num_programs(2),
+                stride_os, stride_oh, stride_op, stride_ms, stride_mh, stride_fs, stride_fh,
+                HEAD_DIM, BLOCK_G, BLOCK_D,
+            )
+            tl.atomic_xchg(counter, 0, sem="relaxed")  # zero again for the next launch
     else:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         ptrs = out_ptr + seq * stride_os + heads[:, None] * stride_oh + offs_d[None, :]
@@ -131,39 +145,34 @@ def _decode_partition_kernel(
 
 
 @triton.jit
-def _decode_reduce_kernel(
-    part_ptr, max_ptr, sum_ptr, out_ptr, num_parts,
-    stride_ps, stride_ph, stride_pp,
-    stride_ms, stride_mh,
-    stride_os, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, USE_PDL: tl.constexpr,
+def _merge_partitions(
+    part_ptr, max_ptr, sum_ptr, out_ptr, seq, heads, mask_g, num_parts,
+    stride_ps, stride_ph, stride_pp, stride_ms, stride_mh, stride_os, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """One (sequence, query head): merge the partitions' partial softmax results."""
-    pdl_wait(USE_PDL)
-    pdl_launch_dependents(USE_PDL)
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    offs_p = tl.arange(0, BLOCK_P)
+    """Merge the partitions' partial softmax results of one kv head's query ``heads`` into ``out``.
+
+    Written by programs on other SMs: read from L2 (``.cg``), never a stale L1 line.
+    """
     offs_d = tl.arange(0, BLOCK_D)
-    mask_p = offs_p < num_parts
-    mask_d = offs_d < HEAD_DIM
-    stat = seq * stride_ms + head * stride_mh + offs_p
-    m = tl.load(max_ptr + stat, mask=mask_p, other=float("-inf"))
-    s = tl.load(sum_ptr + stat, mask=mask_p, other=0.0)
-    m_all = tl.max(m, 0)
+    mask = mask_g[:, None] & (offs_d < HEAD_DIM)[None, :]
+    stat = seq * stride_ms + heads * stride_mh
+    m_all = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    for p in range(num_parts):
+        m_all = tl.maximum(m_all, tl.load(max_ptr + stat + p, mask=mask_g, other=float("-inf"),
+                                          cache_modifier=".cg"))
     # All partitions empty (context 0): keep exp2 away from -inf - -inf = NaN.
     m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
-    w = tl.exp2(m - m_all)
-    total = tl.sum(s * w, 0)
-    part = tl.load(
-        part_ptr + seq * stride_ps + head * stride_ph + offs_p[:, None] * stride_pp + offs_d[None, :],
-        mask=mask_p[:, None] & mask_d[None, :], other=0.0,
-    )
-    out = tl.sum(part * w[:, None], 0) / tl.where(total > 0, total, 1.0)
-    tl.store(
-        out_ptr + seq * stride_os + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
-        mask=mask_d,
-    )
+    total = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    rows = part_ptr + seq * stride_ps + heads[:, None] * stride_ph + offs_d[None, :]
+    for p in range(num_parts):
+        w = tl.exp2(tl.load(max_ptr + stat + p, mask=mask_g, other=float("-inf"), cache_modifier=".cg") - m_all)
+        total += tl.load(sum_ptr + stat + p, mask=mask_g, other=0.0, cache_modifier=".cg") * w
+        acc += tl.load(rows + p * stride_pp, mask=mask, other=0.0, cache_modifier=".cg") * w[:, None]
+    out = acc / tl.where(total > 0, total, 1.0)[:, None]
+    ptrs = out_ptr + seq * stride_os + heads[:, None] * stride_oh + offs_d[None, :]
+    tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -265,7 +274,7 @@ def choose_num_partitions(num_seqs: int, num_kv_heads: int, max_context_len: int
     Without splitting the grid has one program per (sequence, kv head); with few long sequences that
     leaves most SMs idle while each program walks a long context. Split until the grid covers about
     two programs per SM, but keep every partition at least MIN_PARTITION_TOKENS long so the extra
-    partial writes and the reduce stay small next to the K/V reads.
+    partial writes and the merge stay small next to the K/V reads.
     """
     programs = max(num_seqs * num_kv_heads, 1)
     wanted = math.ceil(2 * num_sms / programs)
@@ -359,26 +368,21 @@ def paged_decode_attention(
     grid = (num_seqs, num_kv_heads, parts)
     if parts == 1:
         _decode_partition_kernel[grid](
-            query, k_cache, v_cache, block_tables, context_lens, out, out, out,
+            query, k_cache, v_cache, block_tables, context_lens, out, out, out, out, out,
             scale * LOG2E, ctx_limit, num_blocks, partition_size, *strides,
-            out.stride(0), out.stride(1), 0, 0, 0, SPLIT=False, **common,
+            out.stride(0), out.stride(1), 0, 0, 0, 0, 0, SPLIT=False, **common,
         )
         return out
     partial = _scratch((num_seqs, num_heads, parts, head_dim), query.device)
     maxes = _scratch((num_seqs, num_heads, parts), query.device)
     sums = _scratch((num_seqs, num_heads, parts), query.device)
+    # Zero between launches: each (sequence, kv head)'s last partition resets its counter.
+    counters = scratch(query.device, "split-K arrival counters", num_seqs * num_kv_heads, torch.int32)
     _decode_partition_kernel[grid](
-        query, k_cache, v_cache, block_tables, context_lens, partial, maxes, sums,
+        query, k_cache, v_cache, block_tables, context_lens, partial, maxes, sums, out, counters,
         scale * LOG2E, ctx_limit, num_blocks, partition_size, *strides,
         partial.stride(0), partial.stride(1), partial.stride(2), maxes.stride(0), maxes.stride(1),
-        SPLIT=True, **common,
-    )
-    _decode_reduce_kernel[(num_seqs, num_heads)](
-        partial, maxes, sums, out, parts,
-        partial.stride(0), partial.stride(1), partial.stride(2), maxes.stride(0), maxes.stride(1),
-        out.stride(0), out.stride(1),
-        HEAD_DIM=head_dim, BLOCK_D=common["BLOCK_D"], BLOCK_P=triton.next_power_of_2(parts), USE_PDL=pdl,
-        num_warps=4, **pdl_launch_options(pdl),
+        out.stride(0), out.stride(1), SPLIT=True, **common,
     )
     return out
 

@@ -57,6 +57,23 @@ def test_strided_query_and_max_context_len():
     assert_close(out, reference.paged_decode_attention(*args), torch.float32)
 
 
+def test_split_decode_is_one_launch_that_leaves_its_counters_at_zero():
+    """The last partition of each (sequence, kv head) merges the partials; its arrival counter must be
+    zero again afterwards, or the next call (a CUDA graph replay) would merge too early or never."""
+    from leanserve.kernels import _workspace
+
+    gen = generator(18)
+    kv = make_paged_kv(gen, [300, 45, 0, 129], 2, 64, 16, torch.float32)
+    query = randn(gen, 4, 6, 64)
+    args = (query, kv.k_cache, kv.v_cache, kv.block_tables, kv.context_lens, 0.125)
+    first = paged_attention.paged_decode_attention(*args, num_partitions=4, out=nan_like(query))
+    assert_close(first, reference.paged_decode_attention(*args), torch.float32)
+    counters = _workspace.buffers("split-K arrival counters")
+    assert counters and not any(c.any() for c in counters)
+    again = paged_attention.paged_decode_attention(*args, num_partitions=4, out=nan_like(query))
+    assert torch.equal(first, again)
+
+
 def test_batch_invariance():
     gen = generator(16)
     lens = [200, 31, 77, 5]
