@@ -58,7 +58,7 @@ def _decode_partition_kernel(
     stride_fs, stride_fh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    BLOCK_P: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """One (sequence, kv head, partition): attention of the group's query heads over its key range.
 
@@ -133,9 +133,9 @@ def _decode_partition_kernel(
         counter = count_ptr + seq * tl.num_programs(1) + kv_head
         if tl.atomic_add(counter, 1, sem="acq_rel") == tl.num_programs(2) - 1:
             _merge_partitions(
-                out_ptr, max_ptr, sum_ptr, final_ptr, seq, heads, mask_g, tl.num_programs(2),
+                out_ptr, max_ptr, sum_ptr, final_ptr, seq, kv_head, tl.cdiv(ctx, partition_size),
                 stride_os, stride_oh, stride_op, stride_ms, stride_mh, stride_fs, stride_fh,
-                HEAD_DIM, BLOCK_G, BLOCK_D,
+                GROUP, HEAD_DIM, BLOCK_D, BLOCK_P,
             )
             tl.atomic_xchg(counter, 0, sem="relaxed")  # zero again for the next launch
     else:
@@ -146,33 +146,37 @@ def _decode_partition_kernel(
 
 @triton.jit
 def _merge_partitions(
-    part_ptr, max_ptr, sum_ptr, out_ptr, seq, heads, mask_g, num_parts,
+    part_ptr, max_ptr, sum_ptr, out_ptr, seq, kv_head, live_parts,
     stride_ps, stride_ph, stride_pp, stride_ms, stride_mh, stride_os, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """Merge the partitions' partial softmax results of one kv head's query ``heads`` into ``out``.
+    """Merge the partial softmax results of one kv head's query heads into ``out``.
 
-    Written by programs on other SMs: read from L2 (``.cg``), never a stale L1 line.
+    Only the first ``live_parts`` partitions hold keys (the others are empty: zero weight). All
+    partitions of a head are loaded at once and the heads are unrolled, so the loads do not queue
+    behind each other. Written by programs on other SMs: read from L2 (``.cg``), never a stale L1 line.
     """
+    offs_p = tl.arange(0, BLOCK_P)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = mask_g[:, None] & (offs_d < HEAD_DIM)[None, :]
-    stat = seq * stride_ms + heads * stride_mh
-    m_all = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-    for p in range(num_parts):
-        m_all = tl.maximum(m_all, tl.load(max_ptr + stat + p, mask=mask_g, other=float("-inf"),
-                                          cache_modifier=".cg"))
-    # All partitions empty (context 0): keep exp2 away from -inf - -inf = NaN.
-    m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
-    total = tl.zeros([BLOCK_G], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-    rows = part_ptr + seq * stride_ps + heads[:, None] * stride_ph + offs_d[None, :]
-    for p in range(num_parts):
-        w = tl.exp2(tl.load(max_ptr + stat + p, mask=mask_g, other=float("-inf"), cache_modifier=".cg") - m_all)
-        total += tl.load(sum_ptr + stat + p, mask=mask_g, other=0.0, cache_modifier=".cg") * w
-        acc += tl.load(rows + p * stride_pp, mask=mask, other=0.0, cache_modifier=".cg") * w[:, None]
-    out = acc / tl.where(total > 0, total, 1.0)[:, None]
-    ptrs = out_ptr + seq * stride_os + heads[:, None] * stride_oh + offs_d[None, :]
-    tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
+    mask_p = offs_p < live_parts
+    mask_d = offs_d < HEAD_DIM
+    for g in tl.static_range(GROUP):
+        head = kv_head * GROUP + g
+        stat = seq * stride_ms + head * stride_mh + offs_p
+        m = tl.load(max_ptr + stat, mask=mask_p, other=float("-inf"), cache_modifier=".cg")
+        total = tl.load(sum_ptr + stat, mask=mask_p, other=0.0, cache_modifier=".cg")
+        part = tl.load(
+            part_ptr + seq * stride_ps + head * stride_ph + offs_p[:, None] * stride_pp + offs_d[None, :],
+            mask=mask_p[:, None] & mask_d[None, :], other=0.0, cache_modifier=".cg",
+        )
+        m_all = tl.max(m, 0)
+        # No keys at all (context 0): keep exp2 away from -inf - -inf = NaN.
+        m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
+        w = tl.exp2(m - m_all)
+        total = tl.sum(total * w, 0)
+        out = tl.sum(part * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+        tl.store(out_ptr + seq * stride_os + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
+                 mask=mask_d)
 
 
 @triton.jit
@@ -370,7 +374,7 @@ def paged_decode_attention(
         _decode_partition_kernel[grid](
             query, k_cache, v_cache, block_tables, context_lens, out, out, out, out, out,
             scale * LOG2E, ctx_limit, num_blocks, partition_size, *strides,
-            out.stride(0), out.stride(1), 0, 0, 0, 0, 0, SPLIT=False, **common,
+            out.stride(0), out.stride(1), 0, 0, 0, 0, 0, SPLIT=False, BLOCK_P=1, **common,
         )
         return out
     partial = _scratch((num_seqs, num_heads, parts, head_dim), query.device)
@@ -382,7 +386,7 @@ def paged_decode_attention(
         query, k_cache, v_cache, block_tables, context_lens, partial, maxes, sums, out, counters,
         scale * LOG2E, ctx_limit, num_blocks, partition_size, *strides,
         partial.stride(0), partial.stride(1), partial.stride(2), maxes.stride(0), maxes.stride(1),
-        out.stride(0), out.stride(1), SPLIT=True, **common,
+        out.stride(0), out.stride(1), SPLIT=True, BLOCK_P=triton.next_power_of_2(parts), **common,
     )
     return out
 
