@@ -183,6 +183,11 @@ def gpu_kernel_bench(sweep: bool = False, sweep_m: Sequence[int] = (1, 16, 64, 2
             f"(awq {k * n / 2 / t_awq / 1e3:.0f} GB/s of int4 weights; max err {err:.1e})")
         results[f"gemm_us_awq_m{m}"], results[f"gemm_us_fp16_m{m}"] = t_awq, t_fp16
         results[f"gemm_speedup_m{m}"] = t_fp16 / t_awq
+        if m > 8:  # the two prefill launches side by side: where DEQUANT_MIN_M should sit
+            for kind in ("tiled", "dequant"):
+                t = graph_us([lambda x=x, w=w, kind=kind: awq_gemm(x, *w, group, force=kind) for w in layers])
+                say(f"  M={m} {kind} (us), speed vs fp16", f"{t:.1f}, {t_fp16 / t:.2f}x")
+                results[f"gemm_us_{kind}_m{m}"] = t
     if sweep:
         results.update(sweep_launch_configs(layers, k, group, list(sweep_m)))
     return results

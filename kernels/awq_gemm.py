@@ -12,6 +12,8 @@ permuted. Two shapes of launch:
   so a call is one launch; unsplit, a program stores its outputs directly.
 - tiled (larger ``M``, prefill): ``BLOCK_M x 8*BLOCK_C`` output tiles, the dequantized ``[BLOCK_K,
   8*BLOCK_C]`` weight tile fed to ``tl.dot``. A K step never straddles a group.
+- dequantize then matmul (``M >= DEQUANT_MIN_M``): ``W`` written once in ``x``'s dtype to a scratch
+  buffer, rows in AWQ's column order, then the library matmul.
 
 History on an H200 (4096x11008 at M=1; fp16 ``torch.matmul`` 24.8 us): one word loaded per output
 column, each word eight times, 296 us (load-unit bound); whole words into a ``[BLOCK_K, BLOCK_C, 8]``
@@ -32,6 +34,9 @@ from ._workspace import scratch
 
 GEMV_MAX_M = 8  # at or below this many rows the GEMV launch wins (weight-read bound)
 ONE_BITS = 0x3F800000  # 1.0f, see _nibble_plus_one
+# From this many rows the weight is dequantized once and the matmul left to the library (vLLM's AWQ does
+# the same from 256 tokens); between GEMV_MAX_M and this, the fused tiled kernel. Not yet timed here.
+DEQUANT_MIN_M = 256
 
 
 @triton.jit
@@ -286,6 +291,49 @@ def _awq_gemv_kernel(
 
 
 @triton.jit
+def _awq_dequant_kernel(
+    qw_ptr, qz_ptr, s_ptr, w_ptr, N, n8, one_bits,
+    GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, ASM: tl.constexpr,
+):
+    """``W [K, N]`` in ``w``'s dtype from a ``[BLOCK_K, BLOCK_C]`` tile of words: the nibbles unpacked as
+    in the GEMV, then interleaved into AWQ's column order so that the stores are whole rows."""
+    pid_k = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)  # K % BLOCK_K == 0 and BLOCK_K divides GROUP
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = offs_c < n8
+    words = tl.load(qw_ptr + offs_k[:, None] * n8 + offs_c[None, :], mask=c_mask[None, :], other=0)
+    g = pid_k * BLOCK_K // GROUP
+    zw = tl.load(qz_ptr + g * n8 + offs_c, mask=c_mask, other=0)
+    n0, n1, n2, n3, n4, n5, n6, n7 = _word_plus_one(words, one_bits, ASM)
+    w0 = _dequant_nibble(n0, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 0)
+    w1 = _dequant_nibble(n1, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 1)
+    w2 = _dequant_nibble(n2, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 2)
+    w3 = _dequant_nibble(n3, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 3)
+    w4 = _dequant_nibble(n4, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 4)
+    w5 = _dequant_nibble(n5, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 5)
+    w6 = _dequant_nibble(n6, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 6)
+    w7 = _dequant_nibble(n7, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 7)
+    # Nibble j = a + 4b of word c is column 8c + 2a + b (AWQ_ORDER): interleaving the a bits, then b,
+    # puts every value at its column, [BLOCK_K, 8 * BLOCK_C].
+    rows = tl.interleave(
+        tl.interleave(tl.interleave(w0, w2), tl.interleave(w1, w3)),
+        tl.interleave(tl.interleave(w4, w6), tl.interleave(w5, w7)),
+    )
+    offs_n = pid_c * BLOCK_C * 8 + tl.arange(0, BLOCK_C * 8)
+    tl.store(w_ptr + offs_k[:, None] * N + offs_n[None, :], rows.to(w_ptr.dtype.element_ty),
+             mask=(offs_n < N)[None, :])
+
+
+@triton.jit
+def _dequant_nibble(n, zero_words, s_ptr, g, N, offs_c, c_mask, one_bits, J: tl.constexpr):
+    """``(q - z) * scale`` for nibble ``J``, from its ``1 + q/16`` (``(1 + q/16) - (1 + z/16)`` is exact)."""
+    col = offs_c * 8 + (J % 4) * 2 + J // 4
+    scale = tl.load(s_ptr + g * N + col, mask=c_mask, other=0.0).to(tl.float32) * 16.0
+    return (n - _nibble_plus_one(zero_words, J, one_bits)[None, :]) * scale[None, :]
+
+
+@triton.jit
 def _awq_gemm_kernel(
     x_ptr, qw_ptr, qz_ptr, s_ptr, bias_ptr, out_ptr,
     M, N, K, stride_xm, stride_om,
@@ -361,7 +409,7 @@ def awq_gemm(
     scales: torch.Tensor,
     group_size: int,
     bias: torch.Tensor | None = None,
-    force: str | None = None,  # "gemv" or "tiled": pick the launch (tests); default by M
+    force: str | None = None,  # "gemv", "tiled" or "dequant": pick the launch (tests); default by M
     gemv_config: dict[str, int | str] | None = None,  # block_c/block_k/splits/num_warps/num_stages/unpack
     tiled_config: dict[str, int] | None = None,  # block_m / block_c / block_k / num_warps / num_stages
 ) -> torch.Tensor:
@@ -370,7 +418,39 @@ def awq_gemm(
     m = x.shape[0]
     if force == "gemv" or (force is None and m <= GEMV_MAX_M):
         return _gemv(x, qweight, qzeros, scales, group_size, bias, **(gemv_config or {}))
+    if force == "dequant" or (force is None and m >= DEQUANT_MIN_M):
+        return _dequant_matmul(x, qweight, qzeros, scales, group_size, bias)
     return _tiled(x, qweight, qzeros, scales, group_size, bias, **(tiled_config or {}))
+
+
+def awq_dequantize(
+    qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int, out: torch.Tensor
+) -> torch.Tensor:
+    """``dequant(W) [K, N]`` into ``out`` (its dtype), one launch."""
+    k, n8 = qweight.shape
+    n = n8 * 8
+    if out.shape != (k, n) or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous [{k}, {n}] tensor, got {tuple(out.shape)}")
+    block_k, block_c = _block_k(group_size, 16), 32
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    _awq_dequant_kernel[(k // block_k, triton.cdiv(n8, block_c))](
+        qweight, qzeros, scales, out, n, n8, ONE_BITS,
+        GROUP=group_size, BLOCK_K=block_k, BLOCK_C=block_c, ASM=not interpreted, num_warps=4,
+    )
+    return out
+
+
+def _dequant_matmul(
+    x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """Large M: the weight dequantized once into a scratch buffer (read 4 bits, write 16 per weight),
+    then the library matmul, which beats a fused kernel that re-dequantizes per row block."""
+    k, n = qweight.shape[0], scales.shape[1]
+    w = scratch(x.device, f"awq dequantized weight {x.dtype}", k * n, x.dtype)[: k * n].view(k, n)
+    awq_dequantize(qweight, qzeros, scales, group_size, w)
+    out = torch.matmul(x, w)
+    return out if bias is None else out + bias
 
 
 def _gemv(

@@ -29,6 +29,7 @@ def random_awq(k: int, n: int, group: int, seed: int = 0) -> tuple[torch.Tensor,
         (5, 384, 64, 128, "gemv"),  # 3 groups: the K split leaves a short last slice
         (17, 128, 64, 32, "tiled"),
         (40, 256, 80, 128, "tiled"),
+        (9, 256, 264, 64, "dequant"),  # N not a multiple of the 256-column store tile
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -110,9 +111,19 @@ def test_gemv_rejects_a_tile_smaller_than_its_warps() -> None:
         awq_gemm(torch.randn(1, 128).to(DEVICE), qweight, qzeros, scales, 64, gemv_config={"block_c": 8})
 
 
+def test_dequantize_writes_every_weight_in_awq_column_order() -> None:
+    from leanserve.kernels.awq_gemm import awq_dequantize
+    from leanserve.kernels.awq_reference import dequantize_awq
+
+    qweight, qzeros, scales = random_awq(128, 72, 32, seed=12)
+    out = torch.full((128, 72), float("nan"), device=DEVICE)
+    awq_dequantize(qweight, qzeros, scales, 32, out)
+    torch.testing.assert_close(out, dequantize_awq(qweight, qzeros, scales, 32).float(), rtol=0, atol=1e-6)
+
+
 def test_default_launch_by_m() -> None:
     qweight, qzeros, scales = random_awq(64, 32, 32)
-    for m in (2, 20):
+    for m in (2, 20, 256):  # GEMV, tiled, dequantize-then-matmul
         x = torch.randn(m, 64).to(DEVICE)
         ref = awq_gemm_reference(x, qweight, qzeros, scales, 32)
         torch.testing.assert_close(awq_gemm(x, qweight, qzeros, scales, 32), ref, atol=1e-3, rtol=1e-4)
@@ -160,3 +171,13 @@ def test_gemv_at_a_7b_mlp_size(m: int, dtype: torch.dtype, unpack: str) -> None:
     for _ in range(2):
         out = awq_gemm(x, qweight, qzeros, scales, 128, gemv_config={"unpack": unpack})
         torch.testing.assert_close(out.float(), ref, atol=1e-2 * ref.abs().max().item(), rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["tiled", "dequant"])
+def test_prefill_launches_at_a_7b_mlp_size(mode: str) -> None:
+    qweight, qzeros, scales = random_awq(4096, 11008, 128, seed=3)
+    x = torch.randn(300, 4096, generator=torch.Generator().manual_seed(3)).to(DEVICE, torch.float16)
+    ref = awq_gemm_reference(x.float(), qweight, qzeros, scales, 128)
+    out = awq_gemm(x, qweight, qzeros, scales, 128, force=mode)
+    torch.testing.assert_close(out.float(), ref, atol=1e-2 * ref.abs().max().item(), rtol=0)
