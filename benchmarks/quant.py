@@ -128,7 +128,8 @@ def sweep_launch_configs(layers: list, k: int, group: int, ms: list[int]) -> dic
             for c, bk in ((32, 16), (32, 32), (64, 8), (64, 16), (64, 32), (128, 8), (128, 16))
             for u in ("asm", "shift") for sp in (None, 16)]
            + [("gemv", dict(num_stages=st)) for st in (1, 2, 4)]
-           + [("gemv", dict(block_c=c, block_k=bk, num_warps=w)) for c, bk, w in ((64, 32, 8), (128, 16, 8), (32, 16, 2))],
+           + [("gemv", dict(block_c=c, block_k=bk, num_warps=w))
+              for c, bk, w in ((64, 32, 8), (128, 16, 8), (32, 16, 2))],
         16: [("tiled", cfg) for cfg in tiled if cfg["block_m"] == 16],
         64: [("tiled", cfg) for cfg in tiled if cfg["block_m"] == 64],
         256: [("tiled", cfg) for cfg in tiled if cfg["block_m"] >= 64],
