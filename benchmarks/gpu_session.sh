@@ -2,7 +2,7 @@
 # One lease of a GPU machine, as one script: install the tree, run the kernel and CUDA-graph tests
 # compiled (not interpreted), then the projection matmuls (cuBLAS vs the Triton GEMV, PDL off/on), the
 # decode step by kernel variant, the kernel and AWQ GEMM benchmarks. Each step has a time limit and its
-# own log under OUT; a failing step does not stop the others. The limits add up to 8.5 minutes; the
+# own log under OUT; a failing step does not stop the others. The limits add up to 9 minutes; the
 # benchmarks print a JSON line per finished part, so a step cut short keeps what it measured.
 #
 #   bash benchmarks/gpu_session.sh [OUT_DIR]     (on the GPU machine, from the repo root)
@@ -49,4 +49,4 @@ step decode_step "${T_DECODE:-150}" $PY benchmarks/decode_step.py --iters 30 \
     --variants "${DECODE_VARIANTS:-fused,gemv_pdl,gemv,fused_pdl}"
 step kernels_bench "${T_KERNELS:-60}" $PY benchmarks/kernels.py --iters 50 --warmup 10
 # The AWQ GEMV sweep at M=1 only by default (the bar); AWQ_SWEEP_M=1,16,64,256 adds the tiled shapes.
-step awq_bench "${T_AWQ:-120}" $PY benchmarks/quant.py --gpu-only ${AWQ_SWEEP:---sweep} --sweep-m ${AWQ_SWEEP_M:-1}
+step awq_bench "${T_AWQ:-150}" $PY benchmarks/quant.py --gpu-only ${AWQ_SWEEP:---sweep} --sweep-m ${AWQ_SWEEP_M:-1}
