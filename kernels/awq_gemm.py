@@ -37,6 +37,10 @@ ONE_BITS = 0x3F800000  # 1.0f, see _nibble_plus_one
 # From this many rows the weight is dequantized once and the matmul left to the library (vLLM's AWQ does
 # the same from 256 tokens); between GEMV_MAX_M and this, the fused tiled kernel. Not yet timed here.
 DEQUANT_MIN_M = 256
+# How the GEMV and the dequantize kernel turn nibbles into floats: "shift" (plain Triton, what the
+# interpreter tests run) or "asm" (PTX, compiled CUDA only: two nibbles per LOP3). "shift" until the PTX
+# has passed the GPU tests and won the sweep (quant.py --gpu-only --sweep times both).
+UNPACK = "shift"
 
 
 @triton.jit
@@ -435,7 +439,7 @@ def awq_dequantize(
     interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
     _awq_dequant_kernel[(k // block_k, triton.cdiv(n8, block_c))](
         qweight, qzeros, scales, out, n, n8, ONE_BITS,
-        GROUP=group_size, BLOCK_K=block_k, BLOCK_C=block_c, ASM=not interpreted, num_warps=4,
+        GROUP=group_size, BLOCK_K=block_k, BLOCK_C=block_c, ASM=UNPACK == "asm" and not interpreted, num_warps=4,
     )
     return out
 
@@ -476,7 +480,7 @@ def _gemv(
     if group_size % block_k:
         raise ValueError(f"block_k {block_k} must divide the group size {group_size}")
     interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    unpack = unpack or ("shift" if interpreted else "asm")
+    unpack = unpack or UNPACK
     if unpack not in ("asm", "shift") or (unpack == "asm" and interpreted):
         raise ValueError(f"unpack {unpack!r}: 'shift', or 'asm' when compiled (the interpreter cannot run PTX)")
     if block_k * block_c < 4 * 32 * num_warps:

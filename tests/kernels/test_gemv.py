@@ -134,6 +134,8 @@ def test_pdl_only_on_cuda_sm90_outside_the_interpreter(monkeypatch) -> None:
     monkeypatch.setattr(_device, "_cuda_capability", lambda index: (9, 0))
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.delenv("LEANSERVE_PDL", raising=False)
+    assert not _device.pdl_enabled(cuda0)  # off until asked for
+    monkeypatch.setenv("LEANSERVE_PDL", "1")
     assert _device.pdl_enabled(cuda0)
     assert not _device.pdl_enabled(torch.device("cpu"))
     monkeypatch.setenv("LEANSERVE_PDL", "0")

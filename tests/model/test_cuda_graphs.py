@@ -85,7 +85,9 @@ def test_padding_rows_write_no_kv_slot(tiny_llama_dir: Path) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_graphs_match_eager_and_transformers(tiny_llama_dir: Path) -> None:
+@pytest.mark.parametrize("pdl", ["0", "1"])  # programmatic dependent launch (sm_90+) off and on
+def test_cuda_graphs_match_eager_and_transformers(tiny_llama_dir: Path, pdl: str, monkeypatch) -> None:
+    monkeypatch.setenv("LEANSERVE_PDL", pdl)
     hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     prompts = random_prompts(hf.config.vocab_size, [1, 5, 16, 17, 33, 48, 64, 90, 7, 120], seed=1)
     outputs = {}
