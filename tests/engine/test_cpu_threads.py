@@ -14,16 +14,19 @@ def test_picks_fewer_threads_only_when_clearly_faster_and_rechecks_on_interval()
     try:
         tuner = ThreadTuner(max_threads=4, hidden_size=8, intermediate_size=16, interval_s=5.0)
         assert tuner.candidates == [1, 2, 4]
+        scripted(tuner, {1: 10.0, 2: 70.0, 4: 70.0})
+        assert tuner.maybe_retune(now=95.0) == 4 and not tuner.history  # the first call only starts the clock
         scripted(tuner, {1: 10.0, 2: 6.0, 4: 4.0})  # idle host: more threads win
         assert tuner.maybe_retune(now=100.0) == 4 and torch.get_num_threads() == 4
         scripted(tuner, {1: 10.0, 2: 70.0, 4: 70.0})  # busy neighbours: one thread wins
         assert tuner.maybe_retune(now=102.0) == 4  # not yet: the interval has not passed
         assert tuner.maybe_retune(now=105.5) == 1 and torch.get_num_threads() == 1
-        scripted(tuner, {1: 10.0, 2: 11.0, 4: 11.5})  # within the margin: back to all threads
-        assert tuner.maybe_retune(now=111.0) == 4
-        scripted(tuner, {1: 10.0, 2: 5.0, 4: 30.0})  # one neighbour: half the threads win
-        assert tuner.maybe_retune(now=117.0) == 2
-        assert [choice for _, _, choice in tuner.history] == [4, 1, 4, 2]
+        scripted(tuner, {1: 10.0, 2: 11.0, 4: 11.5})  # within the margin: back to all threads...
+        assert tuner.maybe_retune(now=111.0) == 1  # ...but only on the second such probe in a row
+        assert tuner.maybe_retune(now=116.0) == 4
+        scripted(tuner, {1: 10.0, 2: 5.0, 4: 30.0})  # one neighbour: half the threads win, at once
+        assert tuner.maybe_retune(now=122.0) == 2
+        assert [choice for _, _, choice in tuner.history] == [4, 1, 1, 4, 2]
     finally:
         torch.set_num_threads(before)
 
@@ -32,8 +35,32 @@ def test_real_probe_runs_and_sets_threads() -> None:
     before = torch.get_num_threads()
     try:
         tuner = ThreadTuner(max_threads=2, hidden_size=64, intermediate_size=128, interval_s=0.0)
+        assert tuner.maybe_retune() == 2 and not tuner.history  # starts the clock, all threads
         choice = tuner.maybe_retune()
         assert choice in (1, 2) and torch.get_num_threads() == choice
         assert set(tuner.history[-1][1]) == {1, 2} and all(t > 0 for t in tuner.history[-1][1].values())
     finally:
         torch.set_num_threads(before)
+
+
+def test_run_on_own_thread_returns_raises_and_leaves_no_thread_behind() -> None:
+    import threading
+
+    import pytest
+
+    from leanserve.engine.cpu_threads import run_on_own_thread
+
+    seen = []
+
+    def work(x: int) -> int:
+        seen.append(threading.current_thread())
+        return x * 2
+
+    assert run_on_own_thread(work, 21) == 42
+    assert seen[0] is not threading.current_thread() and not seen[0].is_alive()
+
+    def fail() -> None:
+        raise ValueError("bad checkpoint")
+
+    with pytest.raises(ValueError, match="bad checkpoint"):
+        run_on_own_thread(fail)

@@ -33,6 +33,7 @@ from leanserve.api.protocol import (
 )
 from leanserve.api.state import ServerState
 from leanserve.engine.async_engine import AsyncEngine
+from leanserve.engine.cpu_threads import run_on_own_thread
 from leanserve.engine.llm_engine import LLMEngine
 from leanserve.metrics import log_startup, setup_metrics
 from leanserve.settings import ServerSettings
@@ -72,7 +73,8 @@ def _engine_ready(app: FastAPI, engine: AsyncEngine, settings: ServerSettings) -
 
 async def _load(app: FastAPI, state: ServerState) -> None:
     try:
-        engine = await asyncio.to_thread(build_engine, state.settings)
+        # On a thread of its own that then ends, not an executor thread that lives on (cpu_threads).
+        engine = await asyncio.to_thread(run_on_own_thread, build_engine, state.settings)
     except Exception as exc:
         logger.exception("the model failed to load")
         state.status = "failed"

@@ -19,7 +19,9 @@ from leanserve.kernels.backend import AttentionOps
 class DecodeGroup:
     """Decodes ``start:end`` of the step: their block ids flattened (one index_select per layer reads
     them all), the mask of real positions ``[n, 1, 1, blocks * block_size]``, and reused gather
-    destinations (a fresh multi-MB tensor per layer costs 4x the copy itself in page faults)."""
+    destinations (a fresh multi-MB tensor per layer costs 4x the copy itself in page faults).
+    ``first_block``: set when the ids are one consecutive run (a lone sequence usually is), which the
+    attention then reads as a view of the cache, with no gather at all."""
 
     start: int
     end: int
@@ -27,6 +29,7 @@ class DecodeGroup:
     mask: torch.Tensor
     k_buffer: torch.Tensor
     v_buffer: torch.Tensor
+    first_block: int | None = None
 
 
 @dataclass
@@ -96,8 +99,12 @@ class PagedAttention:
         gqa = self.num_heads != self.num_kv_heads
         for group in meta.decode_groups:
             shape = (group.end - group.start, -1, self.num_kv_heads, self.head_dim)
-            keys = torch.index_select(k_cache, 0, group.block_ids, out=group.k_buffer).view(shape)
-            values = torch.index_select(v_cache, 0, group.block_ids, out=group.v_buffer).view(shape)
+            if group.first_block is not None:
+                blocks = slice(group.first_block, group.first_block + group.block_ids.numel())
+                keys, values = k_cache[blocks].view(shape), v_cache[blocks].view(shape)
+            else:
+                keys = torch.index_select(k_cache, 0, group.block_ids, out=group.k_buffer).view(shape)
+                values = torch.index_select(v_cache, 0, group.block_ids, out=group.v_buffer).view(shape)
             out[group.start : group.end] = torch.nn.functional.scaled_dot_product_attention(
                 query[group.start : group.end].unsqueeze(2),
                 keys.transpose(1, 2),

@@ -176,11 +176,13 @@ class ModelRunner:
                 end += 1
             members = decodes[start:end]
             width = max(len(s.block_table) for s in members)
-            ids = torch.tensor([b for s in members for b in s.block_table + [0] * (width - len(s.block_table))])
+            flat = [b for s in members for b in s.block_table + [0] * (width - len(s.block_table))]
+            ids = torch.tensor(flat)
             k_buffer, v_buffer = self._gather_buffer(ids.numel())
             real = torch.tensor(lens[start:end])
             mask = (torch.arange(width * bs)[None, :] < real[:, None])[:, None, None, :]
-            groups.append(DecodeGroup(start, end, ids, mask, k_buffer, v_buffer))
+            run = flat == list(range(flat[0], flat[0] + len(flat)))
+            groups.append(DecodeGroup(start, end, ids, mask, k_buffer, v_buffer, flat[0] if run else None))
             start = end
         return groups
 
