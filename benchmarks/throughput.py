@@ -26,6 +26,10 @@ Usage: python benchmarks/throughput.py [--quick] [--num-requests N] [--seed S] [
 
 from __future__ import annotations
 
+# Before torch: leanserve sets the OpenMP wait policy and spin count the server runs with.
+import leanserve  # noqa: F401
+
+# isort: split
 import argparse
 import json
 import os
