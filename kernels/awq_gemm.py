@@ -235,25 +235,16 @@ def _awq_gemv_kernel(
     c_mask = offs_c < n8
     x_row = x_ptr + row.to(tl.int64) * stride_xm
     k_start = pid_k * K_PER_SPLIT
-    if K_PER_SPLIT == GROUP:
-        # One group per slice (what the launcher picks for big layers): no running sums across groups,
-        # so the registers of the eight ``y`` tiles are not held through the loop.
-        a0, a1, a2, a3, a4, a5, a6, a7, xs = _group_products(
-            x_row, qw_ptr, k_start, n8, offs_c, c_mask, one_bits, GROUP, BLOCK_K, BLOCK_C, NUM_STAGES, ASM)
-        y0, y1, y2, y3, y4, y5, y6, y7 = _fold_group(
-            0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, a0, a1, a2, a3, a4, a5, a6, a7, xs,
-            qz_ptr, s_ptr, k_start // GROUP, N, n8, offs_c, c_mask, one_bits)
-    else:
-        y0 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
-        y1 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
-        y2 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
-        y3 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
-        y4 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
-        y5 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
-        y6 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
-        y7 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
+    a0, a1, a2, a3, a4, a5, a6, a7, xs = _group_products(
+        x_row, qw_ptr, k_start, n8, offs_c, c_mask, one_bits, GROUP, BLOCK_K, BLOCK_C, NUM_STAGES, ASM)
+    y0, y1, y2, y3, y4, y5, y6, y7 = _fold_group(
+        0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, a0, a1, a2, a3, a4, a5, a6, a7, xs,
+        qz_ptr, s_ptr, k_start // GROUP, N, n8, offs_c, c_mask, one_bits)
+    if K_PER_SPLIT > GROUP:
+        # The slice's other groups. A compile-time branch: with one group per slice (what the launcher
+        # picks for big layers) the running ``y`` tiles are not held through a loop's registers.
         k_end = tl.minimum(k_start + K_PER_SPLIT, K)  # K_PER_SPLIT and K are whole groups
-        for g0 in range(k_start, k_end, GROUP):
+        for g0 in range(k_start + GROUP, k_end, GROUP):
             a0, a1, a2, a3, a4, a5, a6, a7, xs = _group_products(
                 x_row, qw_ptr, g0, n8, offs_c, c_mask, one_bits, GROUP, BLOCK_K, BLOCK_C, NUM_STAGES, ASM)
             y0, y1, y2, y3, y4, y5, y6, y7 = _fold_group(

@@ -31,10 +31,6 @@ class SampleRequest:
     num_prompt_tokens: int
 
     @property
-    def prompt_token_ids(self) -> list[int]:
-        return self.token_ids[: self.num_prompt_tokens]
-
-    @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
 
@@ -94,7 +90,7 @@ class Sampler:
                 continue
             if p.repetition_penalty != 1.0:
                 seen = torch.tensor(
-                    sorted(set(row.prompt_token_ids) | set(row.output_token_ids)),
+                    sorted(set(row.token_ids)),  # prompt and output alike
                     dtype=torch.long, device=logits.device,
                 )
                 if seen.numel():

@@ -143,7 +143,7 @@ class AWQLinear(nn.Module):
         call = self._int4pack_call
         if call is not None and x.dim() == 2:  # the serving path: a flat token batch
             packed, group, sz, bias = call
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(sz.dtype), packed, group, sz).to(x.dtype)
+            y = int4pack_linear(x, packed, sz, group)
             return y if bias is None else y + bias
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
