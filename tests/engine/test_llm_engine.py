@@ -96,3 +96,27 @@ def test_sliding_window_model_is_served_up_to_its_window_only(tmp_path: Path) ->
     assert info.value.code == "context_length_exceeded"
     out = run(engine, {"ok": ([5] * 30, SamplingParams(max_tokens=18, temperature=0.0, ignore_eos=True))})
     assert sum(len(o.new_token_ids) for o in out["ok"]) == 18
+
+
+def test_contiguous_blocks_are_read_as_a_view_with_the_same_tokens(tiny_llama_dir: Path) -> None:
+    """A lone sequence on a fresh cache gets its blocks in order, and the CPU decode attention then reads
+    them as a view instead of gathering them: same greedy tokens either way."""
+    tokens = {}
+    for view in (True, False):
+        engine = LLMEngine(EngineConfig(model=str(tiny_llama_dir), kv_cache_memory=1 << 20, max_model_len=256,
+                                        enable_prefix_caching=False))
+        runner, make_groups, used = engine.runner, engine.runner._decode_groups, []
+
+        def groups(*args, view=view, make_groups=make_groups, used=used):
+            out = make_groups(*args)
+            for group in out:
+                used.append(group.first_block is not None)
+                if not view:
+                    group.first_block = None
+            return out
+
+        runner._decode_groups = groups
+        prompt = ([3 + i % 50 for i in range(40)], SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))
+        tokens[view] = [t for o in run(engine, {"a": prompt})["a"] for t in o.new_token_ids]
+        assert used and all(used)  # blocks handed out in order: every decode step could use the view
+    assert tokens[True] == tokens[False] and len(tokens[True]) == 40
