@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One lease of a GPU machine, as one script: install the tree, run the kernel and CUDA-graph tests
-# compiled (not interpreted), then the projection matmuls (cuBLAS vs the Triton GEMV, PDL off/on), the
-# decode step by kernel variant, the kernel and AWQ GEMM benchmarks. Each step has a time limit and its
-# own log under OUT; a failing step does not stop the others. The limits add up to 9 minutes; the
-# benchmarks print a JSON line per finished part, so a step cut short keeps what it measured.
+# compiled (not interpreted), then the two bars (the 1.1B decode step by kernel variant; the AWQ GEMM
+# with its launch-config sweep, each config checked against the reference before it is timed), then
+# the diagnostics (projection matmuls cuBLAS vs the Triton GEMV, the attention kernels). Each step has a
+# time limit and its own log under OUT; a failing step does not stop the others. The limits add up to
+# 9 minutes; the benchmarks print a JSON line per finished part, so a step cut short keeps what it measured.
 #
 #   bash benchmarks/gpu_session.sh [OUT_DIR]     (on the GPU machine, from the repo root)
 set -u
@@ -28,7 +29,7 @@ if ! $PY -m pip install -q --no-deps --no-build-isolation -e . > "$OUT_DIR/pip.l
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # tests import their helpers as tests.<dir>.<module>
 
-STEPS=${STEPS:-kernel_tests matmul_probe decode_step kernels_bench awq_bench}  # a subset reruns only those
+STEPS=${STEPS:-kernel_tests decode_step awq_bench matmul_probe kernels_bench}  # a subset reruns only those
 step() {
     local name=$1 limit=$2
     shift 2
@@ -41,12 +42,13 @@ step() {
 }
 
 step kernel_tests "${T_TESTS:-100}" $PY -m pytest -q -n 8 --maxfail=20 -p no:cacheprovider tests/kernels tests/model/test_cuda_graphs.py
-# cuBLAS vs the Triton GEMV on the 1.1B model's projections, PDL off/on, a dependent layer chain, a launch sweep.
-step matmul_probe "${T_PROBE:-80}" $PY benchmarks/decode_step.py --matmul-probe
 # The decode step by variant: cuBLAS (the old figures), GEMV + PDL (the new default), GEMV, cuBLAS + PDL
 # (DECODE_VARIANTS=...,unfused adds the unfused layer ops, measured before: 1.988 ms at batch 1).
 step decode_step "${T_DECODE:-150}" $PY benchmarks/decode_step.py --iters 30 \
     --variants "${DECODE_VARIANTS:-fused,gemv_pdl,gemv,fused_pdl}"
-step kernels_bench "${T_KERNELS:-60}" $PY benchmarks/kernels.py --iters 50 --warmup 10
 # The AWQ GEMV sweep at M=1 only by default (the bar); AWQ_SWEEP_M=1,16,64,256 adds the tiled shapes.
 step awq_bench "${T_AWQ:-150}" $PY benchmarks/quant.py --gpu-only ${AWQ_SWEEP:---sweep} --sweep-m ${AWQ_SWEEP_M:-1}
+# Diagnostics after the two bars: where the projections lose (matmul_probe) and the attention kernels.
+# cuBLAS vs the Triton GEMV on the 1.1B model's projections, PDL off/on, a dependent layer chain, a launch sweep.
+step matmul_probe "${T_PROBE:-70}" $PY benchmarks/decode_step.py --matmul-probe
+step kernels_bench "${T_KERNELS:-60}" $PY benchmarks/kernels.py --iters 50 --warmup 10

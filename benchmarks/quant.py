@@ -122,9 +122,16 @@ def lm_head_ms(model_dir: Path) -> float:
     return 1000 * (time.perf_counter() - start) / 50
 
 
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in fp32 (NaN compares as an error of inf)."""
+    err = ((out.float() - ref).norm() / ref.norm()).item()
+    return err if err == err else float("inf")
+
+
 def sweep_launch_configs(layers: list, k: int, group: int, ms: list[int]) -> dict[str, float | str]:
     """Time GEMV launch configs at M=1 and tiled ones at M=16, 64, 256; print each, return the best per M."""
     from leanserve.kernels.awq_gemm import awq_gemm
+    from leanserve.kernels.awq_reference import awq_gemm_reference
 
     tiled = [dict(block_m=bm, block_c=c, block_k=64, num_warps=4) for bm in (16, 64, 128) for c in (8, 16)]
     grids = {
@@ -143,17 +150,23 @@ def sweep_launch_configs(layers: list, k: int, group: int, ms: list[int]) -> dic
         if m not in ms:
             continue
         x = torch.randn(m, k, dtype=torch.float16, device="cuda")
+        ref = awq_gemm_reference(x.float(), *layers[0], group)
         found = None
         for kind, cfg in configs:
             extra = {"gemv": {"gemv_config": cfg}, "tiled": {"tiled_config": cfg}}.get(kind, {})
             try:
+                # each config is checked before it is timed: a fast wrong kernel must not win the sweep
+                err = relative_error(awq_gemm(x, *layers[0], group, force=kind, **extra), ref)
                 calls = [lambda w=w, x=x, kind=kind, extra=extra: awq_gemm(x, *w, group, force=kind, **extra)
                          for w in layers]
                 t = graph_us(calls, 5)
             except Exception as exc:  # a config that does not compile or fit is skipped, and said
                 print(f"  M={m} {kind} {cfg}: failed ({type(exc).__name__}: {str(exc)[:80]})")
                 continue
-            print(f"  M={m} {kind} {cfg}: {t:.1f} us")
+            ok = err < 1e-2
+            print(f"  M={m} {kind} {cfg}: {t:.1f} us, rel err {err:.1e}{'' if ok else ' WRONG'}")
+            if not ok:
+                continue
             if found is None or t < found[0]:
                 found = (t, f"{kind} {cfg}")
         if found is not None:
