@@ -29,7 +29,7 @@ if ! $PY -m pip install -q --no-deps --no-build-isolation -e . > "$OUT_DIR/pip.l
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # tests import their helpers as tests.<dir>.<module>
 
-STEPS=${STEPS:-kernel_tests decode_step awq_bench matmul_probe kernels_bench}  # a subset reruns only those
+STEPS=${STEPS:-kernel_tests decode_step awq_bench matmul_probe kernels_bench}  # a subset reruns only those; also awq_probe, ncu
 step() {
     local name=$1 limit=$2
     shift 2
@@ -52,3 +52,10 @@ step awq_bench "${T_AWQ:-150}" $PY benchmarks/quant.py --gpu-only ${AWQ_SWEEP:--
 # cuBLAS vs the Triton GEMV on the 1.1B model's projections, PDL off/on, a dependent layer chain, a launch sweep.
 step matmul_probe "${T_PROBE:-70}" $PY benchmarks/decode_step.py --matmul-probe
 step kernels_bench "${T_KERNELS:-60}" $PY benchmarks/kernels.py --iters 50 --warmup 10
+# Not in the default steps: the AWQ GEMV's loads alone (is the grid or the arithmetic the limit?), and
+# Nsight Compute's counters for the kernels that stay far from copy bandwidth (benchmarks/ncu_targets.py).
+step awq_probe "${T_AWQ_PROBE:-60}" $PY benchmarks/awq_probe.py
+NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+step ncu "${T_NCU:-120}" "$NCU" --profile-from-start off --clock-control none --section SpeedOfLight \
+    --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats \
+    --section MemoryWorkloadAnalysis $PY benchmarks/ncu_targets.py

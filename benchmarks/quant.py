@@ -135,12 +135,12 @@ def sweep_launch_configs(layers: list, k: int, group: int, ms: list[int]) -> dic
 
     tiled = [dict(block_m=bm, block_c=c, block_k=64, num_warps=4) for bm in (16, 64, 128) for c in (8, 16)]
     grids = {
-        1: [("gemv", dict(block_c=c, block_k=bk, splits=sp, unpack=u))
-            for c, bk in ((32, 16), (32, 32), (64, 8), (64, 16), (64, 32), (128, 8), (128, 16))
-            for u in ("asm", "shift") for sp in (None, 16)]
-           + [("gemv", dict(num_stages=st)) for st in (1, 2, 4)]
-           + [("gemv", dict(block_c=c, block_k=bk, num_warps=w))
-              for c, bk, w in ((64, 32, 8), (128, 16, 8), (32, 16, 2))],
+        # Around the default [8, 128] tile (the best of 34 configs in the first H200 sweep, RESULTS.md):
+        # deeper cp.async rings, wider tiles, more warps, fewer K slices, and the plain-Triton unpack.
+        1: [("gemv", dict(block_c=c, block_k=8, num_stages=st, num_warps=w))
+            for c, st, w in ((128, 3, 4), (128, 4, 4), (128, 6, 4), (128, 3, 8), (256, 3, 4), (256, 3, 8),
+                             (256, 4, 8), (64, 4, 4), (64, 6, 4))]
+           + [("gemv", dict(splits=sp)) for sp in (8, 16)] + [("gemv", dict(unpack="shift"))],
         16: [("tiled", cfg) for cfg in tiled if cfg["block_m"] == 16],
         64: [("tiled", cfg) for cfg in tiled if cfg["block_m"] == 64],
         256: [("tiled", cfg) for cfg in tiled if cfg["block_m"] >= 64],
@@ -191,7 +191,7 @@ def gpu_kernel_bench(sweep: bool = False, sweep_m: Sequence[int] = (1, 16, 64, 2
     dense = [torch.randn(k, n, dtype=torch.float16, device="cuda") * 0.01 for _ in range(copies)]
     results: dict[str, float] = {"gemm_k": k, "gemm_n": n}
     say("GPU", f"{torch.cuda.get_device_name()}, AWQ GEMM {k}x{n} group {group}, {copies} weight copies")
-    for m in (1, 16, 64, 256):
+    for m in (1, 8, 16, 32, 64, 256):
         x = torch.randn(m, k, dtype=torch.float16, device="cuda")
         q, z, s = layers[0]
         err = (awq_gemm(x, q, z, s, group).float() - awq_gemm_reference(x.float(), q, z, s, group)).abs().max().item()
@@ -201,11 +201,23 @@ def gpu_kernel_bench(sweep: bool = False, sweep_m: Sequence[int] = (1, 16, 64, 2
             f"(awq {k * n / 2 / t_awq / 1e3:.0f} GB/s of int4 weights; max err {err:.1e})")
         results[f"gemm_us_awq_m{m}"], results[f"gemm_us_fp16_m{m}"] = t_awq, t_fp16
         results[f"gemm_speedup_m{m}"] = t_fp16 / t_awq
-        if m > 8:  # the two prefill launches side by side: where DEQUANT_MIN_M should sit
-            for kind in ("tiled", "dequant"):
+        if m > 1:  # the launches side by side: where GEMV_MAX_M and DEQUANT_MIN_M should sit
+            for kind in ("gemv", "tiled", "dequant") if m <= 8 else ("tiled", "dequant"):
                 t = graph_us([lambda x=x, w=w, kind=kind: awq_gemm(x, *w, group, force=kind) for w in layers])
                 say(f"  M={m} {kind} (us), speed vs fp16", f"{t:.1f}, {t_fp16 / t:.2f}x")
                 results[f"gemm_us_{kind}_m{m}"] = t
+    # A second shape, Llama-7B's attention projections (4096 -> 4096): whether the default launch, tuned on
+    # the MLP shape, carries over.
+    n2 = 4096
+    square = [(pack_awq(torch.randint(0, 16, (k, n2), generator=gen)).cuda(),
+               pack_awq(torch.randint(0, 16, (k // group, n2), generator=gen)).cuda(),
+               (torch.rand(k // group, n2, generator=gen) * 0.01).half().cuda()) for _ in range(copies)]
+    dense2 = [torch.randn(k, n2, dtype=torch.float16, device="cuda") * 0.01 for _ in range(copies)]
+    x = torch.randn(1, k, dtype=torch.float16, device="cuda")
+    t_awq = graph_us([lambda w=w: awq_gemm(x, *w, group) for w in square])
+    t_fp16 = graph_us([lambda w=w: torch.matmul(x, w) for w in dense2])
+    say(f"GEMM {k}x{n2} M=1: awq / fp16 (us), speedup", f"{t_awq:.1f} / {t_fp16:.1f}, {t_fp16 / t_awq:.2f}x")
+    results["square_us_awq_m1"], results["square_us_fp16_m1"] = t_awq, t_fp16
     if sweep:
         results.update(sweep_launch_configs(layers, k, group, list(sweep_m)))
     return results

@@ -10,7 +10,7 @@ keep that correct:
 
 ``pdl_launch_dependents`` lets the next kernel be scheduled once every program of this one has called
 it; it is called right after the wait so that at most two kernels overlap. With ``USE_PDL`` False
-(the interpreter, CPUs, GPUs before sm_90, and unless ``LEANSERVE_PDL=1``) both are compiled out.
+(the interpreter, CPUs, GPUs before sm_90, and with ``LEANSERVE_PDL=0``) both are compiled out.
 """
 
 from __future__ import annotations

@@ -18,7 +18,9 @@ permuted. Two shapes of launch:
 History on an H200 (4096x11008 at M=1; fp16 ``torch.matmul`` 24.8 us): one word loaded per output
 column, each word eight times, 296 us (load-unit bound); whole words into a ``[BLOCK_K, BLOCK_C, 8]``
 tensor, 21.9 us (that 3-d layout went through shared memory every step, and the split-K sums needed a
-zero-fill and a cast launch around the kernel). The present version is not yet timed on a GPU.
+zero-fill and a cast launch around the kernel); per-nibble 2-d accumulators, 16-byte loads, a cp.async
+ring and split-K in one launch (this version): 21.5 us at its best tile, the same quarter of copy
+bandwidth.
 """
 
 from __future__ import annotations
@@ -32,15 +34,16 @@ import triton.language as tl
 from ._device import num_sms
 from ._workspace import scratch
 
-GEMV_MAX_M = 8  # at or below this many rows the GEMV launch wins (weight-read bound)
+GEMV_MAX_M = 8  # at or below this many rows the GEMV launch (weight-read bound)
 ONE_BITS = 0x3F800000  # 1.0f, see _nibble_plus_one
-# From this many rows the weight is dequantized once and the matmul left to the library (vLLM's AWQ does
-# the same from 256 tokens); between GEMV_MAX_M and this, the fused tiled kernel. Not yet timed here.
-DEQUANT_MIN_M = 256
-# How the GEMV and the dequantize kernel turn nibbles into floats: "shift" (plain Triton, what the
-# interpreter tests run) or "asm" (PTX, compiled CUDA only: two nibbles per LOP3). "shift" until the PTX
-# has passed the GPU tests and won the sweep (quant.py --gpu-only --sweep times both).
-UNPACK = "shift"
+# From this many rows the weight is dequantized once and the matmul left to the library; between
+# GEMV_MAX_M and this, the fused tiled kernel. H200, 4096x11008: tiled 57 / 87 / 176 us at M = 16 / 64 /
+# 256, dequantize + matmul 67 / 68 / 77 us, so the two cross near 32 rows.
+DEQUANT_MIN_M = 32
+# How the compiled GEMV and dequantize kernels turn nibbles into floats: "asm" (PTX: two nibbles per
+# LOP3; it passed the GPU tests and ran 21.5 us against "shift"'s 22.2 in the H200 sweep's best tile)
+# or "shift" (plain Triton). The interpreter cannot run PTX and always takes "shift".
+UNPACK = "asm"
 
 
 @triton.jit
@@ -455,23 +458,24 @@ def _gemv(
     scales: torch.Tensor,
     group_size: int,
     bias: torch.Tensor | None,
-    block_c: int = 64,
-    block_k: int = 16,
+    block_c: int = 128,
+    block_k: int = 8,
     splits: int | None = None,
     num_warps: int = 4,
     num_stages: int = 3,
     unpack: str | None = None,
 ) -> torch.Tensor:
-    """Defaults, chosen from sm_90 SASS and not yet timed (``quant.py --gpu-only --sweep`` does): a
-    ``[16, 64]`` word tile at 4 warps is two 16-byte loads per thread per step, 3.9 instructions per
-    weight in the loop and 128 registers (``[8, 64]``: 4.5 and 72; ``[32, 64]``: 3.7 and 168); the loads
-    go through a ``num_stages`` deep cp.async ring (Triton's pipeliner), which keeps bytes in flight."""
+    """Defaults from the H200 sweep at M=1 on 4096x11008 (``quant.py --gpu-only --sweep``, 34 configs):
+    an ``[8, 128]`` word tile at 4 warps, one group per K slice, 21.5 us; the ``[16, 64]`` chosen from
+    the SASS before took 27.0. Every config landed between 21.5 and 50 us, about a quarter of copy
+    bandwidth (RESULTS.md says what is known of why). The loads go through a ``num_stages`` deep
+    cp.async ring (Triton's pipeliner)."""
     m, k = x.shape
     n = scales.shape[1]
     if group_size % block_k:
         raise ValueError(f"block_k {block_k} must divide the group size {group_size}")
     interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    unpack = unpack or UNPACK
+    unpack = unpack or ("shift" if interpreted else UNPACK)
     if unpack not in ("asm", "shift") or (unpack == "asm" and interpreted):
         raise ValueError(f"unpack {unpack!r}: 'shift', or 'asm' when compiled (the interpreter cannot run PTX)")
     if block_k * block_c < 4 * 32 * num_warps:

@@ -4,7 +4,7 @@ A decode step of a small model on a GPU is a long chain of small kernels. Unfuse
 plus RMSNorm is two to six launches, the rotary embedding of q and k about twenty (gathers, casts,
 four products, two sums, a concat, a cast, twice) and the MLP's gating two; each of these does it in
 one launch. Semantics are those of ``reference.rms_norm`` / ``apply_rotary`` / ``silu_and_mul``;
-everything is computed in fp32. With ``LEANSERVE_PDL=1`` on sm_90+ they are launched with programmatic
+everything is computed in fp32. On sm_90+ (unless ``LEANSERVE_PDL=0``) they are launched with programmatic
 dependent launch (``_pdl.py``): the norm loads its weight before waiting on the kernel before it.
 """
 

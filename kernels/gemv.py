@@ -40,6 +40,10 @@ from ._pdl import pdl_launch_dependents, pdl_launch_options, pdl_wait
 from ._workspace import scratch
 
 GEMV_MAX_M = 8  # rows of x this kernel takes (decode batches); above it the matmul is compute-shaped
+# Rows up to which ``linear`` prefers this kernel to cuBLAS, with PDL only. On an H200 (1.1B projections,
+# benchmarks/RESULTS.md) it won at 1 row with PDL (qkv 5.3 vs 6.4 us, o 5.0 vs 6.3, gate_up and down
+# level), lost from 2 rows on the big projections and at every size without PDL.
+LINEAR_MAX_ROWS = 1
 VECTOR_BYTES = 16  # one ld.global.v4 per thread and chunk
 # Programs per SM the K split aims for: enough bytes in flight per SM to cover memory latency.
 PROGRAMS_PER_SM = 4
@@ -272,12 +276,14 @@ def gemv(
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` with the GEMV for decode-sized calls (``x [..., K]`` of at most ``GEMV_MAX_M`` rows)
-    and ``F.linear`` for everything else (larger batches, autograd, mixed dtypes, strided K)."""
+    """``F.linear`` with the GEMV where it was measured faster (``x [..., K]`` of at most
+    ``LINEAR_MAX_ROWS`` rows, with PDL) and ``F.linear`` for everything else (larger batches, no PDL,
+    autograd, mixed dtypes, strided K)."""
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
     if (
-        not 0 < rows <= GEMV_MAX_M
+        not 0 < rows <= LINEAR_MAX_ROWS
+        or not pdl_enabled(x.device)
         or x.dtype != weight.dtype
         or x.stride(-1) != 1
         or weight.stride(-1) != 1

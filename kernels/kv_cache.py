@@ -4,8 +4,8 @@ Semantics of ``reference.write_kv_cache``: token ``t`` goes to flat slot ``slot_
 (``block * block_size + offset``); slot ``-1`` marks padding and writes nothing. One program per
 token moves all of its KV heads, so each program touches two contiguous ``[kv_heads, head_dim]``
 rows per tensor. ``key``/``value`` may be strided views (e.g. slices of a fused QKV output) as long
-as ``head_dim`` is contiguous; values are converted to the cache dtype on the way. With
-``LEANSERVE_PDL=1`` on sm_90+ it is launched with programmatic dependent launch (``_pdl.py``).
+as ``head_dim`` is contiguous; values are converted to the cache dtype on the way. On
+sm_90+ (unless ``LEANSERVE_PDL=0``) it is launched with programmatic dependent launch (``_pdl.py``).
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ and run an online softmax in fp32 with base-2 exponentials (the scale is pre-mul
 Q.K and P.V use ``tl.dot``: fp16/bf16 operands on tensor cores with fp32 accumulation (P is rounded to
 the value dtype, as in flash attention), fp32 operands in full IEEE precision (no TF32).
 
-A sequence with an empty context gets an all-zero output (the reference does the same). With
-``LEANSERVE_PDL=1`` on sm_90+ the decode kernel is launched with programmatic dependent launch
+A sequence with an empty context gets an all-zero output (the reference does the same). On sm_90+
+(unless ``LEANSERVE_PDL=0``) the decode kernel is launched with programmatic dependent launch
 (``_pdl.py``); every input of it comes from the step, so it waits first and only gains the earlier
 launch.
 """

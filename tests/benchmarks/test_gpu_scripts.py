@@ -16,7 +16,8 @@ BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA path")
 @pytest.mark.parametrize(
-    "args", [["kernels.py"], ["decode_step.py"], ["decode_step.py", "--matmul-probe"], ["quant.py", "--gpu-only"]]
+    "args", [["kernels.py"], ["decode_step.py"], ["decode_step.py", "--matmul-probe"], ["quant.py", "--gpu-only"],
+             ["awq_probe.py"], ["ncu_targets.py"]]
 )
 def test_gpu_benchmark_without_cuda_says_so_and_exits_0(args: list[str]) -> None:
     done = subprocess.run([sys.executable, str(BENCH / args[0]), *args[1:]], capture_output=True, text=True,

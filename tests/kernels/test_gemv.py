@@ -116,17 +116,20 @@ def test_rejects_bad_config() -> None:
         gemv.gemv(x, x, config=gemv.GemvConfig(splits=0))
 
 
-def test_linear_takes_leading_dims_and_falls_back_above_8_rows(monkeypatch) -> None:
-    x, w, b = inputs(3, 6, 40, 64, torch.float32, True)
+def test_linear_takes_one_row_with_pdl_and_leaves_the_rest_to_f_linear(monkeypatch) -> None:
+    x, w, b = inputs(1, 2, 40, 64, torch.float32, True)
     calls = []
     real = gemv.gemv
-    monkeypatch.setattr(gemv, "gemv", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
-    got = gemv.linear(x.view(2, 3, 64), w, b)
-    assert got.shape == (2, 3, 40) and calls == [(6, 64)]
-    assert_matches(got.view(6, 40), reference(x, w, b), torch.float32)
-    assert gemv.linear(x[0], w, b).shape == (40,)  # a 1-d input, as F.linear allows
-    big = torch.ones(9, 64, device=DEVICE)
-    assert torch.equal(gemv.linear(big, w, b), F.linear(big, w, b)) and len(calls) == 2
+    # The routing is asked as if PDL were on; the kernel itself runs without it (the interpreter has none).
+    monkeypatch.setattr(gemv, "gemv", lambda *a: calls.append(a[0].shape) or real(*a, config=gemv.GemvConfig(pdl=False)))
+    monkeypatch.setattr(gemv, "pdl_enabled", lambda device: True)
+    got = gemv.linear(x[:1].view(1, 1, 64), w, b)
+    assert got.shape == (1, 1, 40) and calls == [(1, 64)]
+    assert_matches(got.view(1, 40), reference(x[:1], w, b), torch.float32)
+    assert gemv.linear(x[0], w, b).shape == (40,) and len(calls) == 2  # a 1-d input, as F.linear allows
+    assert torch.equal(gemv.linear(x, w, b), F.linear(x, w, b)) and len(calls) == 2  # 2 rows: cuBLAS
+    monkeypatch.setattr(gemv, "pdl_enabled", lambda device: False)
+    assert torch.equal(gemv.linear(x[:1], w, b), F.linear(x[:1], w, b)) and len(calls) == 2
 
 
 def test_pdl_only_on_cuda_sm90_outside_the_interpreter(monkeypatch) -> None:
@@ -134,7 +137,7 @@ def test_pdl_only_on_cuda_sm90_outside_the_interpreter(monkeypatch) -> None:
     monkeypatch.setattr(_device, "_cuda_capability", lambda index: (9, 0))
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.delenv("LEANSERVE_PDL", raising=False)
-    assert not _device.pdl_enabled(cuda0)  # off until asked for
+    assert _device.pdl_enabled(cuda0)  # on by default where supported
     monkeypatch.setenv("LEANSERVE_PDL", "1")
     assert _device.pdl_enabled(cuda0)
     assert not _device.pdl_enabled(torch.device("cpu"))
