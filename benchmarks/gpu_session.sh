@@ -58,4 +58,5 @@ step awq_probe "${T_AWQ_PROBE:-60}" $PY benchmarks/awq_probe.py
 NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
 step ncu "${T_NCU:-120}" "$NCU" --profile-from-start off --clock-control none --section SpeedOfLight \
     --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats \
-    --section MemoryWorkloadAnalysis $PY benchmarks/ncu_targets.py
+    --section MemoryWorkloadAnalysis --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
+    $PY benchmarks/ncu_targets.py

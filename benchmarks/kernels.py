@@ -124,14 +124,8 @@ def bench_prefill(ops, num_seqs, chunk, prefix, heads, kv_heads, head_dim, warmu
         return out.transpose(1, 2).reshape_as(query)
 
     err = (triton_fn().float() - baseline_fn().float()).abs().max().item()
-    if max_context:
-        # A decode graph's launch: a few microseconds of GPU time, far under the launcher's host time, so
-        # timed as one layer's share of a graph of GRAPH_LAYERS back-to-back calls.
-        t_ms = graph_us([triton_fn] * GRAPH_LAYERS, iters) / 1000
-        b_ms = graph_us([baseline_fn] * GRAPH_LAYERS, iters) / 1000
-    else:
-        t_ms = event_ms(triton_fn, iters, warmup)
-        b_ms = event_ms(baseline_fn, iters, warmup)
+    t_ms = event_ms(triton_fn, iters, warmup)
+    b_ms = event_ms(baseline_fn, iters, warmup)
     kv_bytes = 2 * num_seqs * context_len * kv_heads * head_dim * DTYPE.itemsize
     io_bytes = 2 * query.numel() * DTYPE.itemsize
     # Causal: each query sees prefix + its index + 1 keys; QK and PV are 2 flops per MAC each.
