@@ -59,7 +59,7 @@ def gather(cache: torch.Tensor, tables: torch.Tensor, length: int) -> torch.Tens
 
 
 def bench_decode(ops, num_seqs, context_len, heads, kv_heads, head_dim, warmup, iters, copy_gbps, parts=None,
-                 max_context=None):
+                 max_context=None, note=""):
     """``max_context``: the bound the launch is sized for (a captured decode graph passes max_model_len)."""
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     k_cache, v_cache, tables = paged_cache(num_seqs, context_len, kv_heads, head_dim, gen)
@@ -95,7 +95,7 @@ def bench_decode(ops, num_seqs, context_len, heads, kv_heads, head_dim, warmup, 
     flops = 4 * num_seqs * heads * context_len * head_dim
     split = "auto" if parts is None else str(parts)
     sized = f" (max {max_context})" if max_context else ""
-    config = f"{num_seqs}x{context_len}{sized} H{heads}/KV{kv_heads} D{head_dim} split={split}"
+    config = f"{num_seqs}x{context_len}{sized} H{heads}/KV{kv_heads} D{head_dim} split={split}{note}"
     return _result("decode", config, t_ms, b_ms, kv_bytes + io_bytes, flops, copy_gbps, err)
 
 
@@ -179,10 +179,49 @@ def print_table(results: list[Result]) -> None:
         )
 
 
+def all_kernels(ops, w: int, n: int, copy_gbps: float) -> list[Result]:
+    return [
+        bench_decode(ops, 64, 4096, 32, 8, 128, w, n, copy_gbps),
+        bench_decode(ops, 64, 4096, 32, 8, 128, w, n, copy_gbps, parts=1),
+        bench_decode(ops, 256, 1024, 32, 8, 128, w, n, copy_gbps),
+        bench_decode(ops, 4, 32768, 32, 8, 128, w, n, copy_gbps),  # few long sequences: split-KV
+        bench_decode(ops, 4, 32768, 32, 8, 128, w, n, copy_gbps, parts=1),
+        # Decode graphs of a 1B model (TinyLlama shape): launches sized for max_model_len 2048.
+        *[bench_decode(ops, s, 512, 32, 4, 64, w, n, copy_gbps, parts=p, max_context=2048)
+          for s in (1, 8) for p in (None, 1, 2, 4, 8, 16)],
+        bench_prefill(ops, 8, 2048, 0, 32, 8, 128, w, n, copy_gbps),
+        bench_prefill(ops, 4, 512, 4096, 32, 8, 128, w, n, copy_gbps),
+        bench_write(ops, 8192, 8, 128, w, n, copy_gbps),
+        bench_write(ops, 64, 8, 128, w, n, copy_gbps),
+    ]
+
+
+def decode_graph_sweep(ops, w: int, n: int, copy_gbps: float) -> list[Result]:
+    """TinyLlama's decode launches inside a graph sized for 2048 tokens, by the shortest partition the
+    split may cut a context into (``MIN_PARTITION_TOKENS``), at 512 and 2048 live tokens."""
+    from leanserve.kernels import paged_attention
+
+    default = paged_attention.MIN_PARTITION_TOKENS
+    results = []
+    try:
+        for seqs in (1, 8):
+            for ctx in (512, 2048):
+                results.append(bench_decode(ops, seqs, ctx, 32, 4, 64, w, n, copy_gbps, parts=1, max_context=2048))
+                for tokens in (128, 256, 512, 1024):
+                    paged_attention.MIN_PARTITION_TOKENS = tokens
+                    results.append(bench_decode(ops, seqs, ctx, 32, 4, 64, w, n, copy_gbps, max_context=2048,
+                                                note=f" min{tokens}"))
+    finally:
+        paged_attention.MIN_PARTITION_TOKENS = default
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--decode-graph-sweep", action="store_true",
+                        help="only the 1B model's graph-sized decode launches, by the minimum partition length")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("benchmarks/kernels.py: no CUDA device, nothing to benchmark (the kernels need a GPU).")
@@ -197,20 +236,10 @@ def main() -> int:
     ops = backend.get_attention_ops(torch.device("cuda"))
     w, n = args.warmup, args.iters
     copy_gbps = measure_copy_gbps(n)
-    results = [
-        bench_decode(ops, 64, 4096, 32, 8, 128, w, n, copy_gbps),
-        bench_decode(ops, 64, 4096, 32, 8, 128, w, n, copy_gbps, parts=1),
-        bench_decode(ops, 256, 1024, 32, 8, 128, w, n, copy_gbps),
-        bench_decode(ops, 4, 32768, 32, 8, 128, w, n, copy_gbps),  # few long sequences: split-KV
-        bench_decode(ops, 4, 32768, 32, 8, 128, w, n, copy_gbps, parts=1),
-        # Decode graphs of a 1B model (TinyLlama shape): launches sized for max_model_len 2048.
-        *[bench_decode(ops, s, 512, 32, 4, 64, w, n, copy_gbps, parts=p, max_context=2048)
-          for s in (1, 8) for p in (None, 1, 2, 4, 8, 16)],
-        bench_prefill(ops, 8, 2048, 0, 32, 8, 128, w, n, copy_gbps),
-        bench_prefill(ops, 4, 512, 4096, 32, 8, 128, w, n, copy_gbps),
-        bench_write(ops, 8192, 8, 128, w, n, copy_gbps),
-        bench_write(ops, 64, 8, 128, w, n, copy_gbps),
-    ]
+    if args.decode_graph_sweep:
+        results = decode_graph_sweep(ops, w, n, copy_gbps)
+    else:
+        results = all_kernels(ops, w, n, copy_gbps)
     name = torch.cuda.get_device_name()
     print(f"device: {name}  copy bandwidth: {copy_gbps:.0f} GB/s  dtype: {DTYPE}  block_size: {BLOCK_SIZE}")
     print_table(results)

@@ -49,7 +49,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 @triton.jit
 def _decode_partition_kernel(
     q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, out_ptr, max_ptr, sum_ptr, final_ptr, count_ptr,
-    scale_log2, ctx_limit, num_blocks, partition_size,
+    scale_log2, ctx_limit, num_blocks, min_partition,
     stride_qs, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -63,10 +63,16 @@ def _decode_partition_kernel(
 ):
     """One (sequence, kv head, partition): attention of the group's query heads over its key range.
 
-    SPLIT: write the unnormalised accumulator plus the running max and sum (log2 domain) to the
-    partials (``out_ptr``, ``max_ptr``, ``sum_ptr``); the last partition of a (sequence, kv head) to
-    arrive (an atomic counter) merges them into ``final_ptr``, so a split decode is one launch.
-    Otherwise write the normalised output directly to ``out_ptr``.
+    The sequence's own context is cut into at most ``num_programs(2)`` partitions of at least
+    ``min_partition`` keys, so a graph launched for the longest context a sequence may reach pays for
+    the context it has: partitions past the last live one do nothing, and a context that fits one
+    partition is written out directly, with no merge.
+
+    SPLIT (several live partitions): write the unnormalised accumulator plus the running max and sum
+    (log2 domain) to the partials (``out_ptr``, ``max_ptr``, ``sum_ptr``); the last live partition of a
+    (sequence, kv head) to arrive (an atomic counter) merges them into ``final_ptr``, so a split decode
+    is one launch. Without SPLIT, or with one live partition, the normalised output goes straight to
+    ``out_ptr`` (``final_ptr`` under SPLIT).
     """
     pdl_wait(USE_PDL)
     pdl_launch_dependents(USE_PDL)
@@ -76,73 +82,80 @@ def _decode_partition_kernel(
 
     # Clamped so that bad lengths cannot read past the block table (the launcher rejects them anyway).
     ctx = tl.minimum(tl.maximum(tl.load(lens_ptr + seq), 0), ctx_limit)
-    start = part * partition_size
-    end = tl.minimum(start + partition_size, ctx)
+    # Partition boundaries on tile multiples, so only the last tile of a partition is ragged.
+    part_size = tl.maximum(tl.cdiv(tl.cdiv(ctx, tl.num_programs(2)), BLOCK_N) * BLOCK_N, min_partition)
+    live = tl.maximum(tl.cdiv(ctx, part_size), 1)
+    if part < live:
+        start = part * part_size
+        end = tl.minimum(start + part_size, ctx)
 
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_g = offs_g < GROUP
-    mask_d = offs_d < HEAD_DIM
-    heads = kv_head * GROUP + offs_g
-    q = tl.load(
-        q_ptr + seq * stride_qs + heads[:, None] * stride_qh + offs_d[None, :],
-        mask=mask_g[:, None] & mask_d[None, :], other=0.0,
-    )
-
-    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-    table_row = table_ptr + seq.to(tl.int64) * stride_table
-    for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < end
-        # Only entries inside the context are read: the rest of the row may hold anything.
-        block = tl.load(table_row + offs_n // PAGE, mask=mask_n, other=0)
-        block = tl.minimum(tl.maximum(block, 0), num_blocks - 1).to(tl.int64)
-        slot = offs_n % PAGE
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(
-            k_ptr + block[:, None] * stride_kb + slot[:, None] * stride_kt + kv_head * stride_kh
-            + offs_d[None, :],
-            mask=kv_mask, other=0.0,
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_g = offs_g < GROUP
+        mask_d = offs_d < HEAD_DIM
+        heads = kv_head * GROUP + offs_g
+        q = tl.load(
+            q_ptr + seq * stride_qs + heads[:, None] * stride_qh + offs_d[None, :],
+            mask=mask_g[:, None] & mask_d[None, :], other=0.0,
         )
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        scores = tl.where(mask_n[None, :], scores, float("-inf"))
-        # Every tile holds at least one key, so m_new is finite.
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        p = tl.exp2(scores - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            v_ptr + block[:, None] * stride_vb + slot[:, None] * stride_vt + kv_head * stride_vh
-            + offs_d[None, :],
-            mask=kv_mask, other=0.0,
-        )
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
 
-    out_mask = mask_g[:, None] & mask_d[None, :]
-    if SPLIT:
-        # An empty partition stores m=-inf, l=0, acc=0: the merge gives it zero weight.
-        base = seq * stride_os + heads * stride_oh + part * stride_op
-        tl.store(out_ptr + base[:, None] + offs_d[None, :], acc, mask=out_mask)
-        stat = seq * stride_ms + heads * stride_mh + part
-        tl.store(max_ptr + stat, m_i, mask=mask_g)
-        tl.store(sum_ptr + stat, l_i, mask=mask_g)
-        # Every thread's partial stores come before the arrival (CTA barrier, then an acq_rel atomic).
-        tl.debug_barrier()
-        counter = count_ptr + seq * tl.num_programs(1) + kv_head
-        if tl.atomic_add(counter, 1, sem="acq_rel") == tl.num_programs(2) - 1:
-            _merge_partitions(
-                out_ptr, max_ptr, sum_ptr, final_ptr, seq, kv_head, tl.cdiv(ctx, partition_size),
-                stride_os, stride_oh, stride_op, stride_ms, stride_mh, stride_fs, stride_fh,
-                GROUP, HEAD_DIM, BLOCK_D, BLOCK_P,
+        m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+        table_row = table_ptr + seq.to(tl.int64) * stride_table
+        for n0 in range(start, end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < end
+            # Only entries inside the context are read: the rest of the row may hold anything.
+            block = tl.load(table_row + offs_n // PAGE, mask=mask_n, other=0)
+            block = tl.minimum(tl.maximum(block, 0), num_blocks - 1).to(tl.int64)
+            slot = offs_n % PAGE
+            kv_mask = mask_n[:, None] & mask_d[None, :]
+            k = tl.load(
+                k_ptr + block[:, None] * stride_kb + slot[:, None] * stride_kt + kv_head * stride_kh
+                + offs_d[None, :],
+                mask=kv_mask, other=0.0,
             )
-            tl.atomic_xchg(counter, 0, sem="relaxed")  # zero again for the next launch
-    else:
+            scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+            scores = tl.where(mask_n[None, :], scores, float("-inf"))
+            # Every tile holds at least one key, so m_new is finite.
+            m_new = tl.maximum(m_i, tl.max(scores, 1))
+            p = tl.exp2(scores - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(
+                v_ptr + block[:, None] * stride_vb + slot[:, None] * stride_vt + kv_head * stride_vh
+                + offs_d[None, :],
+                mask=kv_mask, other=0.0,
+            )
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+
+        out_mask = mask_g[:, None] & mask_d[None, :]
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        ptrs = out_ptr + seq * stride_os + heads[:, None] * stride_oh + offs_d[None, :]
-        tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
+        if SPLIT:
+            if live > 1:
+                base = seq * stride_os + heads * stride_oh + part * stride_op
+                tl.store(out_ptr + base[:, None] + offs_d[None, :], acc, mask=out_mask)
+                stat = seq * stride_ms + heads * stride_mh + part
+                tl.store(max_ptr + stat, m_i, mask=mask_g)
+                tl.store(sum_ptr + stat, l_i, mask=mask_g)
+                # Every thread's partial stores come before the arrival (CTA barrier, then an acq_rel atomic).
+                tl.debug_barrier()
+                counter = count_ptr + seq * tl.num_programs(1) + kv_head
+                if tl.atomic_add(counter, 1, sem="acq_rel") == live - 1:
+                    _merge_partitions(
+                        out_ptr, max_ptr, sum_ptr, final_ptr, seq, kv_head, live,
+                        stride_os, stride_oh, stride_op, stride_ms, stride_mh, stride_fs, stride_fh,
+                        GROUP, HEAD_DIM, BLOCK_D, BLOCK_P,
+                    )
+                    tl.atomic_xchg(counter, 0, sem="relaxed")  # zero again for the next launch
+            else:
+                ptrs = final_ptr + seq * stride_fs + heads[:, None] * stride_fh + offs_d[None, :]
+                tl.store(ptrs, out.to(final_ptr.dtype.element_ty), mask=out_mask)
+        else:
+            ptrs = out_ptr + seq * stride_os + heads[:, None] * stride_oh + offs_d[None, :]
+            tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -353,10 +366,9 @@ def paged_decode_attention(
     group = num_heads // num_kv_heads
     block_n = DECODE_BLOCK_N if head_dim <= 128 else DECODE_BLOCK_N // 2
     parts = num_partitions or choose_num_partitions(num_seqs, num_kv_heads, ctx_limit, num_sms(query.device))
-    # Partition boundaries on tile multiples, so only the last tile of a partition is ragged.
-    partition_size = triton.cdiv(max(triton.cdiv(ctx_limit, parts), 1), block_n) * block_n
-    if num_partitions is None:
-        parts = max(triton.cdiv(ctx_limit, partition_size), 1)
+    # The kernel sizes each sequence's partitions from its own context, no shorter than this (a forced
+    # split cuts as finely as the tiles allow).
+    min_partition = block_n if num_partitions else triton.cdiv(MIN_PARTITION_TOKENS, block_n) * block_n
     pdl = pdl_enabled(query.device)
     common = dict(
         GROUP=group, BLOCK_G=max(MIN_DOT, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
@@ -374,7 +386,7 @@ def paged_decode_attention(
     if parts == 1:
         _decode_partition_kernel[grid](
             query, k_cache, v_cache, block_tables, context_lens, out, out, out, out, out,
-            scale * LOG2E, ctx_limit, num_blocks, partition_size, *strides,
+            scale * LOG2E, ctx_limit, num_blocks, min_partition, *strides,
             out.stride(0), out.stride(1), 0, 0, 0, 0, 0, SPLIT=False, BLOCK_P=1, **common,
         )
         return out
@@ -385,7 +397,7 @@ def paged_decode_attention(
     counters = scratch(query.device, "split-K arrival counters", num_seqs * num_kv_heads, torch.int32)
     _decode_partition_kernel[grid](
         query, k_cache, v_cache, block_tables, context_lens, partial, maxes, sums, out, counters,
-        scale * LOG2E, ctx_limit, num_blocks, partition_size, *strides,
+        scale * LOG2E, ctx_limit, num_blocks, min_partition, *strides,
         partial.stride(0), partial.stride(1), partial.stride(2), maxes.stride(0), maxes.stride(1),
         out.stride(0), out.stride(1), SPLIT=True, BLOCK_P=triton.next_power_of_2(parts), **common,
     )

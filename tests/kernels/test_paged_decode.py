@@ -74,6 +74,23 @@ def test_split_decode_is_one_launch_that_leaves_its_counters_at_zero():
     assert torch.equal(first, again)
 
 
+def test_graph_sized_launch_splits_each_context_by_its_own_length():
+    """A CUDA graph launches for the longest context (a wide table): each sequence then uses only the
+    partitions its own context needs. Here 6 partitions of at least 128 keys: 700 keys use all six and
+    merge, 100 keys fit in one, written directly, an empty context gets zeros; the others do nothing."""
+    gen = generator(21)
+    lens = [700, 100, 0]
+    kv = make_paged_kv(gen, lens, 1, 64, 16, torch.float32)
+    wide = torch.full((len(lens), 64), 10**6, dtype=kv.block_tables.dtype)  # junk past each context
+    wide[:, : kv.block_tables.shape[1]] = kv.block_tables
+    query = randn(gen, len(lens), 4, 64)
+    args = (query, kv.k_cache, kv.v_cache, wide, kv.context_lens, 0.125)
+    assert paged_attention.choose_num_partitions(len(lens), 1, 64 * 16, 8) == 6  # ceil(16 / 3), by the grid
+    out = paged_attention.paged_decode_attention(*args, out=nan_like(query))
+    assert_close(out, reference.paged_decode_attention(*args), torch.float32)
+    assert torch.equal(out[2], torch.zeros_like(out[2]))
+
+
 def test_batch_invariance():
     gen = generator(16)
     lens = [200, 31, 77, 5]
