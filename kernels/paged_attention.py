@@ -33,8 +33,12 @@ LOG2E = 1.4426950408889634
 # program reads its KV head once for all the query heads sharing it.
 DECODE_BLOCK_N = 64
 MIN_DOT = 16
-# Split-KV heuristic: a partition of fewer keys than this is not worth its merge traffic.
-MIN_PARTITION_TOKENS = 128
+# Split-KV heuristic: a partition of fewer keys than this is not worth its merge (the last partition's
+# counter, barrier and merge cost several microseconds). On an H200, TinyLlama's decode in a graph sized
+# for 2048 tokens, us per launch at 1 / 8 sequences of 512 / 2048 keys: 128 keys 10.9 / 10.9 / 14.8 /
+# 22.1; 256 keys 11.1 / 11.5 / 12.6 / 14.1; 512 keys 10.7 / 15.4 / 11.6 / 15.9; unsplit 9.9 / 34.2 /
+# 10.0 / 34.5 (benchmarks/kernels.py --decode-graph-sweep).
+MIN_PARTITION_TOKENS = 256
 MAX_PARTITIONS = 64
 # Prefill tiles: BLOCK_M queries x BLOCK_N keys (halved for head_dim 256 to stay in registers).
 PREFILL_BLOCK_M = 64

@@ -76,16 +76,17 @@ def test_split_decode_is_one_launch_that_leaves_its_counters_at_zero():
 
 def test_graph_sized_launch_splits_each_context_by_its_own_length():
     """A CUDA graph launches for the longest context (a wide table): each sequence then uses only the
-    partitions its own context needs. Here 6 partitions of at least 128 keys: 700 keys use all six and
+    partitions its own context needs. Here 4 partitions of at least 256 keys: 700 keys use three and
     merge, 100 keys fit in one, written directly, an empty context gets zeros; the others do nothing."""
     gen = generator(21)
     lens = [700, 100, 0]
     kv = make_paged_kv(gen, lens, 1, 64, 16, torch.float32)
-    wide = torch.full((len(lens), 64), 10**6, dtype=kv.block_tables.dtype)  # junk past each context
-    wide[:, : kv.block_tables.shape[1]] = kv.block_tables
+    wide = torch.full((len(lens), 64), 10**6, dtype=kv.block_tables.dtype, device=kv.block_tables.device)
+    wide[:, : kv.block_tables.shape[1]] = kv.block_tables  # junk past each context
     query = randn(gen, len(lens), 4, 64)
     args = (query, kv.k_cache, kv.v_cache, wide, kv.context_lens, 0.125)
-    assert paged_attention.choose_num_partitions(len(lens), 1, 64 * 16, 8) == 6  # ceil(16 / 3), by the grid
+    assert paged_attention.MIN_PARTITION_TOKENS == 256
+    assert paged_attention.choose_num_partitions(len(lens), 1, 64 * 16, 8) == 4  # 1024 // 256, by length
     out = paged_attention.paged_decode_attention(*args, out=nan_like(query))
     assert_close(out, reference.paged_decode_attention(*args), torch.float32)
     assert torch.equal(out[2], torch.zeros_like(out[2]))
@@ -120,7 +121,7 @@ def test_split_heuristic():
     assert choose(num_seqs=1, num_kv_heads=8, max_context_len=32768, num_sms=132) == 33
     assert choose(num_seqs=256, num_kv_heads=8, max_context_len=32768, num_sms=132) == 1  # grid is full
     assert choose(num_seqs=1, num_kv_heads=8, max_context_len=200, num_sms=132) == 1  # too short
-    assert choose(num_seqs=1, num_kv_heads=4, max_context_len=512, num_sms=132) == 4  # one partition per 128
+    assert choose(num_seqs=1, num_kv_heads=4, max_context_len=512, num_sms=132) == 2  # one partition per 256
     assert choose(num_seqs=1, num_kv_heads=1, max_context_len=10**6, num_sms=132) == 64  # capped
 
 
