@@ -34,7 +34,10 @@ import triton.language as tl
 from ._device import num_sms
 from ._workspace import scratch
 
-GEMV_MAX_M = 8  # at or below this many rows the GEMV launch (weight-read bound)
+# At or below this many rows the GEMV launch. It runs one program row per row of x, so its time grows
+# with M: H200, 4096x11008, 21 us at M=1 and 118 at M=8 against the tiled kernel's 56; the line between
+# them crosses near 3.5 rows.
+GEMV_MAX_M = 3
 ONE_BITS = 0x3F800000  # 1.0f, see _nibble_plus_one
 # From this many rows the weight is dequantized once and the matmul left to the library; between
 # GEMV_MAX_M and this, the fused tiled kernel. H200, 4096x11008: tiled 57 / 87 / 176 us at M = 16 / 64 /

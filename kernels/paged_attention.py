@@ -7,10 +7,11 @@ and run an online softmax in fp32 with base-2 exponentials (the scale is pre-mul
 Q.K and P.V use ``tl.dot``: fp16/bf16 operands on tensor cores with fp32 accumulation (P is rounded to
 the value dtype, as in flash attention), fp32 operands in full IEEE precision (no TF32).
 
-A sequence with an empty context gets an all-zero output (the reference does the same). On sm_90+
-(unless ``LEANSERVE_PDL=0``) the decode kernel is launched with programmatic dependent launch
-(``_pdl.py``); every input of it comes from the step, so it waits first and only gains the earlier
-launch.
+A split decode is two launches: the partitions, then ``_decode_reduce_kernel`` merging them (skipped
+for contexts that fit one partition). A sequence with an empty context gets an all-zero output (the
+reference does the same). On sm_90+ (unless ``LEANSERVE_PDL=0``) the decode kernels are launched with
+programmatic dependent launch (``_pdl.py``); every input of them comes from the step, so they wait
+first and only gain the earlier launch.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import triton.language as tl
 from . import _checks
 from ._device import num_sms, pdl_enabled
 from ._pdl import pdl_launch_dependents, pdl_launch_options, pdl_wait
-from ._workspace import scratch
 
 LOG2E = 1.4426950408889634
 
@@ -33,11 +33,11 @@ LOG2E = 1.4426950408889634
 # program reads its KV head once for all the query heads sharing it.
 DECODE_BLOCK_N = 64
 MIN_DOT = 16
-# Split-KV heuristic: a partition of fewer keys than this is not worth its merge (the last partition's
-# counter, barrier and merge cost several microseconds). On an H200, TinyLlama's decode in a graph sized
-# for 2048 tokens, us per launch at 1 / 8 sequences of 512 / 2048 keys: 128 keys 10.9 / 10.9 / 14.8 /
-# 22.1; 256 keys 11.1 / 11.5 / 12.6 / 14.1; 512 keys 10.7 / 15.4 / 11.6 / 15.9; unsplit 9.9 / 34.2 /
-# 10.0 / 34.5 (benchmarks/kernels.py --decode-graph-sweep).
+# Split-KV heuristic: a partition of fewer keys than this is not worth its merge. On an H200, TinyLlama's
+# decode in a graph sized for 2048 tokens, us per launch at 1 / 8 sequences of 512 / 2048 keys, measured
+# with the merge done by the last partition to arrive (since replaced by the reduce kernel, not yet
+# timed): 128 keys 10.9 / 10.9 / 14.8 / 22.1; 256 keys 11.1 / 11.5 / 12.6 / 14.1; 512 keys 10.7 / 15.4 /
+# 11.6 / 15.9; unsplit 9.9 / 34.2 / 10.0 / 34.5 (benchmarks/kernels.py --decode-graph-sweep).
 MIN_PARTITION_TOKENS = 256
 MAX_PARTITIONS = 64
 # Prefill tiles: BLOCK_M queries x BLOCK_N keys (halved for head_dim 256 to stay in registers).
@@ -52,7 +52,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 @triton.jit
 def _decode_partition_kernel(
-    q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, out_ptr, max_ptr, sum_ptr, final_ptr, count_ptr,
+    q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, out_ptr, max_ptr, sum_ptr, final_ptr,
     scale_log2, ctx_limit, num_blocks, min_partition,
     stride_qs, stride_qh,
     stride_kb, stride_kt, stride_kh,
@@ -63,7 +63,7 @@ def _decode_partition_kernel(
     stride_fs, stride_fh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_P: tl.constexpr, USE_PDL: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """One (sequence, kv head, partition): attention of the group's query heads over its key range.
 
@@ -73,10 +73,9 @@ def _decode_partition_kernel(
     partition is written out directly, with no merge.
 
     SPLIT (several live partitions): write the unnormalised accumulator plus the running max and sum
-    (log2 domain) to the partials (``out_ptr``, ``max_ptr``, ``sum_ptr``); the last live partition of a
-    (sequence, kv head) to arrive (an atomic counter) merges them into ``final_ptr``, so a split decode
-    is one launch. Without SPLIT, or with one live partition, the normalised output goes straight to
-    ``out_ptr`` (``final_ptr`` under SPLIT).
+    (log2 domain) to the partials (``out_ptr``, ``max_ptr``, ``sum_ptr``) for ``_decode_reduce_kernel``.
+    Without SPLIT, or with one live partition, the normalised output goes straight to ``out_ptr``
+    (``final_ptr`` under SPLIT).
     """
     pdl_wait(USE_PDL)
     pdl_launch_dependents(USE_PDL)
@@ -86,9 +85,7 @@ def _decode_partition_kernel(
 
     # Clamped so that bad lengths cannot read past the block table (the launcher rejects them anyway).
     ctx = tl.minimum(tl.maximum(tl.load(lens_ptr + seq), 0), ctx_limit)
-    # Partition boundaries on tile multiples, so only the last tile of a partition is ragged.
-    part_size = tl.maximum(tl.cdiv(tl.cdiv(ctx, tl.num_programs(2)), BLOCK_N) * BLOCK_N, min_partition)
-    live = tl.maximum(tl.cdiv(ctx, part_size), 1)
+    part_size, live = _live_partitions(ctx, tl.num_programs(2), min_partition, BLOCK_N)
     if part < live:
         start = part * part_size
         end = tl.minimum(start + part_size, ctx)
@@ -144,16 +141,6 @@ def _decode_partition_kernel(
                 stat = seq * stride_ms + heads * stride_mh + part
                 tl.store(max_ptr + stat, m_i, mask=mask_g)
                 tl.store(sum_ptr + stat, l_i, mask=mask_g)
-                # Every thread's partial stores come before the arrival (CTA barrier, then an acq_rel atomic).
-                tl.debug_barrier()
-                counter = count_ptr + seq * tl.num_programs(1) + kv_head
-                if tl.atomic_add(counter, 1, sem="acq_rel") == live - 1:
-                    _merge_partitions(
-                        out_ptr, max_ptr, sum_ptr, final_ptr, seq, kv_head, live,
-                        stride_os, stride_oh, stride_op, stride_ms, stride_mh, stride_fs, stride_fh,
-                        GROUP, HEAD_DIM, BLOCK_D, BLOCK_P,
-                    )
-                    tl.atomic_xchg(counter, 0, sem="relaxed")  # zero again for the next launch
             else:
                 ptrs = final_ptr + seq * stride_fs + heads[:, None] * stride_fh + offs_d[None, :]
                 tl.store(ptrs, out.to(final_ptr.dtype.element_ty), mask=out_mask)
@@ -163,36 +150,50 @@ def _decode_partition_kernel(
 
 
 @triton.jit
-def _merge_partitions(
-    part_ptr, max_ptr, sum_ptr, out_ptr, seq, kv_head, live_parts,
-    stride_ps, stride_ph, stride_pp, stride_ms, stride_mh, stride_os, stride_oh,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
-):
-    """Merge the partial softmax results of one kv head's query heads into ``out``.
+def _live_partitions(ctx, num_parts, min_partition, BLOCK_N: tl.constexpr):
+    """A context's partition length (a tile multiple, at least ``min_partition``) and how many of the
+    ``num_parts`` partitions hold keys (at least one, so an empty context still writes zeros)."""
+    part_size = tl.maximum(tl.cdiv(tl.cdiv(ctx, num_parts), BLOCK_N) * BLOCK_N, min_partition)
+    return part_size, tl.maximum(tl.cdiv(ctx, part_size), 1)
 
-    Only the first ``live_parts`` partitions hold keys (the others are empty: zero weight). All
-    partitions of a head are loaded at once and the heads are unrolled, so the loads do not queue
-    behind each other. Written by programs on other SMs: read from L2 (``.cg``), never a stale L1 line.
+
+@triton.jit
+def _decode_reduce_kernel(
+    part_ptr, max_ptr, sum_ptr, out_ptr, lens_ptr, ctx_limit, num_parts, min_partition,
+    stride_ps, stride_ph, stride_pp, stride_ms, stride_mh, stride_os, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    """One (sequence, query head): merge its live partitions' partial softmax results into ``out``. A
+    context that fitted one partition was written by the partition kernel; nothing to do here.
+
+    A separate launch rather than a merge by the last partition to arrive: on an H200 that in-kernel
+    merge (arrival counter, CTA barrier, acq_rel atomic) made TinyLlama's batch-1 decode launch ~10 us
+    against ~5 us plus ~1.4 us for this kernel (benchmarks/RESULTS.md).
     """
-    offs_p = tl.arange(0, BLOCK_P)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_p = offs_p < live_parts
-    mask_d = offs_d < HEAD_DIM
-    for g in tl.static_range(GROUP):
-        head = kv_head * GROUP + g
+    pdl_wait(USE_PDL)
+    pdl_launch_dependents(USE_PDL)
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    ctx = tl.minimum(tl.maximum(tl.load(lens_ptr + seq), 0), ctx_limit)
+    _, live = _live_partitions(ctx, num_parts, min_partition, BLOCK_N)
+    if live > 1:
+        offs_p = tl.arange(0, BLOCK_P)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_p = offs_p < live
+        mask_d = offs_d < HEAD_DIM
         stat = seq * stride_ms + head * stride_mh + offs_p
-        m = tl.load(max_ptr + stat, mask=mask_p, other=float("-inf"), cache_modifier=".cg")
-        total = tl.load(sum_ptr + stat, mask=mask_p, other=0.0, cache_modifier=".cg")
+        m = tl.load(max_ptr + stat, mask=mask_p, other=float("-inf"))
+        total = tl.load(sum_ptr + stat, mask=mask_p, other=0.0)
         part = tl.load(
             part_ptr + seq * stride_ps + head * stride_ph + offs_p[:, None] * stride_pp + offs_d[None, :],
-            mask=mask_p[:, None] & mask_d[None, :], other=0.0, cache_modifier=".cg",
+            mask=mask_p[:, None] & mask_d[None, :], other=0.0,
         )
+        # Every live partition holds at least one key, so m_all is finite.
         m_all = tl.max(m, 0)
-        # No keys at all (context 0): keep exp2 away from -inf - -inf = NaN.
-        m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
         w = tl.exp2(m - m_all)
         total = tl.sum(total * w, 0)
-        out = tl.sum(part * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+        out = tl.sum(part * w[:, None], 0) / total
         tl.store(out_ptr + seq * stride_os + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
                  mask=mask_d)
 
@@ -389,21 +390,26 @@ def paged_decode_attention(
     grid = (num_seqs, num_kv_heads, parts)
     if parts == 1:
         _decode_partition_kernel[grid](
-            query, k_cache, v_cache, block_tables, context_lens, out, out, out, out, out,
+            query, k_cache, v_cache, block_tables, context_lens, out, out, out, out,
             scale * LOG2E, ctx_limit, num_blocks, min_partition, *strides,
-            out.stride(0), out.stride(1), 0, 0, 0, 0, 0, SPLIT=False, BLOCK_P=1, **common,
+            out.stride(0), out.stride(1), 0, 0, 0, 0, 0, SPLIT=False, **common,
         )
         return out
     partial = _scratch((num_seqs, num_heads, parts, head_dim), query.device)
     maxes = _scratch((num_seqs, num_heads, parts), query.device)
     sums = _scratch((num_seqs, num_heads, parts), query.device)
-    # Zero between launches: each (sequence, kv head)'s last partition resets its counter.
-    counters = scratch(query.device, "split-K arrival counters", num_seqs * num_kv_heads, torch.int32)
     _decode_partition_kernel[grid](
-        query, k_cache, v_cache, block_tables, context_lens, partial, maxes, sums, out, counters,
+        query, k_cache, v_cache, block_tables, context_lens, partial, maxes, sums, out,
         scale * LOG2E, ctx_limit, num_blocks, min_partition, *strides,
         partial.stride(0), partial.stride(1), partial.stride(2), maxes.stride(0), maxes.stride(1),
-        out.stride(0), out.stride(1), SPLIT=True, BLOCK_P=triton.next_power_of_2(parts), **common,
+        out.stride(0), out.stride(1), SPLIT=True, **common,
+    )
+    _decode_reduce_kernel[(num_seqs, num_heads)](
+        partial, maxes, sums, out, context_lens, ctx_limit, parts, min_partition,
+        partial.stride(0), partial.stride(1), partial.stride(2), maxes.stride(0), maxes.stride(1),
+        out.stride(0), out.stride(1),
+        HEAD_DIM=head_dim, BLOCK_D=common["BLOCK_D"], BLOCK_N=block_n, BLOCK_P=triton.next_power_of_2(parts),
+        USE_PDL=pdl, num_warps=4, **pdl_launch_options(pdl),
     )
     return out
 

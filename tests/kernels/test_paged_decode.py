@@ -57,19 +57,14 @@ def test_strided_query_and_max_context_len():
     assert_close(out, reference.paged_decode_attention(*args), torch.float32)
 
 
-def test_split_decode_is_one_launch_that_leaves_its_counters_at_zero():
-    """The last partition of each (sequence, kv head) merges the partials; its arrival counter must be
-    zero again afterwards, or the next call (a CUDA graph replay) would merge too early or never."""
-    from leanserve.kernels import _workspace
-
+def test_split_decode_gives_the_same_result_twice():
+    """Partials are scratch: a second call (as a CUDA graph replays) must not depend on the first's."""
     gen = generator(18)
     kv = make_paged_kv(gen, [300, 45, 0, 129], 2, 64, 16, torch.float32)
     query = randn(gen, 4, 6, 64)
     args = (query, kv.k_cache, kv.v_cache, kv.block_tables, kv.context_lens, 0.125)
     first = paged_attention.paged_decode_attention(*args, num_partitions=4, out=nan_like(query))
     assert_close(first, reference.paged_decode_attention(*args), torch.float32)
-    counters = _workspace.buffers("split-K arrival counters")
-    assert counters and not any(c.any() for c in counters)
     again = paged_attention.paged_decode_attention(*args, num_partitions=4, out=nan_like(query))
     assert torch.equal(first, again)
 
