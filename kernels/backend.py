@@ -85,8 +85,8 @@ class ModelOps:
 
 def get_model_ops(device: torch.device | str) -> ModelOps:
     """Triton kernels for a model on CUDA; the torch references on any other device (the interpreter is
-    for the kernel tests, never for a model). On CUDA, linears of up to ``gemv.GEMV_MAX_M`` rows (decode
-    steps) run the Triton GEMV, larger ones ``F.linear``."""
+    for the kernel tests, never for a model). On CUDA, linears go through ``gemv.linear``: the Triton GEMV
+    where it was measured faster (one row, with PDL), ``F.linear`` otherwise."""
     device = torch.device(device)
     if device.type == "cuda" and triton_available():
         from .fused_layers import apply_rotary, rms_norm, silu_and_mul
