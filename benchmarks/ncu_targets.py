@@ -49,7 +49,6 @@ def main() -> int:
 
     targets = {
         "awq_gemv": lambda: awq_gemm(x, q, z, s, group),
-        "awq_gemv_prefetch": lambda: awq_gemm(x, q, z, s, group, gemv_config={"prefetch": True}),
         "load_only": lambda: load_only(q, out, group, 8, 128, 3, 4),
         "fp16_matmul": lambda: torch.matmul(x, dense),
         "decode_attention_b1": lambda: ops.paged_decode_attention(query, k_cache, v_cache, table, lens, 0.125, 2048),

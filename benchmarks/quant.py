@@ -135,12 +135,11 @@ def sweep_launch_configs(layers: list, k: int, group: int, ms: list[int]) -> dic
 
     tiled = [dict(block_m=bm, block_c=c, block_k=64, num_warps=4) for bm in (16, 64, 128) for c in (8, 16)]
     grids = {
-        # The default [8, 128] tile (the best of 34 configs in the first H200 sweep, RESULTS.md) and a deeper
-        # ring, against register prefetch (no shared-memory ring, no barrier per step) at several tiles.
-        1: [("gemv", dict()), ("gemv", dict(num_stages=6))]
-           + [("gemv", dict(block_c=c, block_k=bk, prefetch=True, num_warps=w))
-              for c, bk, w in ((128, 8, 4), (64, 8, 4), (128, 4, 4), (64, 16, 4), (32, 16, 4), (256, 4, 4),
-                               (128, 8, 8), (256, 8, 8))],
+        # The default [8, 128] tile (the best of the first H200 sweep's 34 configs, RESULTS.md) and the
+        # runners-up: deeper rings, wider or narrower tiles, more warps, fewer K slices, the plain unpack.
+        1: [("gemv", dict(block_c=c, block_k=8, num_stages=st, num_warps=w))
+            for c, st, w in ((128, 3, 4), (128, 6, 4), (256, 3, 4), (64, 3, 4), (64, 4, 4))]
+           + [("gemv", dict(splits=16)), ("gemv", dict(unpack="shift"))],
         16: [("tiled", cfg) for cfg in tiled if cfg["block_m"] == 16],
         64: [("tiled", cfg) for cfg in tiled if cfg["block_m"] == 64],
         256: [("tiled", cfg) for cfg in tiled if cfg["block_m"] >= 64],

@@ -151,14 +151,13 @@ def _accumulate(a0, a1, a2, a3, a4, a5, a6, a7, xs, x, words, one_bits, ASM: tl.
 
 @triton.jit
 def _group_products(x_row, qw_ptr, g0, n8, offs_c, c_mask, one_bits, GROUP: tl.constexpr,
-                    BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, NUM_STAGES: tl.constexpr, ASM: tl.constexpr,
-                    PREFETCH: tl.constexpr):
+                    BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, NUM_STAGES: tl.constexpr, ASM: tl.constexpr):
     """One group's ``sum x * (1 + q/16)`` for each nibble position, and ``sum x``, per K position.
 
     Eight ``[BLOCK_K, BLOCK_C]`` accumulators laid out exactly like the loaded words: the loop never
     moves data between threads. The word loads go through a ``NUM_STAGES`` deep cp.async ring (Triton's
-    pipeliner; x's 2-byte loads are too small for it and are plain loads), or with ``PREFETCH`` straight
-    into registers one tile ahead (no shared-memory ring, no barrier per step).
+    pipeliner; x's 2-byte loads are too small for it and are plain loads). Loading into registers one
+    tile ahead instead was slower on an H200 (24.5 against 21.5 us, RESULTS.md).
     """
     a0 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
     a1 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
@@ -169,26 +168,12 @@ def _group_products(x_row, qw_ptr, g0, n8, offs_c, c_mask, one_bits, GROUP: tl.c
     a6 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
     a7 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
     xs = tl.zeros((BLOCK_K, 1), dtype=tl.float32)
-    if PREFETCH:
-        offs_k = g0 + tl.arange(0, BLOCK_K)
-        words = tl.load(qw_ptr + offs_k[:, None] * n8 + offs_c[None, :], mask=c_mask[None, :], other=0)
+    for k0 in tl.range(g0, g0 + GROUP, BLOCK_K, num_stages=NUM_STAGES):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_row + offs_k).to(tl.float32)[:, None]
-        for k0 in tl.range(g0 + BLOCK_K, g0 + GROUP + BLOCK_K, BLOCK_K, num_stages=1):
-            # The last step re-reads the group's last tile (cached) instead of branching.
-            offs_k = tl.minimum(k0, g0 + GROUP - BLOCK_K) + tl.arange(0, BLOCK_K)
-            next_words = tl.load(qw_ptr + offs_k[:, None] * n8 + offs_c[None, :], mask=c_mask[None, :], other=0)
-            next_x = tl.load(x_row + offs_k).to(tl.float32)[:, None]
-            a0, a1, a2, a3, a4, a5, a6, a7, xs = _accumulate(a0, a1, a2, a3, a4, a5, a6, a7, xs, x, words,
-                                                             one_bits, ASM)
-            words = next_words
-            x = next_x
-    else:
-        for k0 in tl.range(g0, g0 + GROUP, BLOCK_K, num_stages=NUM_STAGES):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_row + offs_k).to(tl.float32)[:, None]
-            words = tl.load(qw_ptr + offs_k[:, None] * n8 + offs_c[None, :], mask=c_mask[None, :], other=0)
-            a0, a1, a2, a3, a4, a5, a6, a7, xs = _accumulate(a0, a1, a2, a3, a4, a5, a6, a7, xs, x, words,
-                                                             one_bits, ASM)
+        words = tl.load(qw_ptr + offs_k[:, None] * n8 + offs_c[None, :], mask=c_mask[None, :], other=0)
+        a0, a1, a2, a3, a4, a5, a6, a7, xs = _accumulate(a0, a1, a2, a3, a4, a5, a6, a7, xs, x, words,
+                                                         one_bits, ASM)
     return a0, a1, a2, a3, a4, a5, a6, a7, xs
 
 
@@ -240,7 +225,6 @@ def _awq_gemv_kernel(
     N, n8, K, stride_xm, one_bits,
     GROUP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, K_PER_SPLIT: tl.constexpr,
     SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_STAGES: tl.constexpr, ASM: tl.constexpr,
-    PREFETCH: tl.constexpr,
 ):
     """One program: one row of ``x``, ``BLOCK_C`` words (8 * BLOCK_C outputs), one slice of K.
 
@@ -259,8 +243,7 @@ def _awq_gemv_kernel(
     x_row = x_ptr + row.to(tl.int64) * stride_xm
     k_start = pid_k * K_PER_SPLIT
     a0, a1, a2, a3, a4, a5, a6, a7, xs = _group_products(
-        x_row, qw_ptr, k_start, n8, offs_c, c_mask, one_bits, GROUP, BLOCK_K, BLOCK_C, NUM_STAGES, ASM,
-        PREFETCH)
+        x_row, qw_ptr, k_start, n8, offs_c, c_mask, one_bits, GROUP, BLOCK_K, BLOCK_C, NUM_STAGES, ASM)
     y0, y1, y2, y3, y4, y5, y6, y7 = _fold_group(
         0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, a0, a1, a2, a3, a4, a5, a6, a7, xs,
         qz_ptr, s_ptr, k_start // GROUP, N, n8, offs_c, c_mask, one_bits)
@@ -270,8 +253,7 @@ def _awq_gemv_kernel(
         k_end = tl.minimum(k_start + K_PER_SPLIT, K)  # K_PER_SPLIT and K are whole groups
         for g0 in range(k_start + GROUP, k_end, GROUP):
             a0, a1, a2, a3, a4, a5, a6, a7, xs = _group_products(
-                x_row, qw_ptr, g0, n8, offs_c, c_mask, one_bits, GROUP, BLOCK_K, BLOCK_C, NUM_STAGES, ASM,
-                PREFETCH)
+                x_row, qw_ptr, g0, n8, offs_c, c_mask, one_bits, GROUP, BLOCK_K, BLOCK_C, NUM_STAGES, ASM)
             y0, y1, y2, y3, y4, y5, y6, y7 = _fold_group(
                 y0, y1, y2, y3, y4, y5, y6, y7, a0, a1, a2, a3, a4, a5, a6, a7, xs,
                 qz_ptr, s_ptr, g0 // GROUP, N, n8, offs_c, c_mask, one_bits)
@@ -486,7 +468,6 @@ def _gemv(
     num_warps: int = 4,
     num_stages: int = 3,
     unpack: str | None = None,
-    prefetch: bool = False,
 ) -> torch.Tensor:
     """Defaults from the H200 sweep at M=1 on 4096x11008 (``quant.py --gpu-only --sweep``, 34 configs):
     an ``[8, 128]`` word tile at 4 warps, one group per K slice, 21.5 us; the ``[16, 64]`` chosen from
@@ -523,8 +504,7 @@ def _gemv(
         x, qweight, qzeros, scales, bias if bias is not None else scales, out, sums, counts, n, n // 8, k, x.stride(0),
         ONE_BITS,
         GROUP=group_size, BLOCK_C=block_c, BLOCK_K=block_k, K_PER_SPLIT=k_per_split, SPLITS=splits,
-        HAS_BIAS=bias is not None, NUM_STAGES=num_stages, ASM=unpack == "asm", PREFETCH=prefetch,
-        num_warps=num_warps,
+        HAS_BIAS=bias is not None, NUM_STAGES=num_stages, ASM=unpack == "asm", num_warps=num_warps,
     )
     return out
 
