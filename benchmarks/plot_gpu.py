@@ -3,7 +3,7 @@
     python benchmarks/plot_gpu.py [--results benchmarks/results] [--out benchmarks/results/gpu.png]
 
 Reads the JSON lines that ``decode_step.py`` and ``quant.py --gpu-only`` printed on the card
-(``h200_decode_step.json``, ``h200_awq.json``) and draws: the 1.1B decode step against its
+(``h200_decode_step.json``, ``h200_awq.json``, and the second session's ``h200_b_*.json``) and draws: the 1.1B decode step against its
 weight-read floor (fused and unfused layer ops under CUDA graphs, and the full runner step), and the
 AWQ INT4 GEMM against fp16 ``torch.matmul`` by batch rows.
 """
@@ -24,6 +24,9 @@ def main() -> None:
     args = p.parse_args()
     step = json.loads((args.results / "h200_decode_step.json").read_text())
     awq = json.loads((args.results / "h200_awq.json").read_text())
+    # The second session: PDL and the 1-row GEMV (the defaults now), and the v4 AWQ GEMV.
+    routed = json.loads((args.results / "h200_b_decode_routed.json").read_text())["gemv_pdl"]["rows"]
+    awq_b = json.loads((args.results / "h200_b_awq.json").read_text())
 
     import matplotlib
 
@@ -36,6 +39,8 @@ def main() -> None:
     left.plot(batches, [r["floor_ms"] for r in fused], "k--", label="floor: weights + K/V at copy bandwidth")
     left.plot(batches, [r["graph_ms"] for r in fused], "o-", label="CUDA graph, fused Triton layer ops")
     left.plot(batches, [r["graph_ms"] for r in unfused], "s-", label="CUDA graph, unfused torch ops")
+    left.plot([r["batch"] for r in routed], [r["graph_ms"] for r in routed], "D-",
+              label="CUDA graph, + PDL and 1-row Triton GEMV (2nd session)")
     left.plot(batches, [r["step_ms"] for r in fused], "^-", label="runner step (graph + logits + sampling)")
     left.plot(batches, [1.5 * r["floor_ms"] for r in fused], ":", color="grey", label="bar: 1.5x floor")
     left.set_xscale("log", base=2)
@@ -47,14 +52,16 @@ def main() -> None:
 
     ms = [1, 16, 64, 256]
     x = range(len(ms))
-    width = 0.38
-    right.bar([i - width / 2 for i in x], [awq[f"gemm_us_awq_m{m}"] for m in ms], width, label="AWQ INT4 (Triton)")
-    right.bar([i + width / 2 for i in x], [awq[f"gemm_us_fp16_m{m}"] for m in ms], width, label="fp16 torch.matmul")
+    width = 0.27
+    right.bar([i - width for i in x], [awq[f"gemm_us_awq_m{m}"] for m in ms], width, label="AWQ INT4 (Triton), 1st session")
+    right.bar(list(x), [awq_b[f"gemm_us_awq_m{m}"] for m in ms], width,
+              label="AWQ INT4, 2nd session (v4 GEMV, dequantize + matmul from 32 rows)")
+    right.bar([i + width for i in x], [awq[f"gemm_us_fp16_m{m}"] for m in ms], width, label="fp16 torch.matmul")
     right.axhline(awq["gemm_us_fp16_m1"] / 2.5, color="grey", ls=":", label="bar at M=1: 2.5x faster than fp16")
     right.set_xticks(list(x), [f"M={m}" for m in ms])
     right.set_ylabel("us per call (in a CUDA graph, weights rotated out of L2)")
     right.set_title(f"AWQ GEMM {awq['gemm_k']}x{awq['gemm_n']}, group 128")
-    right.legend(fontsize=8)
+    right.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
     print(f"wrote {args.out}")
