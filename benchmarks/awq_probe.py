@@ -52,16 +52,10 @@ def main() -> int:
         print(json.dumps({"skipped": "no CUDA device"}))
         return 0
     from leanserve.kernels.awq_gemm import awq_gemm
-    from leanserve.kernels.awq_reference import pack_awq
+    from quant import random_awq_layers
 
     k, n, group, copies = 4096, 11008, 128, 8
-    gen = torch.Generator().manual_seed(0)
-    layers = []
-    for _ in range(copies):
-        q = pack_awq(torch.randint(0, 16, (k, n), generator=gen)).cuda()
-        z = pack_awq(torch.randint(0, 16, (k // group, n), generator=gen)).cuda()
-        s = (torch.rand(k // group, n, generator=gen) * 0.01).half().cuda()
-        layers.append((q, z, s))
+    layers = random_awq_layers(k, n, group, copies)
     int4_bytes = layers[0][0].numel() * 4
     bandwidth = copy_gbps()
     out = torch.empty(1 << 16, dtype=torch.int32, device="cuda")

@@ -25,14 +25,11 @@ def main() -> int:
     from awq_probe import load_only
     from leanserve.kernels import backend
     from leanserve.kernels.awq_gemm import awq_gemm
-    from leanserve.kernels.awq_reference import pack_awq
     from leanserve.kernels.gemv import GemvConfig, gemv
+    from quant import random_awq_layers
 
-    gen = torch.Generator().manual_seed(0)
     k, n, group = 4096, 11008, 128
-    q = pack_awq(torch.randint(0, 16, (k, n), generator=gen)).cuda()
-    z = pack_awq(torch.randint(0, 16, (k // group, n), generator=gen)).cuda()
-    s = (torch.rand(k // group, n, generator=gen) * 0.01).half().cuda()
+    (q, z, s), = random_awq_layers(k, n, group, 1)
     x = torch.randn(1, k, dtype=torch.float16, device="cuda")
     dense = torch.randn(k, n, dtype=torch.float16, device="cuda")
     out = torch.empty(1 << 16, dtype=torch.int32, device="cuda")

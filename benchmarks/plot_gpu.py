@@ -3,9 +3,10 @@
     python benchmarks/plot_gpu.py [--results benchmarks/results] [--out benchmarks/results/gpu.png]
 
 Reads the JSON lines that ``decode_step.py`` and ``quant.py --gpu-only`` printed on the card
-(``h200_decode_step.json``, ``h200_awq.json``, and the second session's ``h200_b_*.json``) and draws: the 1.1B decode step against its
-weight-read floor (fused and unfused layer ops under CUDA graphs, and the full runner step), and the
-AWQ INT4 GEMM against fp16 ``torch.matmul`` by batch rows.
+(``h200_decode_step.json``, ``h200_awq.json``, the second session's ``h200_b_*.json``) and draws: the
+1.1B decode step against its weight-read floor (fused and unfused layer ops under CUDA graphs, then
+PDL and the 1-row GEMV, and the full runner step), and the AWQ INT4 GEMM against fp16
+``torch.matmul`` by batch rows.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def main() -> None:
     ms = [1, 16, 64, 256]
     x = range(len(ms))
     width = 0.27
-    right.bar([i - width for i in x], [awq[f"gemm_us_awq_m{m}"] for m in ms], width, label="AWQ INT4 (Triton), 1st session")
+    right.bar([i - width for i in x], [awq[f"gemm_us_awq_m{m}"] for m in ms], width,
+              label="AWQ INT4 (Triton), 1st session")
     right.bar(list(x), [awq_b[f"gemm_us_awq_m{m}"] for m in ms], width,
               label="AWQ INT4, 2nd session (v4 GEMV, dequantize + matmul from 32 rows)")
     right.bar([i + width for i in x], [awq[f"gemm_us_fp16_m{m}"] for m in ms], width, label="fp16 torch.matmul")

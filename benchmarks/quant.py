@@ -174,19 +174,27 @@ def sweep_launch_configs(layers: list, k: int, group: int, ms: list[int]) -> dic
     return best
 
 
+def random_awq_layers(k: int, n: int, group: int, copies: int, seed: int = 0) -> list[tuple[torch.Tensor, ...]]:
+    """``copies`` random AWQ layers ``(qweight, qzeros, scales)`` on the GPU: benchmarks cycle through
+    them so that the weights are read from memory, not from L2."""
+    from leanserve.kernels.awq_reference import pack_awq
+
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        (pack_awq(torch.randint(0, 16, (k, n), generator=gen)).cuda(),
+         pack_awq(torch.randint(0, 16, (k // group, n), generator=gen)).cuda(),
+         (torch.rand(k // group, n, generator=gen) * 0.01).half().cuda())
+        for _ in range(copies)
+    ]
+
+
 def gpu_kernel_bench(sweep: bool = False, sweep_m: Sequence[int] = (1, 16, 64, 256)) -> dict[str, float]:
     """AWQ GEMM against fp16 ``torch.matmul`` on a Llama-7B MLP layer (in 4096, out 11008)."""
     from leanserve.kernels.awq_gemm import awq_gemm
-    from leanserve.kernels.awq_reference import awq_gemm_reference, pack_awq
+    from leanserve.kernels.awq_reference import awq_gemm_reference
 
     k, n, group, copies = 4096, 11008, 128, 8
-    gen = torch.Generator().manual_seed(0)
-    layers = []
-    for _ in range(copies):
-        q = pack_awq(torch.randint(0, 16, (k, n), generator=gen)).cuda()
-        z = pack_awq(torch.randint(0, 16, (k // group, n), generator=gen)).cuda()
-        s = (torch.rand(k // group, n, generator=gen) * 0.01).half().cuda()
-        layers.append((q, z, s))
+    layers = random_awq_layers(k, n, group, copies)
     dense = [torch.randn(k, n, dtype=torch.float16, device="cuda") * 0.01 for _ in range(copies)]
     results: dict[str, float] = {"gemm_k": k, "gemm_n": n}
     say("GPU", f"{torch.cuda.get_device_name()}, AWQ GEMM {k}x{n} group {group}, {copies} weight copies")
@@ -208,9 +216,7 @@ def gpu_kernel_bench(sweep: bool = False, sweep_m: Sequence[int] = (1, 16, 64, 2
     # A second shape, Llama-7B's attention projections (4096 -> 4096): whether the default launch, tuned on
     # the MLP shape, carries over.
     n2 = 4096
-    square = [(pack_awq(torch.randint(0, 16, (k, n2), generator=gen)).cuda(),
-               pack_awq(torch.randint(0, 16, (k // group, n2), generator=gen)).cuda(),
-               (torch.rand(k // group, n2, generator=gen) * 0.01).half().cuda()) for _ in range(copies)]
+    square = random_awq_layers(k, n2, group, copies)
     dense2 = [torch.randn(k, n2, dtype=torch.float16, device="cuda") * 0.01 for _ in range(copies)]
     x = torch.randn(1, k, dtype=torch.float16, device="cuda")
     t_awq = graph_us([lambda w=w: awq_gemm(x, *w, group) for w in square])
