@@ -13,9 +13,8 @@ All of it for each variant of the model's kernels (``--variants``, in this order
 
 - ``fused``: our fused Triton layer kernels (RMSNorm + residual, rotary, SiLU-and-mul), cuBLAS
   (``F.linear``) linears, no programmatic dependent launch (PDL): what was measured before;
-- ``gemv_pdl``: the Triton GEMV for the linears (decode batches up to 8 rows) and PDL on every Triton
-  decode kernel: what the model runs on an sm_90+ GPU now;
-- ``gemv``: the Triton GEMV, PDL off;
+- ``gemv_pdl``: the model's own ops with PDL on, what it runs on an sm_90+ GPU: the Triton GEMV for
+  1-row linears (``gemv.linear``, which takes it only with PDL), cuBLAS for the rest;
 - ``fused_pdl``: cuBLAS linears, PDL on our kernels;
 - ``unfused``: the torch ops the fused layer kernels replace, cuBLAS linears.
 
@@ -126,7 +125,7 @@ def profile_eager_step(runner, seqs) -> tuple[int, list[tuple[str, float, int]]]
     return launches, rows[:15]
 
 
-VARIANTS = ("fused", "gemv_pdl", "gemv", "fused_pdl", "unfused")
+VARIANTS = ("fused", "gemv_pdl", "fused_pdl", "unfused")
 
 
 def kernel_variants(device: torch.device) -> dict[str, tuple[object, bool]]:
@@ -137,8 +136,8 @@ def kernel_variants(device: torch.device) -> dict[str, tuple[object, bool]]:
     triton_ops = backend.get_model_ops(device)  # fused layers + the GEMV for decode-sized linears
     cublas = backend.ModelOps(triton_ops.attention, triton_ops.layers, F.linear)
     unfused = backend.ModelOps(triton_ops.attention, backend.reference_layer_ops(), F.linear)
-    return {"fused": (cublas, False), "gemv_pdl": (triton_ops, True), "gemv": (triton_ops, False),
-            "fused_pdl": (cublas, True), "unfused": (unfused, False)}
+    return {"fused": (cublas, False), "gemv_pdl": (triton_ops, True), "fused_pdl": (cublas, True),
+            "unfused": (unfused, False)}
 
 
 def set_pdl(on: bool, device: torch.device) -> bool:

@@ -42,10 +42,11 @@ step() {
 }
 
 step kernel_tests "${T_TESTS:-100}" $PY -m pytest -q -n 8 --maxfail=20 -p no:cacheprovider tests/kernels tests/model/test_cuda_graphs.py
-# The decode step by variant: cuBLAS (the old figures), GEMV + PDL (the new default), GEMV, cuBLAS + PDL
-# (DECODE_VARIANTS=...,unfused adds the unfused layer ops, measured before: 1.988 ms at batch 1).
+# The decode step by variant: cuBLAS without PDL (the first session's figures), the model's own ops (PDL
+# and the 1-row GEMV), cuBLAS + PDL (DECODE_VARIANTS=...,unfused adds the unfused layer ops: 1.988 ms
+# at batch 1 in the first session).
 step decode_step "${T_DECODE:-150}" $PY benchmarks/decode_step.py --iters 30 \
-    --variants "${DECODE_VARIANTS:-fused,gemv_pdl,gemv,fused_pdl}"
+    --variants "${DECODE_VARIANTS:-fused,gemv_pdl,fused_pdl}"
 # The AWQ GEMV sweep at M=1 only by default (the bar); AWQ_SWEEP_M=1,16,64,256 adds the tiled shapes.
 step awq_bench "${T_AWQ:-150}" $PY benchmarks/quant.py --gpu-only ${AWQ_SWEEP:---sweep} --sweep-m ${AWQ_SWEEP_M:-1}
 # Diagnostics after the two bars: where the projections lose (matmul_probe) and the attention kernels.
