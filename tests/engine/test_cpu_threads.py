@@ -64,3 +64,47 @@ def test_run_on_own_thread_returns_raises_and_leaves_no_thread_behind() -> None:
 
     with pytest.raises(ValueError, match="bad checkpoint"):
         run_on_own_thread(fail)
+
+
+class ScriptedLoad:
+    """Stands in for OtherCpuLoad: other processes' CPU use, in cores, as the test sets it."""
+
+    def __init__(self, cpus: int) -> None:
+        self.cpus = frozenset(range(cpus))
+        self.others = 0.0
+
+    def read(self, now: float) -> float:
+        return self.others
+
+
+def test_a_neighbour_arriving_or_leaving_moves_threads_at_once() -> None:
+    before = torch.get_num_threads()
+    try:
+        load = ScriptedLoad(cpus=2)
+        tuner = ThreadTuner(max_threads=2, hidden_size=8, intermediate_size=16, interval_s=5.0, load=load)  # type: ignore[arg-type]
+        scripted(tuner, {1: 10.0, 2: 1.0})  # a probe that would always pick 2 threads
+        assert tuner.maybe_retune(now=0.0) == 2  # starts the clock
+        load.others = 0.1  # the client, say: our cores are free
+        assert tuner.maybe_retune(now=0.3) == 2 and not tuner.history  # nothing changed, no probe
+        load.others = 0.9  # a neighbour takes most of a core
+        assert tuner.maybe_retune(now=0.6) == 1 and torch.get_num_threads() == 1  # at once, before the interval
+        assert tuner.history[-1][1] == {}  # decided by the load: 2 threads are not even probed
+        assert tuner.maybe_retune(now=6.0) == 1  # the interval's probe cannot read 2 threads as fast
+        load.others = 0.1  # the neighbour leaves
+        assert tuner.maybe_retune(now=6.3) == 2  # probed at once, and up without waiting a second probe
+        scripted(tuner, {1: 1.0, 2: 10.0})  # our cores look free, yet a probe favours 1 thread...
+        assert tuner.maybe_retune(now=11.5) == 2  # ...not on one probe
+        assert tuner.maybe_retune(now=17.0) == 1  # on the second in a row
+        assert [choice for _, _, choice in tuner.history] == [1, 1, 2, 2, 1]
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_thread_cap_leaves_the_neighbours_share_of_our_cores() -> None:
+    load = ScriptedLoad(cpus=8)
+    tuner = ThreadTuner(max_threads=4, hidden_size=8, intermediate_size=16, load=load)  # type: ignore[arg-type]
+    for others, cap in ((1.0, 4), (4.4, 4), (4.6, 3), (6.0, 2), (7.9, 1)):
+        load.others = others
+        tuner._load_checked = -1.0
+        tuner._load_changed(now=float(others))
+        assert tuner._thread_cap() == cap, others

@@ -7,11 +7,17 @@ host 2 threads are the faster choice. Neither setting is right all the time, so 
 ``interval_s`` the tuner times a short probe of model-shaped GEMMs (the same many-small-regions
 pattern a decode step has) at each candidate thread count and keeps the fastest. A probe costs a few
 milliseconds; at the default interval that is well under 1% of the engine's time.
+
+Between probes, ``OtherCpuLoad`` watches how much CPU other processes take on this process's cores
+(``/proc/stat`` less our own ``os.times()``), four times a second: when a neighbour arrives or leaves,
+the tuner probes at once instead of running up to an interval on the wrong thread count.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -24,6 +30,46 @@ from leanserve.model.layers import cpu_packing_available, pack_cpu_weight, packe
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+@dataclass
+class OtherCpuLoad:
+    """Cores' worth of CPU time that other processes spent on ``cpus`` between two readings."""
+
+    cpus: frozenset[int]
+    _last: tuple[float, float, float] | None = None  # (clock, busy seconds on cpus, our CPU seconds)
+
+    @classmethod
+    def create(cls) -> OtherCpuLoad | None:
+        """Watching this process's CPUs, or None where /proc/stat cannot be read (not Linux)."""
+        load = cls(frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else frozenset())
+        return load if load.cpus and _busy_seconds(load.cpus) is not None else None
+
+    def read(self, now: float) -> float | None:
+        """Other processes' CPU use since the last call, in cores; None on the first call."""
+        busy = _busy_seconds(self.cpus)
+        times = os.times()
+        ours = times.user + times.system
+        last, self._last = self._last, (now, busy or 0.0, ours)
+        if busy is None or last is None or now <= last[0]:
+            return None
+        return max(0.0, (busy - last[1]) - (ours - last[2])) / (now - last[0])
+
+
+def _busy_seconds(cpus: frozenset[int]) -> float | None:
+    """Non-idle time of ``cpus`` since boot, from /proc/stat: user, nice, system, irq, softirq, steal."""
+    try:
+        with open("/proc/stat") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    ticks = 0
+    for line in lines:
+        name, _, rest = line.partition(" ")
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+            fields = [int(v) for v in rest.split()]
+            ticks += sum(fields[i] for i in (0, 1, 2, 5, 6, 7) if i < len(fields))
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -41,9 +87,17 @@ class ThreadTuner:
     # clearly faster (2 vs 1: 1.5x decode, 2.2x prefill), yet a probe squeezed between the server's
     # own HTTP work can read them as a tie; the contention this guards against costs 4-7x.
     margin: float = 1.25
+    # Other processes' CPU use (None: not watched), read every load_interval_s: over half a core beyond
+    # the cores we leave spare means contention, and a change either way triggers a probe at once.
+    load: OtherCpuLoad | None = None
+    load_interval_s: float = 0.25
     current: int = 0
     last_tuned: float | None = None  # None: the clock starts at the first call
+    _load_checked: float = 0.0
+    _others: float = 0.0  # the last reading of load
+    _contended: bool | None = None
     _up_votes: int = 0  # probes in a row that favoured more threads than now
+    _down_votes: int = 0  # ... and fewer
     history: list[tuple[float, dict[int, float], int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -82,30 +136,67 @@ class ThreadTuner:
             self.last_tuned = now
             torch.set_num_threads(self.current)
             return self.current
-        if now - self.last_tuned < self.interval_s or len(self.candidates) == 1:
+        if len(self.candidates) == 1:
+            return self.current
+        changed = self._load_changed(now)
+        if now - self.last_tuned < self.interval_s and not changed:
             return self.current
         self.last_tuned = now
-        times = {n: self._probe(n) for n in self.candidates}
-        choice = self.candidates[-1]
-        for n in reversed(self.candidates[:-1]):
+        # While other processes hold our cores, thread counts that would share a core with them are not
+        # even probed: a ~1 ms probe can run unpreempted and read them as fast (seen beside a busy
+        # neighbour: 2 threads probed 1.2 ms against 1.9 for 1, then ran 2.3x slower).
+        candidates = [n for n in self.candidates if n <= self._thread_cap()] or [1]
+        times = {n: self._probe(n) for n in candidates} if len(candidates) > 1 else {}
+        choice = candidates[-1]
+        for n in reversed(candidates[:-1]):
             if times[n] * self.margin < times[choice]:
                 choice = n
-        # Down at once, up only on a second probe in a row: beside a busy neighbour a probe of more
-        # threads still reads fast now and then (an unpreempted millisecond), and each such flip cost
-        # a whole interval of slow steps.
+        # A move against what the CPU load says waits for a second probe in a row: up while others hold
+        # our cores (beside a busy neighbour a probe of more threads still reads fast now and then), down
+        # while they are free (a probe can land on a burst of our own HTTP work). Each wrong flip cost a
+        # whole interval of slow steps. Without a load reading, down at once and up on a second probe.
         self._up_votes = self._up_votes + 1 if choice > self.current else 0
-        if choice > self.current and self._up_votes < 2:
+        self._down_votes = self._down_votes + 1 if choice < self.current else 0
+        if choice > self.current and self._up_votes < 2 and self._contended is not False:
+            choice = self.current
+        if choice < self.current and self._down_votes < 2 and self._contended is False:
             choice = self.current
         if choice != self.current:
             logger.info(
-                "CPU threads %d -> %d (probe: %s)",
-                self.current, choice, ", ".join(f"{n} threads {t * 1e3:.1f} ms" for n, t in times.items()),
+                "CPU threads %d -> %d (%s)", self.current, choice,
+                ", ".join(f"{n} threads {t * 1e3:.1f} ms" for n, t in times.items())
+                or f"other processes use {self._others:.2f} cores",
             )
         self.current = choice
         torch.set_num_threads(choice)
         self.history.append((now, times, choice))
         del self.history[:-100]
         return choice
+
+    def _thread_cap(self) -> int:
+        """All threads, or under contention as many as leave the other processes' share of our cores."""
+        if not self._contended or self.load is None:
+            return self.max_threads
+        spare = max(0, len(self.load.cpus) - self.max_threads)
+        return max(1, self.max_threads - math.ceil(self._others - spare - 0.5))
+
+    def _load_changed(self, now: float) -> bool:
+        """Whether other processes started or stopped contending for our CPUs since the last check."""
+        if self.load is None or now - self._load_checked < self.load_interval_s:
+            return False
+        self._load_checked = now
+        others = self.load.read(now)
+        if others is None:
+            return False
+        self._others = others
+        spare = max(0, len(self.load.cpus) - self.max_threads)
+        contended = others > spare + 0.5
+        changed = self._contended is not None and contended != self._contended
+        if changed:
+            logger.debug("other processes use %.2f cores of %d: %s", others, len(self.load.cpus),
+                         "contended" if contended else "free")
+        self._contended = contended
+        return changed
 
 
 def run_on_own_thread(fn: Callable[..., T], *args: Any) -> T:

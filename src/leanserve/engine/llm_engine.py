@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 from leanserve.engine.batch_window import BatchWindowConfig
 from leanserve.engine.block_manager import BlockManager
 from leanserve.engine.config import EngineConfig
-from leanserve.engine.cpu_threads import ThreadTuner
+from leanserve.engine.cpu_threads import OtherCpuLoad, ThreadTuner
 from leanserve.engine.detokenizer import IncrementalDetokenizer
 from leanserve.engine.scheduler import Scheduler, SchedulerConfig
 from leanserve.engine.sequence import FinishReason, Sequence, SequenceStatus
@@ -152,7 +152,8 @@ class LLMEngine:
         # With no thread count given, re-pick it while serving: a busy neighbour core can make every
         # extra thread a liability (see engine/cpu_threads.py).
         self.thread_tuner = (
-            ThreadTuner(cores, self.model_config.hidden_size, self.model_config.intermediate_size)
+            ThreadTuner(cores, self.model_config.hidden_size, self.model_config.intermediate_size,
+                        load=OtherCpuLoad.create())
             if self.device.type == "cpu" and config.num_threads is None and cores > 1
             else None
         )
