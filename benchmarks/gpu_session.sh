@@ -2,9 +2,10 @@
 # One lease of a GPU machine, as one script: install the tree, run the kernel and CUDA-graph tests
 # compiled (not interpreted), then the two bars (the 1.1B decode step by kernel variant; the AWQ GEMM
 # with its launch-config sweep, each config checked against the reference before it is timed), then
-# the diagnostics (projection matmuls cuBLAS vs the Triton GEMV, the attention kernels). Each step has a
-# time limit and its own log under OUT; a failing step does not stop the others. The limits add up to
-# 9 minutes; the benchmarks print a JSON line per finished part, so a step cut short keeps what it measured.
+# the diagnostics (the decode attention by partition length, projection matmuls cuBLAS vs the Triton
+# GEMV, the attention kernels). Each step has a time limit and its own log under OUT; a failing step does
+# not stop the others. The default steps ran in 208 s on an H200 (limits: 10 minutes); the benchmarks
+# print a JSON line per finished part, so a step cut short keeps what it measured.
 #
 #   bash benchmarks/gpu_session.sh [OUT_DIR]     (on the GPU machine, from the repo root)
 set -u
@@ -29,7 +30,8 @@ if ! $PY -m pip install -q --no-deps --no-build-isolation -e . > "$OUT_DIR/pip.l
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # tests import their helpers as tests.<dir>.<module>
 
-STEPS=${STEPS:-kernel_tests decode_step awq_bench matmul_probe kernels_bench}  # a subset reruns only those; also awq_probe, ncu
+# A subset reruns only those; ncu is not in the default (a 9th log would not come back from $OUT).
+STEPS=${STEPS:-kernel_tests decode_step awq_bench decode_sweep matmul_probe kernels_bench}
 step() {
     local name=$1 limit=$2
     shift 2
@@ -49,12 +51,15 @@ step decode_step "${T_DECODE:-150}" $PY benchmarks/decode_step.py --iters 30 \
     --variants "${DECODE_VARIANTS:-fused,gemv_pdl,fused_pdl}"
 # The AWQ GEMV sweep at M=1 only by default (the bar); AWQ_SWEEP_M=1,16,64,256 adds the tiled shapes.
 step awq_bench "${T_AWQ:-150}" $PY benchmarks/quant.py --gpu-only ${AWQ_SWEEP:---sweep} --sweep-m ${AWQ_SWEEP_M:-1}
+# The decode attention inside a 1.1B model's graph, by the minimum partition length (MIN_PARTITION_TOKENS).
+step decode_sweep "${T_SWEEP:-60}" $PY benchmarks/kernels.py --decode-graph-sweep --iters 30 --warmup 5
 # Diagnostics after the two bars: where the projections lose (matmul_probe) and the attention kernels.
 # cuBLAS vs the Triton GEMV on the 1.1B model's projections, PDL off/on, a dependent layer chain, a launch sweep.
 step matmul_probe "${T_PROBE:-70}" $PY benchmarks/decode_step.py --matmul-probe
 step kernels_bench "${T_KERNELS:-60}" $PY benchmarks/kernels.py --iters 50 --warmup 10
 # Not in the default steps: the AWQ GEMV's loads alone (is the grid or the arithmetic the limit?), and
-# Nsight Compute's counters for the kernels that stay far from copy bandwidth (benchmarks/ncu_targets.py).
+# Nsight Compute's counters for the kernels that stay far from copy bandwidth (benchmarks/ncu_targets.py;
+# the stall reasons per issued instruction come from the --metrics regex).
 step awq_probe "${T_AWQ_PROBE:-60}" $PY benchmarks/awq_probe.py
 NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
 step ncu "${T_NCU:-120}" "$NCU" --profile-from-start off --clock-control none --section SpeedOfLight \
