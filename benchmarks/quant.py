@@ -198,7 +198,7 @@ def gpu_kernel_bench(sweep: bool = False, sweep_m: Sequence[int] = (1, 16, 64, 2
     dense = [torch.randn(k, n, dtype=torch.float16, device="cuda") * 0.01 for _ in range(copies)]
     results: dict[str, float] = {"gemm_k": k, "gemm_n": n}
     say("GPU", f"{torch.cuda.get_device_name()}, AWQ GEMM {k}x{n} group {group}, {copies} weight copies")
-    for m in (1, 8, 16, 32, 64, 256):
+    for m in (1, 2, 4, 8, 16, 32, 64, 256):
         x = torch.randn(m, k, dtype=torch.float16, device="cuda")
         q, z, s = layers[0]
         err = (awq_gemm(x, q, z, s, group).float() - awq_gemm_reference(x.float(), q, z, s, group)).abs().max().item()
