@@ -22,6 +22,11 @@ def num_sms(device: torch.device) -> int:
     return 8
 
 
+def interpreter_enabled() -> bool:
+    """Triton's interpreter runs the kernels (``TRITON_INTERPRET=1``, the CPU tests): no PTX, no PDL."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 @functools.cache
 def _cuda_capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
@@ -44,7 +49,7 @@ def pdl_supported(device: torch.device) -> bool:
     It needs a CUDA device of compute capability 9.0 or newer; the interpreter cannot run the inline
     assembly.
     """
-    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1" or not _triton_has_gdc():
+    if device.type != "cuda" or interpreter_enabled() or not _triton_has_gdc():
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     return _cuda_capability(index) >= (9, 0)

@@ -36,6 +36,7 @@ def pdl_launch_dependents(USE_PDL: tl.constexpr):
         gdc_launch_dependents()
 
 
-def pdl_launch_options(enabled: bool) -> dict[str, bool]:
-    """Launch keywords: ``launch_pdl=True`` only when enabled (off, the launch is exactly as before)."""
-    return {"launch_pdl": True} if enabled else {}
+def pdl_launch(enabled: bool) -> dict[str, bool]:
+    """Launch keywords of a kernel with a ``USE_PDL`` constexpr: the constexpr, and ``launch_pdl=True``
+    only when enabled (off, the launch is exactly as it was before PDL)."""
+    return {"USE_PDL": enabled, "launch_pdl": True} if enabled else {"USE_PDL": False}

@@ -25,13 +25,11 @@ bandwidth.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from ._device import num_sms
+from ._device import interpreter_enabled, num_sms
 from ._workspace import scratch
 
 # At or below this many rows the GEMV launch. It runs one program row per row of x, so its time grows
@@ -56,6 +54,19 @@ def _nibble_columns(offs_c):
     # AWQ_ORDER: nibble i holds column (i % 4) * 2 + i // 4 of its block of eight.
     cols = offs_c[:, None] * 8 + ((nib % 4) * 2 + nib // 4)[None, :]
     return cols, nib * 4
+
+
+@triton.jit
+def _nibble_column(offs_c, J: tl.constexpr):
+    """Output column of nibble ``J`` of words ``offs_c`` (AWQ_ORDER: column (J % 4) * 2 + J // 4 of the
+    word's eight)."""
+    return offs_c * 8 + (J % 4) * 2 + J // 4
+
+
+@triton.jit
+def _nibble_scale(s_ptr, g, N, offs_c, c_mask, J: tl.constexpr):
+    """Group ``g``'s scales of nibble ``J``'s columns, times 16 (the unpacked nibbles are ``1 + q/16``)."""
+    return tl.load(s_ptr + g * N + _nibble_column(offs_c, J), mask=c_mask, other=0.0).to(tl.float32) * 16.0
 
 
 @triton.jit
@@ -182,8 +193,7 @@ def _fold_nibble(y, a, xs, zero_words, s_ptr, g, N, offs_c, c_mask, one_bits, J:
     """``y += 16 * scale * (a - xs * (1 + z/16))``: since ``a = sum x * (1 + q/16)``, that adds
     ``scale * sum x * (q - z)`` for nibble ``J``, still per K position (no reduction across threads
     until the program's very end)."""
-    col = offs_c * 8 + (J % 4) * 2 + J // 4  # AWQ_ORDER
-    scale = tl.load(s_ptr + g * N + col, mask=c_mask, other=0.0).to(tl.float32) * 16.0
+    scale = _nibble_scale(s_ptr, g, N, offs_c, c_mask, J)
     return y + (a - xs * _nibble_plus_one(zero_words, J, one_bits)[None, :]) * scale[None, :]
 
 
@@ -206,7 +216,7 @@ def _fold_group(y0, y1, y2, y3, y4, y5, y6, y7, a0, a1, a2, a3, a4, a5, a6, a7, 
 
 @triton.jit
 def _store_nibble_outputs(y, out_row, bias_ptr, offs_c, c_mask, J: tl.constexpr, HAS_BIAS: tl.constexpr):
-    col = offs_c * 8 + (J % 4) * 2 + J // 4
+    col = _nibble_column(offs_c, J)
     total = tl.sum(y, axis=0)
     if HAS_BIAS:
         total += tl.load(bias_ptr + col, mask=c_mask, other=0.0).to(tl.float32)
@@ -215,8 +225,7 @@ def _store_nibble_outputs(y, out_row, bias_ptr, offs_c, c_mask, J: tl.constexpr,
 
 @triton.jit
 def _add_nibble_outputs(y, sum_row, offs_c, c_mask, J: tl.constexpr):
-    col = offs_c * 8 + (J % 4) * 2 + J // 4
-    tl.atomic_add(sum_row + col, tl.sum(y, axis=0), mask=c_mask, sem="relaxed")
+    tl.atomic_add(sum_row + _nibble_column(offs_c, J), tl.sum(y, axis=0), mask=c_mask, sem="relaxed")
 
 
 @triton.jit
@@ -330,8 +339,7 @@ def _awq_dequant_kernel(
 @triton.jit
 def _dequant_nibble(n, zero_words, s_ptr, g, N, offs_c, c_mask, one_bits, J: tl.constexpr):
     """``(q - z) * scale`` for nibble ``J``, from its ``1 + q/16`` (``(1 + q/16) - (1 + z/16)`` is exact)."""
-    col = offs_c * 8 + (J % 4) * 2 + J // 4
-    scale = tl.load(s_ptr + g * N + col, mask=c_mask, other=0.0).to(tl.float32) * 16.0
+    scale = _nibble_scale(s_ptr, g, N, offs_c, c_mask, J)
     return (n - _nibble_plus_one(zero_words, J, one_bits)[None, :]) * scale[None, :]
 
 
@@ -372,6 +380,15 @@ def _awq_gemm_kernel(
         acc += tl.load(bias_ptr + cols, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + offs_m[:, None] * stride_om + cols[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def _use_asm(unpack: str | None) -> bool:
+    """Whether the nibbles go through the PTX unpack: ``unpack`` ("asm" / "shift"), or None for the
+    default, ``UNPACK`` when compiled and "shift" in the interpreter (which cannot run PTX)."""
+    unpack = unpack or ("shift" if interpreter_enabled() else UNPACK)
+    if unpack not in ("asm", "shift") or (unpack == "asm" and interpreter_enabled()):
+        raise ValueError(f"unpack {unpack!r}: 'shift', or 'asm' when compiled (the interpreter cannot run PTX)")
+    return unpack == "asm"
 
 
 def _block_k(group_size: int, largest: int = 64) -> int:
@@ -434,10 +451,9 @@ def awq_dequantize(
     if out.shape != (k, n) or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous [{k}, {n}] tensor, got {tuple(out.shape)}")
     block_k, block_c = _block_k(group_size, 16), 32
-    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
     _awq_dequant_kernel[(k // block_k, triton.cdiv(n8, block_c))](
         qweight, qzeros, scales, out, n, n8, ONE_BITS,
-        GROUP=group_size, BLOCK_K=block_k, BLOCK_C=block_c, ASM=UNPACK == "asm" and not interpreted, num_warps=4,
+        GROUP=group_size, BLOCK_K=block_k, BLOCK_C=block_c, ASM=_use_asm(None), num_warps=4,
     )
     return out
 
@@ -478,10 +494,7 @@ def _gemv(
     n = scales.shape[1]
     if group_size % block_k:
         raise ValueError(f"block_k {block_k} must divide the group size {group_size}")
-    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    unpack = unpack or ("shift" if interpreted else UNPACK)
-    if unpack not in ("asm", "shift") or (unpack == "asm" and interpreted):
-        raise ValueError(f"unpack {unpack!r}: 'shift', or 'asm' when compiled (the interpreter cannot run PTX)")
+    asm = _use_asm(unpack)
     if block_k * block_c < 4 * 32 * num_warps:
         # Smaller tiles would leave threads holding copies of each other's words (the same work twice).
         raise ValueError(f"a {block_k}x{block_c} word tile is too small for {num_warps} warps of 16-byte loads")
@@ -504,7 +517,7 @@ def _gemv(
         x, qweight, qzeros, scales, bias if bias is not None else scales, out, sums, counts, n, n // 8, k, x.stride(0),
         ONE_BITS,
         GROUP=group_size, BLOCK_C=block_c, BLOCK_K=block_k, K_PER_SPLIT=k_per_split, SPLITS=splits,
-        HAS_BIAS=bias is not None, NUM_STAGES=num_stages, ASM=unpack == "asm", num_warps=num_warps,
+        HAS_BIAS=bias is not None, NUM_STAGES=num_stages, ASM=asm, num_warps=num_warps,
     )
     return out
 

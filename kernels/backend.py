@@ -8,7 +8,6 @@ server imports the kernels package without it); the Triton modules are imported 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,6 +15,7 @@ import torch
 
 from . import reference
 from ._checks import trusted_inputs  # noqa: F401  (re-exported: the model runner's way in)
+from ._device import interpreter_enabled
 
 
 @dataclass(frozen=True)
@@ -24,10 +24,6 @@ class AttentionOps:
     paged_decode_attention: Callable[..., torch.Tensor]
     paged_prefill_attention: Callable[..., torch.Tensor]
     name: str  # "triton" or "reference", for logs
-
-
-def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def triton_available() -> bool:

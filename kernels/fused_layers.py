@@ -16,7 +16,7 @@ import triton.language as tl
 
 from . import _checks
 from ._device import pdl_enabled
-from ._pdl import pdl_launch_dependents, pdl_launch_options, pdl_wait
+from ._pdl import pdl_launch, pdl_launch_dependents, pdl_wait
 
 
 @triton.jit
@@ -69,12 +69,11 @@ def rms_norm(
     res_out = torch.empty_like(out) if residual is not None else out
     res_in = residual if residual is not None else x
     if n_rows:
-        pdl = pdl_enabled(x.device)
         _rms_norm_kernel[(n_rows,)](
             x, res_in, weight, out, res_out,
             n_cols, eps, x.stride(0), res_in.stride(0), out.stride(0), res_out.stride(0),
-            HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n_cols), USE_PDL=pdl,
-            num_warps=4 if n_cols <= 4096 else 8, **pdl_launch_options(pdl),
+            HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n_cols),
+            num_warps=4 if n_cols <= 4096 else 8, **pdl_launch(pdl_enabled(x.device)),
         )
     return out if residual is None else (out, res_out)
 
@@ -142,12 +141,11 @@ def apply_rotary(
         )
         _checks.remember_validated("rotary", (positions,), (cos.shape[0],))
     half = head_dim // 2
-    pdl = pdl_enabled(query.device)
     _rotary_kernel[(n_tokens,)](
         query, key, positions, cos, sin, n_heads, key.shape[1], cos.shape[0],
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), cos.stride(0),
         BLOCK_H=triton.next_power_of_2(n_heads), BLOCK_KVH=triton.next_power_of_2(key.shape[1]),
-        HALF=half, BLOCK_HALF=triton.next_power_of_2(half), USE_PDL=pdl, num_warps=4, **pdl_launch_options(pdl),
+        HALF=half, BLOCK_HALF=triton.next_power_of_2(half), num_warps=4, **pdl_launch(pdl_enabled(query.device)),
     )
     return query, key
 
@@ -177,9 +175,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty(n_rows, n_cols, dtype=x.dtype, device=x.device)
     if n_rows:
         block = min(1024, triton.next_power_of_2(n_cols))
-        pdl = pdl_enabled(x.device)
         _silu_and_mul_kernel[(n_rows, triton.cdiv(n_cols, block))](
-            x, out, n_cols, x.stride(0), out.stride(0), BLOCK=block, USE_PDL=pdl, num_warps=4,
-            **pdl_launch_options(pdl),
+            x, out, n_cols, x.stride(0), out.stride(0), BLOCK=block, num_warps=4,
+            **pdl_launch(pdl_enabled(x.device)),
         )
     return out

@@ -36,7 +36,7 @@ import triton.language as tl
 
 from . import _checks
 from ._device import num_sms, pdl_enabled, pdl_supported
-from ._pdl import pdl_launch_dependents, pdl_launch_options, pdl_wait
+from ._pdl import pdl_launch, pdl_launch_dependents, pdl_wait
 from ._workspace import scratch
 
 GEMV_MAX_M = 8  # rows of x this kernel takes (decode batches); above it the matmul is compute-shaped
@@ -58,6 +58,9 @@ class GemvConfig:
     splits: int | None = None  # K slices (1 = unsplit: no workspace)
     num_warps: int = 4
     pdl: bool | None = None  # programmatic dependent launch: None as _device.pdl_enabled, True where supported
+
+
+_WITH_PDL = GemvConfig(pdl=True)
 
 
 @triton.jit
@@ -269,8 +272,7 @@ def gemv(
         x, weight, bias if bias is not None else weight, out, partials, counters,
         m, n, k, plan.k_slice, x.stride(0), weight.stride(0), out.stride(0),
         M_PAD=plan.m_pad, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, VEC=plan.vec,
-        SPLIT=plan.splits > 1, HAS_BIAS=bias is not None, USE_PDL=plan.pdl,
-        num_warps=plan.num_warps, **pdl_launch_options(plan.pdl),
+        SPLIT=plan.splits > 1, HAS_BIAS=bias is not None, num_warps=plan.num_warps, **pdl_launch(plan.pdl),
     )
     return out
 
@@ -291,5 +293,5 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
     ):
         return F.linear(x, weight, bias)
-    y = gemv(x.reshape(rows, k), weight, bias)
+    y = gemv(x.reshape(rows, k), weight, bias, config=_WITH_PDL)  # already known on: not asked again
     return y.view(*x.shape[:-1], weight.shape[0])

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from . import _checks
 from ._device import pdl_enabled
-from ._pdl import pdl_launch_dependents, pdl_launch_options, pdl_wait
+from ._pdl import pdl_launch, pdl_launch_dependents, pdl_wait
 
 
 @triton.jit
@@ -95,13 +95,11 @@ def write_kv_cache(
             f"{num_slots}), got {slot_mapping[bad][:8].tolist()}",
         )
         _checks.remember_validated("kv", (slot_mapping,), (num_slots,))
-    pdl = pdl_enabled(key.device)
     _write_kv_kernel[(num_tokens,)](
         key, value, k_cache, v_cache, slot_mapping, num_slots,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_H=triton.next_power_of_2(num_kv_heads),
-        BLOCK_D=triton.next_power_of_2(head_dim), PAGE=page, USE_PDL=pdl, num_warps=4,
-        **pdl_launch_options(pdl),
+        BLOCK_D=triton.next_power_of_2(head_dim), PAGE=page, num_warps=4, **pdl_launch(pdl_enabled(key.device)),
     )

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from . import _checks
 from ._device import num_sms, pdl_enabled
-from ._pdl import pdl_launch_dependents, pdl_launch_options, pdl_wait
+from ._pdl import pdl_launch, pdl_launch_dependents, pdl_wait
 
 LOG2E = 1.4426950408889634
 
@@ -48,6 +48,23 @@ PREFILL_BLOCK_N = 64
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs would otherwise be rounded to TF32 on the GPU (~1e-3 error).
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def _page_slots(table_row, offs_n, mask_n, num_blocks, PAGE: tl.constexpr):
+    """Cache block and in-block slot ``[BLOCK_N, 1]`` of tokens ``offs_n`` of one sequence (its block-table
+    row ``table_row``). Only entries where ``mask_n`` holds are read (the rest of the row may hold
+    anything), and block ids are clamped into the cache."""
+    block = tl.load(table_row + offs_n // PAGE, mask=mask_n, other=0)
+    block = tl.minimum(tl.maximum(block, 0), num_blocks - 1).to(tl.int64)
+    return block[:, None], (offs_n % PAGE)[:, None]
+
+
+@triton.jit
+def _load_paged(cache_ptr, block, slot, head, stride_b, stride_t, stride_h, offs_d, mask):
+    """``[BLOCK_N, BLOCK_D]`` of one head's rows of a K or V cache at (block, slot)."""
+    return tl.load(cache_ptr + block * stride_b + slot * stride_t + head * stride_h + offs_d[None, :],
+                   mask=mask, other=0.0)
 
 
 @triton.jit
@@ -107,16 +124,9 @@ def _decode_partition_kernel(
         for n0 in range(start, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             mask_n = offs_n < end
-            # Only entries inside the context are read: the rest of the row may hold anything.
-            block = tl.load(table_row + offs_n // PAGE, mask=mask_n, other=0)
-            block = tl.minimum(tl.maximum(block, 0), num_blocks - 1).to(tl.int64)
-            slot = offs_n % PAGE
+            block, slot = _page_slots(table_row, offs_n, mask_n, num_blocks, PAGE)
             kv_mask = mask_n[:, None] & mask_d[None, :]
-            k = tl.load(
-                k_ptr + block[:, None] * stride_kb + slot[:, None] * stride_kt + kv_head * stride_kh
-                + offs_d[None, :],
-                mask=kv_mask, other=0.0,
-            )
+            k = _load_paged(k_ptr, block, slot, kv_head, stride_kb, stride_kt, stride_kh, offs_d, kv_mask)
             scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
             scores = tl.where(mask_n[None, :], scores, float("-inf"))
             # Every tile holds at least one key, so m_new is finite.
@@ -124,11 +134,7 @@ def _decode_partition_kernel(
             p = tl.exp2(scores - m_new[:, None])
             alpha = tl.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(
-                v_ptr + block[:, None] * stride_vb + slot[:, None] * stride_vt + kv_head * stride_vh
-                + offs_d[None, :],
-                mask=kv_mask, other=0.0,
-            )
+            v = _load_paged(v_ptr, block, slot, kv_head, stride_vb, stride_vt, stride_vh, offs_d, kv_mask)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
             m_i = m_new
 
@@ -168,8 +174,10 @@ def _decode_reduce_kernel(
     context that fitted one partition was written by the partition kernel; nothing to do here.
 
     A separate launch rather than a merge by the last partition to arrive: on an H200 that in-kernel
-    merge (arrival counter, CTA barrier, acq_rel atomic) made TinyLlama's batch-1 decode launch ~10 us
-    against ~5 us plus ~1.4 us for this kernel (benchmarks/RESULTS.md).
+    merge (arrival counter, CTA barrier, acq_rel atomic) made TinyLlama's batch-1 attention ~10 us a
+    layer, where the first session's separate reduce (this kernel's predecessor, which merged every
+    partition) had it at ~6.4 (140 us over 22 layers; benchmarks/RESULTS.md). This version is not yet
+    timed.
     """
     pdl_wait(USE_PDL)
     pdl_launch_dependents(USE_PDL)
@@ -252,15 +260,9 @@ def _prefill_kernel(
     for n0 in range(0, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
-        block = tl.load(table_row + offs_n // PAGE, mask=mask_n, other=0)
-        block = tl.minimum(tl.maximum(block, 0), num_blocks - 1).to(tl.int64)
-        slot = offs_n % PAGE
+        block, slot = _page_slots(table_row, offs_n, mask_n, num_blocks, PAGE)
         kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(
-            k_ptr + block[:, None] * stride_kb + slot[:, None] * stride_kt + kv_head * stride_kh
-            + offs_d[None, :],
-            mask=kv_mask, other=0.0,
-        )
+        k = _load_paged(k_ptr, block, slot, kv_head, stride_kb, stride_kt, stride_kh, offs_d, kv_mask)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
         visible = mask_n[None, :] & (offs_n[None, :] <= positions[:, None])
         scores = tl.where(visible, scores, float("-inf"))
@@ -271,11 +273,7 @@ def _prefill_kernel(
         p = tl.exp2(scores - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            v_ptr + block[:, None] * stride_vb + slot[:, None] * stride_vt + kv_head * stride_vh
-            + offs_d[None, :],
-            mask=kv_mask, other=0.0,
-        )
+        v = _load_paged(v_ptr, block, slot, kv_head, stride_vb, stride_vt, stride_vh, offs_d, kv_mask)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -379,7 +377,7 @@ def paged_decode_attention(
         GROUP=group, BLOCK_G=max(MIN_DOT, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_D=max(MIN_DOT, triton.next_power_of_2(head_dim)), BLOCK_N=block_n, PAGE=page,
         DOT_PRECISION=_dot_precision(query.dtype), num_warps=4, num_stages=_num_stages(head_dim),
-        USE_PDL=pdl, **pdl_launch_options(pdl),
+        **pdl_launch(pdl),
     )
     strides = (
         query.stride(0), query.stride(1),
@@ -409,7 +407,7 @@ def paged_decode_attention(
         partial.stride(0), partial.stride(1), partial.stride(2), maxes.stride(0), maxes.stride(1),
         out.stride(0), out.stride(1),
         HEAD_DIM=head_dim, BLOCK_D=common["BLOCK_D"], BLOCK_N=block_n, BLOCK_P=triton.next_power_of_2(parts),
-        USE_PDL=pdl, num_warps=4, **pdl_launch_options(pdl),
+        num_warps=4, **pdl_launch(pdl),
     )
     return out
 

@@ -122,7 +122,7 @@ def test_linear_takes_one_row_with_pdl_and_leaves_the_rest_to_f_linear(monkeypat
     real = gemv.gemv
     # The routing is asked as if PDL were on; the kernel itself runs without it (the interpreter has none).
     no_pdl = gemv.GemvConfig(pdl=False)
-    monkeypatch.setattr(gemv, "gemv", lambda *a: calls.append(a[0].shape) or real(*a, config=no_pdl))
+    monkeypatch.setattr(gemv, "gemv", lambda *a, **kw: calls.append(a[0].shape) or real(*a, config=no_pdl))
     monkeypatch.setattr(gemv, "pdl_enabled", lambda device: True)
     got = gemv.linear(x[:1].view(1, 1, 64), w, b)
     assert got.shape == (1, 1, 40) and calls == [(1, 64)]
