@@ -49,12 +49,15 @@ class OtherCpuLoad:
         return load if load.cpus and _busy_seconds(load.cpus) is not None else None
 
     def read(self, now: float) -> float | None:
-        """Other processes' CPU use since the last call, in cores; None on the first call."""
+        """Other processes' CPU use since the last good reading, in cores; None on the first call or
+        when /proc/stat could not be read (the next reading then spans the gap)."""
         busy = _busy_seconds(self.cpus)
+        if busy is None:
+            return None
         times = os.times()
         ours = times.user + times.system
-        last, self._last = self._last, (now, busy or 0.0, ours)
-        if busy is None or last is None or now <= last[0]:
+        last, self._last = self._last, (now, busy, ours)
+        if last is None or now <= last[0]:
             return None
         return max(0.0, (busy - last[1]) - (ours - last[2])) / (now - last[0])
 
@@ -176,12 +179,15 @@ class ThreadTuner:
         del self.history[:-100]
         return choice
 
+    def _spare_cpus(self) -> int:
+        """CPUs we may run on beyond our threads: others can use that many without contending."""
+        return max(0, len(self.load.cpus) - self.max_threads) if self.load is not None else 0
+
     def _thread_cap(self) -> int:
         """All threads, or under contention as many as leave the other processes' share of our cores."""
-        if not self._contended or self.load is None:
+        if not self._contended:
             return self.max_threads
-        spare = max(0, len(self.load.cpus) - self.max_threads)
-        return max(1, self.max_threads - math.ceil(self._others - spare - 0.5))
+        return max(1, self.max_threads - math.ceil(self._others - self._spare_cpus() - 0.5))
 
     def _load_changed(self, now: float) -> bool:
         """Whether other processes started or stopped contending for our CPUs since the last check."""
@@ -192,8 +198,7 @@ class ThreadTuner:
         if others is None:
             return False
         self._others = others
-        spare = max(0, len(self.load.cpus) - self.max_threads)
-        contended = others > spare + 0.5
+        contended = others > self._spare_cpus() + 0.5
         changed = self._contended is not None and contended != self._contended
         if changed:
             logger.debug("other processes use %.2f cores of %d: %s", others, len(self.load.cpus),
