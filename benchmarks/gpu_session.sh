@@ -4,8 +4,10 @@
 # with its launch-config sweep, each config checked against the reference before it is timed), then
 # the diagnostics (the decode attention by partition length, projection matmuls cuBLAS vs the Triton
 # GEMV, the attention kernels). Each step has a time limit and its own log under OUT; a failing step does
-# not stop the others. The default steps ran in 208 s on an H200 (limits: 10 minutes); the benchmarks
-# print a JSON line per finished part, so a step cut short keeps what it measured.
+# not stop the others. The five steps of 2026-11-26's first call (kernel_tests, matmul_probe,
+# decode_step with four variants, kernels_bench, awq_bench with 34 configs) took 208 s on an H200; the
+# limits add up to under 10 minutes. The benchmarks print a JSON line per finished part, so a step cut
+# short keeps what it measured.
 #
 #   bash benchmarks/gpu_session.sh [OUT_DIR]     (on the GPU machine, from the repo root)
 set -u

@@ -13,6 +13,10 @@ best run 1 thread undisturbed, so it loses at least 1 - (1 thread, busy) / (2 th
 
 from __future__ import annotations
 
+# Before torch: leanserve sets the OpenMP wait policy and spin count the server runs with.
+import leanserve  # noqa: F401
+
+# isort: split
 import argparse
 import json
 import multiprocessing
@@ -20,16 +24,14 @@ import os
 import threading
 import time
 
+import torch
+from decode_step import decode_batch
+
+from leanserve.model.embedded import resolve_model_path
+from leanserve.model.loader import load_model
+from leanserve.model.runner import ModelRunner, StepSeq, allocate_kv_cache
+
 BATCH, CONTEXT, BLOCK = 16, 130, 16
-
-# The server's OpenMP settings (leanserve/__init__.py) must be in the environment before torch loads.
-import leanserve  # noqa: E402, F401, I001
-import torch  # noqa: E402
-from decode_step import decode_batch  # noqa: E402
-
-from leanserve.model.embedded import resolve_model_path  # noqa: E402
-from leanserve.model.loader import load_model  # noqa: E402
-from leanserve.model.runner import ModelRunner, StepSeq, allocate_kv_cache  # noqa: E402
 
 
 def omp_tok_s(runner: ModelRunner, seqs: list[StepSeq], steps: int, threads: int) -> float:
