@@ -12,7 +12,7 @@ target, LLVM, PTX, then the ``ptxas`` bundled with triton), and the ptxas report
 spills per kernel.
 
     python benchmarks/aot_compile_check.py [--arch 90] [--full] [--tests [PATH ...]] [--jobs N] [-v]
-                                           [--only NAME] [--dump DIR]
+                                           [--only NAME] [--dump DIR] [--awq-gemv JSON]
 
 Prints one line per distinct compile (``ok`` with registers, spill stores/loads and stack in bytes per
 thread, shared memory per program; or ``FAIL`` and the error). A launcher case that raises, or a kernel
@@ -341,6 +341,11 @@ def _cases(modules, full: bool):
 
                 for m, bias in launches:
                     yield (f"awq m={m} bias={bias} {tag}", lambda g=gemm, m=m, b=bias: g(m, b))
+                if AWQ_GEMV_CONFIGS and dtype_name == "float16" and shape_name == "llama-1b-mlp-up":
+                    # --awq-gemv: the given launch configs at the issue-7 bar's shape, 4096 -> 11008
+                    for config in AWQ_GEMV_CONFIGS:
+                        yield (f"awq m=1 gemv_config={config} float16/bar(K4096,N11008,g128)",
+                               lambda g=gemm, c=config: g(1, False, c, k=4096, n=11008, group=128))
                 if has_gemv_config and (full or (1, False) in launches):
                     for bias in (False, True) if full else (True,):
                         yield (
@@ -349,6 +354,7 @@ def _cases(modules, full: bool):
                         )
 
 
+AWQ_GEMV_CONFIGS: list[dict] = []  # --awq-gemv
 _SMS = [132]
 _PDL = [False]  # what the launchers' pdl_enabled answers for the case being captured
 _PATCHED: list = []
@@ -566,7 +572,14 @@ def main() -> int:
     parser.add_argument("--dump", default=None, metavar="DIR",
                         help="write each compile's TTGIR and PTX to DIR (layouts, convert_layout/local_alloc "
                              "round trips through shared memory, load widths: what decides a kernel's speed)")
+    parser.add_argument("--awq-gemv", default=None, metavar="JSON",
+                        help="also compile these AWQ GEMV launch configs (a JSON list of gemv_config dicts) at "
+                             "M=1, 4096x11008 fp16: their registers and shared memory before a GPU sweep")
     args = parser.parse_args()
+    if args.awq_gemv:
+        import json
+
+        AWQ_GEMV_CONFIGS.extend(json.loads(args.awq_gemv))
     if args.tests is not None and not args.tests:
         args.tests = ["tests/kernels"]
     args.tests = args.tests or []

@@ -73,8 +73,8 @@ def main() -> int:
            graph_us([lambda q=q: q.clone() for q, _, _ in layers]) / 2)
     record("AWQ GEMV, default launch", graph_us([lambda w=w: awq_gemm(x, *w, group) for w in layers]))
     for groups_per_slice in (1, 4):
-        for block_k, block_c in ((8, 128), (16, 64), (32, 32), (8, 256)):
-            for stages in (2, 3, 4, 6):
+        for block_k, block_c in ((8, 128), (16, 64), (32, 32), (8, 256), (32, 128), (64, 128), (64, 64)):
+            for stages in (1, 2, 3, 4, 6) if block_k * block_c <= 2048 else (1,):
                 for warps in (4,) if stages != 3 else (4, 8):
                     if block_k * block_c < 4 * 32 * warps:
                         continue

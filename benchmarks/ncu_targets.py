@@ -6,12 +6,14 @@ GEMV on its qkv projection.
     ncu --profile-from-start off --clock-control none --section SpeedOfLight --section Occupancy \\
         --section WarpStateStats --section MemoryWorkloadAnalysis python benchmarks/ncu_targets.py
 
-Every kernel runs once before the range (compilation, autotuning and workspaces stay out of it).
+With ``NCU_AWQ_GEMV_CONFIGS`` (a JSON list of ``gemv_config`` dicts) set, only those AWQ GEMV launches
+and the load-only twin's best tile. Every kernel runs once before the range (compilation, autotuning and workspaces stay out of it).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import torch
@@ -51,6 +53,11 @@ def main() -> int:
         "decode_attention_b1": lambda: ops.paged_decode_attention(query, k_cache, v_cache, table, lens, 0.125, 2048),
         "gemv_qkv": lambda: gemv(h, w_qkv, config=GemvConfig(pdl=False)),
     }
+    if configs := os.environ.get("NCU_AWQ_GEMV_CONFIGS"):
+        # Only these AWQ GEMV launch configs (a JSON list of gemv_config dicts) and the best load-only twin.
+        targets = {f"awq_gemv {cfg}": lambda cfg=cfg: awq_gemm(x, q, z, s, group, force="gemv", gemv_config=cfg)
+                   for cfg in json.loads(configs)}
+        targets["load_only"] = lambda: load_only(q, out, group, 16, 64, 1, 4)
     for fn in targets.values():
         fn()
     torch.cuda.synchronize()

@@ -128,18 +128,23 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return err if err == err else float("inf")
 
 
-def sweep_launch_configs(layers: list, k: int, group: int, ms: list[int]) -> dict[str, float | str]:
-    """Time GEMV launch configs at M=1 and tiled ones at M=16, 64, 256; print each, return the best per M."""
+def sweep_launch_configs(layers: list, k: int, group: int, ms: list[int],
+                         grids: dict[int, list[tuple[str, dict]]] | None = None) -> dict[str, float | str]:
+    """Time GEMV launch configs at M=1 and tiled ones at M=16, 64, 256 (or ``grids``: {M: [(kind,
+    config)]}); print each, return the best per M."""
     from leanserve.kernels.awq_gemm import awq_gemm
     from leanserve.kernels.awq_reference import awq_gemm_reference
 
     tiled = [dict(block_m=bm, block_c=c, block_k=64, num_warps=4) for bm in (16, 64, 128) for c in (8, 16)]
-    grids = {
-        # The default [8, 128] tile (the best of the first H200 sweep's 34 configs, RESULTS.md) and the
-        # runners-up: deeper rings, wider or narrower tiles, more warps, fewer K slices, the plain unpack.
-        1: [("gemv", dict(block_c=c, block_k=8, num_stages=st, num_warps=w))
-            for c, st, w in ((128, 3, 4), (128, 6, 4), (256, 3, 4), (64, 3, 4), (64, 4, 4))]
-           + [("gemv", dict(splits=16)), ("gemv", dict(unpack="shift"))],
+    grids = grids or {
+        # The default (one warp, a whole group of 32 words loaded straight to registers: the best of the
+        # second H200 sweep, RESULTS.md), its neighbours, and the ring of [8, 128] tiles at 4 warps that
+        # was the default before.
+        1: [("gemv", {})]
+           + [("gemv", dict(block_c=c, block_k=bk, num_warps=w))
+              for c, bk, w in ((16, 128, 1), (32, 64, 1), (32, 128, 2), (64, 128, 2), (64, 64, 2))]
+           + [("gemv", dict(unpack="shift")), ("gemv", dict(splits=16)),
+              ("gemv", dict(block_c=128, block_k=8, num_stages=3, num_warps=4))],
         16: [("tiled", cfg) for cfg in tiled if cfg["block_m"] == 16],
         64: [("tiled", cfg) for cfg in tiled if cfg["block_m"] == 64],
         256: [("tiled", cfg) for cfg in tiled if cfg["block_m"] >= 64],
@@ -240,11 +245,19 @@ def main() -> None:
     p.add_argument("--sweep", action="store_true", help="with CUDA: also sweep the launch configs")
     p.add_argument("--sweep-m", type=lambda v: [int(m) for m in v.split(",")], default=[1, 16, 64, 256],
                    help="the M values --sweep covers, comma-separated")
+    p.add_argument("--gemv-configs", type=json.loads, default=None, metavar="JSON",
+                   help="with CUDA: sweep only these GEMV launch configs (a JSON list of gemv_config dicts) at "
+                        "M=1, skipping the M table")
     args = p.parse_args()
-    if args.gpu_only:
+    if args.gpu_only or args.gemv_configs:
         if not torch.cuda.is_available():
             print("benchmarks/quant.py --gpu-only: no CUDA device, nothing to run.")
             print(json.dumps({"skipped": "no CUDA device"}))
+            return
+        if args.gemv_configs:
+            k, n, group = 4096, 11008, 128
+            configs = [("gemv", cfg) for cfg in args.gemv_configs]
+            print(json.dumps(sweep_launch_configs(random_awq_layers(k, n, group, 8), k, group, [1], {1: configs})))
             return
         print(json.dumps(gpu_kernel_bench(args.sweep, args.sweep_m)))
         return

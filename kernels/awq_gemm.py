@@ -15,12 +15,14 @@ permuted. Two shapes of launch:
 - dequantize then matmul (``M >= DEQUANT_MIN_M``): ``W`` written once in ``x``'s dtype to a scratch
   buffer, rows in AWQ's column order, then the library matmul.
 
-History on an H200 (4096x11008 at M=1; fp16 ``torch.matmul`` 24.8 us): one word loaded per output
+History on an H200 (4096x11008 at M=1; fp16 ``torch.matmul`` 24.8-25.6 us): one word loaded per output
 column, each word eight times, 296 us (load-unit bound); whole words into a ``[BLOCK_K, BLOCK_C, 8]``
 tensor, 21.9 us (that 3-d layout went through shared memory every step, and the split-K sums needed a
 zero-fill and a cast launch around the kernel); per-nibble 2-d accumulators, 16-byte loads, a cp.async
-ring and split-K in one launch (this version): 21.5 us at its best tile, the same quarter of copy
-bandwidth.
+ring and split-K in one launch: 21.5 us at its best tile, the same quarter of copy bandwidth; the same
+with the tile's rows folded into one layout tile of accumulators in registers and whole groups loaded
+straight to registers by one-warp programs (this version): 16.1 us (1.6x fp16). What is left is
+issue-bound at ten warps per SM: 24 instructions per word of eight weights (RESULTS.md).
 """
 
 from __future__ import annotations
@@ -33,9 +35,9 @@ from ._device import interpreter_enabled, num_sms
 from ._workspace import scratch
 
 # At or below this many rows the GEMV launch. It runs one program row per row of x, so its time grows
-# with M: H200, 4096x11008, 21 us at M=1 and 118 at M=8 against the tiled kernel's 56; the line between
-# them crosses near 3.5 rows.
-GEMV_MAX_M = 3
+# with M: H200, 4096x11008, 16.5 / 24.4 / 38.8 / 65.1 us at M = 1 / 2 / 4 / 8 against the tiled kernel's
+# 55-56; the two cross near 6.5 rows (interpolated: 5-7 rows not timed).
+GEMV_MAX_M = 6
 ONE_BITS = 0x3F800000  # 1.0f, see _nibble_plus_one
 # From this many rows the weight is dequantized once and the matmul left to the library; between
 # GEMV_MAX_M and this, the fused tiled kernel. H200, 4096x11008: tiled 57 / 87 / 176 us at M = 16 / 64 /
@@ -153,46 +155,65 @@ def _word_plus_one(words, one_bits, ASM: tl.constexpr):
 
 
 @triton.jit
-def _accumulate(a0, a1, a2, a3, a4, a5, a6, a7, xs, x, words, one_bits, ASM: tl.constexpr):
-    """One ``[BLOCK_K, BLOCK_C]`` tile of words into the eight per-nibble accumulators."""
+def _fold_rows(t, ACC_K: tl.constexpr):
+    """``[BLOCK_K, C]`` -> ``[ACC_K, C]``: row ``r`` added into row ``r % ACC_K``.
+
+    With ``ACC_K`` the rows one layout tile of the loaded words covers (every warp, every thread once),
+    rows ``r`` and ``r + ACC_K`` sit in the same thread, so the sum is in registers: a thread's
+    accumulators stay one layout tile whatever ``BLOCK_K`` is, and ``BLOCK_K`` sets only how many
+    16-byte loads each thread has in flight.
+    """
+    if t.shape[0] == ACC_K:
+        return t
+    return tl.sum(tl.reshape(t, [t.shape[0] // ACC_K, ACC_K, t.shape[1]]), axis=0)
+
+
+@triton.jit
+def _accumulate(a0, a1, a2, a3, a4, a5, a6, a7, x, words, one_bits, ASM: tl.constexpr, ACC_K: tl.constexpr):
+    """One ``[BLOCK_K, BLOCK_C]`` tile of words into the eight ``[ACC_K, BLOCK_C]`` per-nibble accumulators."""
     n0, n1, n2, n3, n4, n5, n6, n7 = _word_plus_one(words, one_bits, ASM)
-    return (a0 + x * n0, a1 + x * n1, a2 + x * n2, a3 + x * n3, a4 + x * n4, a5 + x * n5, a6 + x * n6,
-            a7 + x * n7, xs + x)
+    return (a0 + _fold_rows(x * n0, ACC_K), a1 + _fold_rows(x * n1, ACC_K), a2 + _fold_rows(x * n2, ACC_K),
+            a3 + _fold_rows(x * n3, ACC_K), a4 + _fold_rows(x * n4, ACC_K), a5 + _fold_rows(x * n5, ACC_K),
+            a6 + _fold_rows(x * n6, ACC_K), a7 + _fold_rows(x * n7, ACC_K))
 
 
 @triton.jit
 def _group_products(x_row, qw_ptr, g0, n8, offs_c, c_mask, one_bits, GROUP: tl.constexpr,
-                    BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, NUM_STAGES: tl.constexpr, ASM: tl.constexpr):
-    """One group's ``sum x * (1 + q/16)`` for each nibble position, and ``sum x``, per K position.
+                    BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, ACC_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+                    ASM: tl.constexpr):
+    """One group's ``sum x * (1 + q/16)`` for each nibble position, per accumulator row, and the group's
+    ``sum x / ACC_K`` (each accumulator row's share of the zero-point term, exact: ``ACC_K`` is a power
+    of two).
 
-    Eight ``[BLOCK_K, BLOCK_C]`` accumulators laid out exactly like the loaded words: the loop never
-    moves data between threads. The word loads go through a ``NUM_STAGES`` deep cp.async ring (Triton's
-    pipeliner; x's 2-byte loads are too small for it and are plain loads). Loading into registers one
-    tile ahead instead was slower on an H200 (24.5 against 21.5 us, RESULTS.md).
+    Eight ``[ACC_K, BLOCK_C]`` accumulators laid out like one pass of the loaded words: the loop never
+    moves data between threads. With ``NUM_STAGES`` > 1 the word loads go through a cp.async ring
+    (Triton's pipeliner); with 1 they go straight to registers, ``BLOCK_K / ACC_K`` 16-byte loads per
+    thread issued before the first is used. ``sum x`` is one reduction per group, outside the loop:
+    folding x's rows inside it moved them between threads on every step.
     """
-    a0 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
-    a1 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
-    a2 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
-    a3 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
-    a4 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
-    a5 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
-    a6 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
-    a7 = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
-    xs = tl.zeros((BLOCK_K, 1), dtype=tl.float32)
+    a0 = tl.zeros((ACC_K, BLOCK_C), dtype=tl.float32)
+    a1 = tl.zeros((ACC_K, BLOCK_C), dtype=tl.float32)
+    a2 = tl.zeros((ACC_K, BLOCK_C), dtype=tl.float32)
+    a3 = tl.zeros((ACC_K, BLOCK_C), dtype=tl.float32)
+    a4 = tl.zeros((ACC_K, BLOCK_C), dtype=tl.float32)
+    a5 = tl.zeros((ACC_K, BLOCK_C), dtype=tl.float32)
+    a6 = tl.zeros((ACC_K, BLOCK_C), dtype=tl.float32)
+    a7 = tl.zeros((ACC_K, BLOCK_C), dtype=tl.float32)
+    xs = tl.sum(tl.load(x_row + g0 + tl.arange(0, GROUP)).to(tl.float32)) / ACC_K
     for k0 in tl.range(g0, g0 + GROUP, BLOCK_K, num_stages=NUM_STAGES):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_row + offs_k).to(tl.float32)[:, None]
         words = tl.load(qw_ptr + offs_k[:, None] * n8 + offs_c[None, :], mask=c_mask[None, :], other=0)
-        a0, a1, a2, a3, a4, a5, a6, a7, xs = _accumulate(a0, a1, a2, a3, a4, a5, a6, a7, xs, x, words,
-                                                         one_bits, ASM)
+        a0, a1, a2, a3, a4, a5, a6, a7 = _accumulate(a0, a1, a2, a3, a4, a5, a6, a7, x, words, one_bits, ASM,
+                                                     ACC_K)
     return a0, a1, a2, a3, a4, a5, a6, a7, xs
 
 
 @triton.jit
 def _fold_nibble(y, a, xs, zero_words, s_ptr, g, N, offs_c, c_mask, one_bits, J: tl.constexpr):
-    """``y += 16 * scale * (a - xs * (1 + z/16))``: since ``a = sum x * (1 + q/16)``, that adds
-    ``scale * sum x * (q - z)`` for nibble ``J``, still per K position (no reduction across threads
-    until the program's very end)."""
+    """``y += 16 * scale * (a - xs * (1 + z/16))`` per accumulator row, ``xs`` being each row's share of
+    the group's ``sum x``: summed over the rows (once, at the program's very end), that is
+    ``scale * sum x * (q - z)`` for nibble ``J``."""
     scale = _nibble_scale(s_ptr, g, N, offs_c, c_mask, J)
     return y + (a - xs * _nibble_plus_one(zero_words, J, one_bits)[None, :]) * scale[None, :]
 
@@ -232,7 +253,7 @@ def _add_nibble_outputs(y, sum_row, offs_c, c_mask, J: tl.constexpr):
 def _awq_gemv_kernel(
     x_ptr, qw_ptr, qz_ptr, s_ptr, bias_ptr, out_ptr, sum_ptr, count_ptr,
     N, n8, K, stride_xm, one_bits,
-    GROUP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, K_PER_SPLIT: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, ACC_K: tl.constexpr, K_PER_SPLIT: tl.constexpr,
     SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_STAGES: tl.constexpr, ASM: tl.constexpr,
 ):
     """One program: one row of ``x``, ``BLOCK_C`` words (8 * BLOCK_C outputs), one slice of K.
@@ -252,17 +273,19 @@ def _awq_gemv_kernel(
     x_row = x_ptr + row.to(tl.int64) * stride_xm
     k_start = pid_k * K_PER_SPLIT
     a0, a1, a2, a3, a4, a5, a6, a7, xs = _group_products(
-        x_row, qw_ptr, k_start, n8, offs_c, c_mask, one_bits, GROUP, BLOCK_K, BLOCK_C, NUM_STAGES, ASM)
+        x_row, qw_ptr, k_start, n8, offs_c, c_mask, one_bits, GROUP, BLOCK_K, BLOCK_C, ACC_K, NUM_STAGES, ASM)
     y0, y1, y2, y3, y4, y5, y6, y7 = _fold_group(
         0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, a0, a1, a2, a3, a4, a5, a6, a7, xs,
         qz_ptr, s_ptr, k_start // GROUP, N, n8, offs_c, c_mask, one_bits)
     if K_PER_SPLIT > GROUP:
         # The slice's other groups. A compile-time branch: with one group per slice (what the launcher
-        # picks for big layers) the running ``y`` tiles are not held through a loop's registers.
+        # picks for big layers) the running ``y`` tiles are not held through a loop's registers. A ring
+        # over whole groups instead (the loop below pipelined, each group's tiles unrolled) ran 17.7-25.5
+        # us on an H200 at 4096x11008, against 16.1 for one group per slice (RESULTS.md).
         k_end = tl.minimum(k_start + K_PER_SPLIT, K)  # K_PER_SPLIT and K are whole groups
         for g0 in range(k_start + GROUP, k_end, GROUP):
             a0, a1, a2, a3, a4, a5, a6, a7, xs = _group_products(
-                x_row, qw_ptr, g0, n8, offs_c, c_mask, one_bits, GROUP, BLOCK_K, BLOCK_C, NUM_STAGES, ASM)
+                x_row, qw_ptr, g0, n8, offs_c, c_mask, one_bits, GROUP, BLOCK_K, BLOCK_C, ACC_K, NUM_STAGES, ASM)
             y0, y1, y2, y3, y4, y5, y6, y7 = _fold_group(
                 y0, y1, y2, y3, y4, y5, y6, y7, a0, a1, a2, a3, a4, a5, a6, a7, xs,
                 qz_ptr, s_ptr, g0 // GROUP, N, n8, offs_c, c_mask, one_bits)
@@ -401,6 +424,14 @@ def _block_k(group_size: int, largest: int = 64) -> int:
     return block
 
 
+def _layout_rows(block_k: int, block_c: int, num_warps: int) -> int:
+    """Rows of a ``[block_k, block_c]`` word tile that one pass of the CTA's threads covers with 16-byte
+    loads (four words per thread along a row, the rest of a warp on the next rows, warps stacked along
+    K): the accumulator rows ``_fold_rows`` keeps, the rest of the tile being summed in registers."""
+    threads_per_row = min(32, block_c // 4)
+    return min(block_k, 32 // threads_per_row * num_warps)
+
+
 def _check(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group: int):
     if x.dim() != 2 or x.dtype not in (torch.float16, torch.bfloat16, torch.float32) or x.stride(-1) != 1:
         raise ValueError(f"x must be a 2-d fp16/bf16/fp32 tensor, contiguous in K; got {x.dtype} {tuple(x.shape)}")
@@ -478,26 +509,33 @@ def _gemv(
     scales: torch.Tensor,
     group_size: int,
     bias: torch.Tensor | None,
-    block_c: int = 128,
-    block_k: int = 8,
+    block_c: int = 32,
+    block_k: int | None = None,
     splits: int | None = None,
-    num_warps: int = 4,
-    num_stages: int = 3,
+    num_warps: int = 1,
+    num_stages: int = 1,
     unpack: str | None = None,
+    acc_k: int | None = None,
 ) -> torch.Tensor:
-    """Defaults from the H200 sweep at M=1 on 4096x11008 (``quant.py --gpu-only --sweep``, 34 configs):
-    an ``[8, 128]`` word tile at 4 warps, one group per K slice, 21.5 us; the ``[16, 64]`` chosen from
-    the SASS before took 27.0. Every config landed between 21.5 and 50 us, about a quarter of copy
-    bandwidth (RESULTS.md says what is known of why). The loads go through a ``num_stages`` deep
-    cp.async ring (Triton's pipeliner)."""
+    """Defaults from the H200 sweeps at M=1 on 4096x11008 (``quant.py --gemv-configs``, RESULTS.md): one
+    warp per program, a ``[128, 32]`` word tile (a whole group, ``block_k`` defaults to the group size up
+    to 128) loaded straight to registers (``num_stages`` 1), its rows folded into 4 accumulator rows per
+    nibble (``acc_k``), one group per K slice: 16.1 us. The ring of ``[8, 128]`` tiles at 4 warps that
+    was the default before took 21.3; every config sat near ten warps per SM (Nsight Compute: 16%
+    occupancy, 0.67 waves) with most cycles issuing nothing."""
     m, k = x.shape
     n = scales.shape[1]
+    block_k = block_k or min(group_size, 128)
     if group_size % block_k:
         raise ValueError(f"block_k {block_k} must divide the group size {group_size}")
     asm = _use_asm(unpack)
     if block_k * block_c < 4 * 32 * num_warps:
         # Smaller tiles would leave threads holding copies of each other's words (the same work twice).
         raise ValueError(f"a {block_k}x{block_c} word tile is too small for {num_warps} warps of 16-byte loads")
+    if acc_k is None:
+        acc_k = _layout_rows(block_k, block_c, num_warps)
+    if block_k % acc_k:
+        raise ValueError(f"acc_k {acc_k} must divide block_k {block_k}")
     groups = k // group_size
     blocks = triton.cdiv(n // 8, block_c)
     if splits is None:
@@ -516,7 +554,7 @@ def _gemv(
         # N // 8 passed on its own: Triton sees it divisible by 4 (N by 32) and loads 16-byte vectors.
         x, qweight, qzeros, scales, bias if bias is not None else scales, out, sums, counts, n, n // 8, k, x.stride(0),
         ONE_BITS,
-        GROUP=group_size, BLOCK_C=block_c, BLOCK_K=block_k, K_PER_SPLIT=k_per_split, SPLITS=splits,
+        GROUP=group_size, BLOCK_C=block_c, BLOCK_K=block_k, ACC_K=acc_k, K_PER_SPLIT=k_per_split, SPLITS=splits,
         HAS_BIAS=bias is not None, NUM_STAGES=num_stages, ASM=asm, num_warps=num_warps,
     )
     return out

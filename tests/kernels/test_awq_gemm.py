@@ -50,6 +50,11 @@ def test_awq_gemm_matches_reference(m: int, k: int, n: int, group: int, mode: st
         {"splits": 1},  # direct store, bias added in the kernel
         {"splits": 2, "block_c": 16, "block_k": 32, "num_stages": 1},
         {"splits": 1, "block_c": 32, "block_k": 64, "num_warps": 8},
+        # loads straight to registers, several rows per thread folded into one layout tile of accumulators
+        {"block_c": 32, "block_k": 64, "num_stages": 1},
+        {"block_c": 32, "block_k": 16, "acc_k": 2},  # a fold across threads: slow, still right
+        {"block_c": 32, "block_k": 32, "acc_k": 32},  # no fold (the ring kernel's accumulators)
+        {"block_c": 16, "block_k": 64, "num_stages": 1, "num_warps": 1, "splits": 2},  # 2 groups per slice
     ],
 )
 def test_gemv_launch_configs_match_reference(config: dict[str, int]) -> None:
@@ -105,10 +110,16 @@ def test_gemv_rejects_a_block_k_that_does_not_divide_the_group() -> None:
         awq_gemm(torch.randn(1, 128).to(DEVICE), qweight, qzeros, scales, 64, gemv_config={"block_k": 48})
 
 
+def test_gemv_rejects_accumulator_rows_that_do_not_divide_block_k() -> None:
+    qweight, qzeros, scales = random_awq(128, 256, 64)
+    with pytest.raises(ValueError, match="acc_k"):
+        awq_gemm(torch.randn(1, 128).to(DEVICE), qweight, qzeros, scales, 64, gemv_config={"block_k": 32, "acc_k": 12})
+
+
 def test_gemv_rejects_a_tile_smaller_than_its_warps() -> None:
     qweight, qzeros, scales = random_awq(128, 32, 64)
     with pytest.raises(ValueError, match="too small"):
-        awq_gemm(torch.randn(1, 128).to(DEVICE), qweight, qzeros, scales, 64, gemv_config={"block_c": 8})
+        awq_gemm(torch.randn(1, 128).to(DEVICE), qweight, qzeros, scales, 64, gemv_config={"block_c": 8, "block_k": 8, "num_warps": 4})
 
 
 def test_dequantize_writes_every_weight_in_awq_column_order() -> None:
