@@ -216,12 +216,20 @@ def decode_graph_sweep(ops, w: int, n: int, copy_gbps: float) -> list[Result]:
     return results
 
 
+def long_context_sweep(ops, w: int, n: int, copy_gbps: float) -> list[Result]:
+    """Few long contexts (4 x 32k, Llama-8B heads) by partition count: the split-KV case, where the
+    launch with its reduce kernel fell from 77% to 51% of copy bandwidth between H200 sessions."""
+    return [bench_decode(ops, 4, 32768, 32, 8, 128, w, n, copy_gbps, parts=p) for p in (None, 4, 8, 16, 32, 64)]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--decode-graph-sweep", action="store_true",
                         help="only the 1B model's graph-sized decode launches, by the minimum partition length")
+    parser.add_argument("--long-context-sweep", action="store_true",
+                        help="only 4 x 32k-token decode, by partition count")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("benchmarks/kernels.py: no CUDA device, nothing to benchmark (the kernels need a GPU).")
@@ -238,6 +246,8 @@ def main() -> int:
     copy_gbps = measure_copy_gbps(n)
     if args.decode_graph_sweep:
         results = decode_graph_sweep(ops, w, n, copy_gbps)
+    elif args.long_context_sweep:
+        results = long_context_sweep(ops, w, n, copy_gbps)
     else:
         results = all_kernels(ops, w, n, copy_gbps)
     name = torch.cuda.get_device_name()

@@ -34,11 +34,11 @@ LOG2E = 1.4426950408889634
 DECODE_BLOCK_N = 64
 MIN_DOT = 16
 # Split-KV heuristic: a partition of fewer keys than this is not worth its merge. On an H200, TinyLlama's
-# decode in a graph sized for 2048 tokens, us per launch at 1 / 8 sequences of 512 / 2048 keys, measured
-# with the merge done by the last partition to arrive (since replaced by the reduce kernel, not yet
-# timed): 128 keys 10.9 / 10.9 / 14.8 / 22.1; 256 keys 11.1 / 11.5 / 12.6 / 14.1; 512 keys 10.7 / 15.4 /
-# 11.6 / 15.9; unsplit 9.9 / 34.2 / 10.0 / 34.5 (benchmarks/kernels.py --decode-graph-sweep).
-MIN_PARTITION_TOKENS = 256
+# decode in a graph sized for 2048 tokens, us per launch at 1 / 8 sequences of 512 / 2048 keys, with the
+# reduce kernel (benchmarks/kernels.py --decode-graph-sweep, RESULTS.md): 128 keys 5.3 / 5.4 / 7.5 / 11.0;
+# 256 keys 7.2 / 7.3 / 8.9 / 9.1; 512 keys 10.7 / 11.3 / 11.1 / 11.8; unsplit 9.9 / 34.2 / 10.0 / 34.4.
+# 128 has the lowest sum and wins at one sequence, the decode step's bar.
+MIN_PARTITION_TOKENS = 128
 MAX_PARTITIONS = 64
 # Prefill tiles: BLOCK_M queries x BLOCK_N keys (halved for head_dim 256 to stay in registers).
 PREFILL_BLOCK_M = 64
@@ -173,11 +173,11 @@ def _decode_reduce_kernel(
     """One (sequence, query head): merge its live partitions' partial softmax results into ``out``. A
     context that fitted one partition was written by the partition kernel; nothing to do here.
 
-    A separate launch rather than a merge by the last partition to arrive: on an H200 that in-kernel
-    merge (arrival counter, CTA barrier, acq_rel atomic) made TinyLlama's batch-1 attention ~10 us a
-    layer, where the first session's separate reduce (this kernel's predecessor, which merged every
-    partition) had it at ~6.4 (140 us over 22 layers; benchmarks/RESULTS.md). This version is not yet
-    timed.
+    A separate launch rather than a merge by the last partition to arrive (arrival counter, CTA
+    barrier, acq_rel atomic). On an H200 (benchmarks/RESULTS.md) this version took TinyLlama's batch-1
+    decode step under CUDA graphs from 1.154 to 1.100 ms, and 4 sequences x 32k keys from 0.177 to
+    0.164 ms; the batch-1 attention itself stayed at ~215 us over 22 layers (partitions 184, this
+    kernel 31).
     """
     pdl_wait(USE_PDL)
     pdl_launch_dependents(USE_PDL)
@@ -293,12 +293,14 @@ def choose_num_partitions(num_seqs: int, num_kv_heads: int, max_context_len: int
     """How many KV partitions each (sequence, kv head) is split into.
 
     Without splitting the grid has one program per (sequence, kv head); with few long sequences that
-    leaves most SMs idle while each program walks a long context. Split until the grid covers about
-    two programs per SM, but keep every partition at least MIN_PARTITION_TOKENS long so the extra
+    leaves most SMs idle while each program walks a long context. A grid of at least two programs per
+    SM is left whole; a smaller one is split until it covers about four programs per SM (H200, 4
+    sequences x 32k keys, 8 KV heads: 9 partitions 0.164 ms, 16 0.134-0.138, 32 0.137-0.139, 64
+    0.141-0.152; RESULTS.md), keeping every partition at least MIN_PARTITION_TOKENS long so the extra
     partial writes and the merge stay small next to the K/V reads.
     """
     programs = max(num_seqs * num_kv_heads, 1)
-    wanted = math.ceil(2 * num_sms / programs)
+    wanted = 1 if programs >= 2 * num_sms else math.ceil(4 * num_sms / programs)
     by_length = max_context_len // MIN_PARTITION_TOKENS
     return max(1, min(wanted, by_length, MAX_PARTITIONS))
 

@@ -71,7 +71,7 @@ def test_split_decode_gives_the_same_result_twice():
 
 def test_graph_sized_launch_splits_each_context_by_its_own_length():
     """A CUDA graph launches for the longest context (a wide table): each sequence then uses only the
-    partitions its own context needs. Here 4 partitions of at least 256 keys: 700 keys use three and
+    partitions its own context needs. Here 8 partitions of at least 128 keys: 700 keys use six and
     merge, 100 keys fit in one, written directly, an empty context gets zeros; the others do nothing."""
     gen = generator(21)
     lens = [700, 100, 0]
@@ -80,8 +80,8 @@ def test_graph_sized_launch_splits_each_context_by_its_own_length():
     wide[:, : kv.block_tables.shape[1]] = kv.block_tables  # junk past each context
     query = randn(gen, len(lens), 4, 64)
     args = (query, kv.k_cache, kv.v_cache, wide, kv.context_lens, 0.125)
-    assert paged_attention.MIN_PARTITION_TOKENS == 256
-    assert paged_attention.choose_num_partitions(len(lens), 1, 64 * 16, 8) == 4  # 1024 // 256, by length
+    assert paged_attention.MIN_PARTITION_TOKENS == 128
+    assert paged_attention.choose_num_partitions(len(lens), 1, 64 * 16, 8) == 8  # 1024 // 128, by length
     out = paged_attention.paged_decode_attention(*args, out=nan_like(query))
     assert_close(out, reference.paged_decode_attention(*args), torch.float32)
     assert torch.equal(out[2], torch.zeros_like(out[2]))
@@ -113,10 +113,12 @@ def test_batch_invariance():
 
 def test_split_heuristic():
     choose = paged_attention.choose_num_partitions
-    assert choose(num_seqs=1, num_kv_heads=8, max_context_len=32768, num_sms=132) == 33
+    assert choose(num_seqs=4, num_kv_heads=8, max_context_len=32768, num_sms=132) == 17  # ~4 programs per SM
+    assert choose(num_seqs=33, num_kv_heads=8, max_context_len=32768, num_sms=132) == 1  # 2 per SM: left whole
+    assert choose(num_seqs=32, num_kv_heads=8, max_context_len=32768, num_sms=132) == 3
     assert choose(num_seqs=256, num_kv_heads=8, max_context_len=32768, num_sms=132) == 1  # grid is full
-    assert choose(num_seqs=1, num_kv_heads=8, max_context_len=200, num_sms=132) == 1  # too short
-    assert choose(num_seqs=1, num_kv_heads=4, max_context_len=512, num_sms=132) == 2  # one partition per 256
+    assert choose(num_seqs=1, num_kv_heads=8, max_context_len=100, num_sms=132) == 1  # too short
+    assert choose(num_seqs=1, num_kv_heads=4, max_context_len=512, num_sms=132) == 4  # one partition per 128
     assert choose(num_seqs=1, num_kv_heads=1, max_context_len=10**6, num_sms=132) == 64  # capped
 
 
