@@ -3,7 +3,8 @@
     python benchmarks/plot_gpu.py [--results benchmarks/results] [--out benchmarks/results/gpu.png]
 
 Reads the JSON lines that ``decode_step.py`` and ``quant.py --gpu-only`` printed on the card
-(``h200_decode_step.json``, ``h200_awq.json``, the second session's ``h200_b_*.json``) and draws: the
+(``h200_decode_step.json``, ``h200_awq.json``, the second and third sessions' ``h200_b_*.json`` and
+``h200_c_*.json``) and draws: the
 1.1B decode step against its weight-read floor (fused and unfused layer ops under CUDA graphs, then
 PDL and the 1-row GEMV, and the full runner step), and the AWQ INT4 GEMM against fp16
 ``torch.matmul`` by batch rows.
@@ -28,6 +29,9 @@ def main() -> None:
     # The second session: PDL and the 1-row GEMV (the defaults now), and the v4 AWQ GEMV.
     routed = json.loads((args.results / "h200_b_decode_routed.json").read_text())["gemv_pdl"]["rows"]
     awq_b = json.loads((args.results / "h200_b_awq.json").read_text())
+    # The third: the reduce kernel with 128-key partitions, and the v5 AWQ GEMV.
+    step_c = json.loads((args.results / "h200_c_decode_step.json").read_text())["gemv_pdl"]["rows"]
+    awq_c = json.loads((args.results / "h200_c_awq.json").read_text())
 
     import matplotlib
 
@@ -42,6 +46,8 @@ def main() -> None:
     left.plot(batches, [r["graph_ms"] for r in unfused], "s-", label="CUDA graph, unfused torch ops")
     left.plot([r["batch"] for r in routed], [r["graph_ms"] for r in routed], "D-",
               label="CUDA graph, + PDL and 1-row Triton GEMV (2nd session)")
+    left.plot([r["batch"] for r in step_c], [r["graph_ms"] for r in step_c], "P-",
+              label="CUDA graph, + split-KV reduce kernel, 128-key partitions (3rd session)")
     left.plot(batches, [r["step_ms"] for r in fused], "^-", label="runner step (graph + logits + sampling)")
     left.plot(batches, [1.5 * r["floor_ms"] for r in fused], ":", color="grey", label="bar: 1.5x floor")
     left.set_xscale("log", base=2)
@@ -53,12 +59,14 @@ def main() -> None:
 
     ms = [1, 16, 64, 256]
     x = range(len(ms))
-    width = 0.27
-    right.bar([i - width for i in x], [awq[f"gemm_us_awq_m{m}"] for m in ms], width,
+    width = 0.2
+    right.bar([i - 1.5 * width for i in x], [awq[f"gemm_us_awq_m{m}"] for m in ms], width,
               label="AWQ INT4 (Triton), 1st session")
-    right.bar(list(x), [awq_b[f"gemm_us_awq_m{m}"] for m in ms], width,
+    right.bar([i - 0.5 * width for i in x], [awq_b[f"gemm_us_awq_m{m}"] for m in ms], width,
               label="AWQ INT4, 2nd session (v4 GEMV, dequantize + matmul from 32 rows)")
-    right.bar([i + width for i in x], [awq[f"gemm_us_fp16_m{m}"] for m in ms], width, label="fp16 torch.matmul")
+    right.bar([i + 0.5 * width for i in x], [awq_c[f"gemm_us_awq_m{m}"] for m in ms], width,
+              label="AWQ INT4, 3rd session (v5 GEMV)")
+    right.bar([i + 1.5 * width for i in x], [awq[f"gemm_us_fp16_m{m}"] for m in ms], width, label="fp16 torch.matmul")
     right.axhline(awq["gemm_us_fp16_m1"] / 2.5, color="grey", ls=":", label="bar at M=1: 2.5x faster than fp16")
     right.set_xticks(list(x), [f"M={m}" for m in ms])
     right.set_ylabel("us per call (in a CUDA graph, weights rotated out of L2)")
