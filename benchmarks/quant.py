@@ -144,10 +144,7 @@ def sweep_launch_configs(layers: list, k: int, group: int, ms: list[int],
            + [("gemv", dict(block_c=c, block_k=bk, num_warps=w))
               for c, bk, w in ((16, 128, 1), (32, 64, 1), (32, 128, 2), (64, 128, 2), (64, 64, 2))]
            + [("gemv", dict(unpack="shift")), ("gemv", dict(splits=16)),
-              ("gemv", dict(block_c=128, block_k=8, num_stages=3, num_warps=4))]
-           # fp16x2 products (not yet timed: ~20 instead of ~25 SASS instructions per word)
-           + [("gemv", dict(math="half2", **cfg)) for cfg in (
-               {}, dict(block_k=64), dict(block_c=64, num_warps=2), dict(block_c=16), dict(num_stages=2))],
+              ("gemv", dict(block_c=128, block_k=8, num_stages=3, num_warps=4))],
         16: [("tiled", cfg) for cfg in tiled if cfg["block_m"] == 16],
         64: [("tiled", cfg) for cfg in tiled if cfg["block_m"] == 64],
         256: [("tiled", cfg) for cfg in tiled if cfg["block_m"] >= 64],

@@ -23,8 +23,6 @@ ring and split-K in one launch: 21.5 us at its best tile, the same quarter of co
 with the tile's rows folded into one layout tile of accumulators in registers and whole groups loaded
 straight to registers by one-warp programs (this version): 16.1 us (1.6x fp16). What is left is
 issue-bound at ten warps per SM: 24 instructions per word of eight weights (RESULTS.md).
-``gemv_config={"math": "half2"}`` (fp16 x only) multiplies in fp16x2 and sums 8 rows at a time in fp16
-before fp32: ~20 SASS instructions per word instead of ~25, built and tested without a GPU, not yet timed.
 """
 
 from __future__ import annotations
@@ -211,183 +209,29 @@ def _group_products(x_row, qw_ptr, g0, n8, offs_c, c_mask, one_bits, GROUP: tl.c
     return a0, a1, a2, a3, a4, a5, a6, a7, xs
 
 
-# PTX for ``HALF2``: four nibble pairs (i, i + 4) of a word, each as fp16x2 ``1024 + q`` by one LOP3 (the
-# nibbles at bits 0-3 and 16-19 or-ed into two fp16 1024s), minus the zero points' pairs (exact: small
-# integers), times x/16 broadcast to both halves, into four fp16x2 accumulators: 15 instructions per word
-# of eight weights, where the fp32 path takes 24 (RESULTS.md).
-_HALF2_PTX = tl.constexpr("""
-{
-.reg .b32 t, d;
-lop3.b32 t, $4, 0x000F000F, 0x64006400, 0xEA;
-sub.f16x2 d, t, $6;
-fma.rn.f16x2 $0, $5, d, $10;
-shr.u32 t, $4, 4;
-lop3.b32 t, t, 0x000F000F, 0x64006400, 0xEA;
-sub.f16x2 d, t, $7;
-fma.rn.f16x2 $1, $5, d, $11;
-shr.u32 t, $4, 8;
-lop3.b32 t, t, 0x000F000F, 0x64006400, 0xEA;
-sub.f16x2 d, t, $8;
-fma.rn.f16x2 $2, $5, d, $12;
-shr.u32 t, $4, 12;
-lop3.b32 t, t, 0x000F000F, 0x64006400, 0xEA;
-sub.f16x2 d, t, $9;
-fma.rn.f16x2 $3, $5, d, $13;
-}
-""")
-
-
 @triton.jit
-def _half2_lo_hi(h):
-    """The two fp16 halves of packed words as fp32: (bits 0-15, bits 16-31)."""
-    lo = (h & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    hi = (h >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    return lo, hi
-
-
-@triton.jit
-def _group_products_half2(x_row, qw_ptr, qz_ptr, g0, n8, offs_c, c_mask, GROUP: tl.constexpr,
-                          BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, ACC_K: tl.constexpr,
-                          NUM_STAGES: tl.constexpr, ASM: tl.constexpr):
-    """``sum (x/16) * (q - z)`` of one group for each nibble position, per accumulator row, with the
-    products and their running sums in fp16 for ``BLOCK_K / ACC_K`` rows at a time, then added into fp32.
-
-    ``q - z`` is exact in fp16, so a product is rounded once and a sum of ``BLOCK_K / ACC_K`` of them a
-    few times more: about fp16 rounding per partial sum, each then carried in fp32 (interpreter, K =
-    1024: relative error 4.9e-4 at 8 rows per partial, 7.4e-4 at 32, fp32 products 2.0e-4). ``x / 16``
-    (exact but for subnormals) keeps the partial sums finite whatever the weights while ``|x| * 15 *
-    BLOCK_K / ACC_K < 16 * 65504``: ``|x|`` up to 8.7k at the launcher's 8 rows per partial. The 16
-    comes back with the scales (``_nibble_scale``). The zero-point term needs no ``sum x``: the
-    products are centred.
-    """
-    zw = tl.load(qz_ptr + (g0 // GROUP) * n8 + offs_c, mask=c_mask, other=0)
-    a0 = tl.zeros((ACC_K, BLOCK_C), dtype=tl.float32)
-    a1 = tl.zeros((ACC_K, BLOCK_C), dtype=tl.float32)
-    a2 = tl.zeros((ACC_K, BLOCK_C), dtype=tl.float32)
-    a3 = tl.zeros((ACC_K, BLOCK_C), dtype=tl.float32)
-    a4 = tl.zeros((ACC_K, BLOCK_C), dtype=tl.float32)
-    a5 = tl.zeros((ACC_K, BLOCK_C), dtype=tl.float32)
-    a6 = tl.zeros((ACC_K, BLOCK_C), dtype=tl.float32)
-    a7 = tl.zeros((ACC_K, BLOCK_C), dtype=tl.float32)
-    shape: tl.constexpr = (ACC_K, BLOCK_C)
-    for k0 in tl.range(g0, g0 + GROUP, BLOCK_K, num_stages=NUM_STAGES):
-        if ASM:
-            # Four fp16x2 accumulators: pair p holds nibbles p (low half) and p + 4 (high half).
-            h0 = tl.zeros(shape, dtype=tl.int32)
-            h1 = tl.zeros(shape, dtype=tl.int32)
-            h2 = tl.zeros(shape, dtype=tl.int32)
-            h3 = tl.zeros(shape, dtype=tl.int32)
-            zp0 = tl.broadcast_to((((zw >> 0) & 0x000F000F) | 0x64006400)[None, :], shape)
-            zp1 = tl.broadcast_to((((zw >> 4) & 0x000F000F) | 0x64006400)[None, :], shape)
-            zp2 = tl.broadcast_to((((zw >> 8) & 0x000F000F) | 0x64006400)[None, :], shape)
-            zp3 = tl.broadcast_to((((zw >> 12) & 0x000F000F) | 0x64006400)[None, :], shape)
-            for r in tl.static_range(BLOCK_K // ACC_K):
-                offs_k = k0 + r * ACC_K + tl.arange(0, ACC_K)
-                xh = (tl.load(x_row + offs_k) * 0.0625).to(tl.float16)
-                xb = xh.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-                x2 = tl.broadcast_to((xb | (xb << 16))[:, None], shape)
-                words = tl.load(qw_ptr + offs_k[:, None] * n8 + offs_c[None, :], mask=c_mask[None, :], other=0)
-                h0, h1, h2, h3 = tl.inline_asm_elementwise(
-                    _HALF2_PTX, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r",
-                    [words, x2, zp0, zp1, zp2, zp3, h0, h1, h2, h3],
-                    dtype=(tl.int32,) * 4, is_pure=True, pack=1,
-                )
-            lo, hi = _half2_lo_hi(h0)
-            a0 += lo
-            a4 += hi
-            lo, hi = _half2_lo_hi(h1)
-            a1 += lo
-            a5 += hi
-            lo, hi = _half2_lo_hi(h2)
-            a2 += lo
-            a6 += hi
-            lo, hi = _half2_lo_hi(h3)
-            a3 += lo
-            a7 += hi
-        else:
-            # The same arithmetic in plain Triton fp16 (the interpreter; the product and the sum rounded
-            # apart rather than fused).
-            h0 = tl.zeros(shape, dtype=tl.float16)
-            h1 = tl.zeros(shape, dtype=tl.float16)
-            h2 = tl.zeros(shape, dtype=tl.float16)
-            h3 = tl.zeros(shape, dtype=tl.float16)
-            h4 = tl.zeros(shape, dtype=tl.float16)
-            h5 = tl.zeros(shape, dtype=tl.float16)
-            h6 = tl.zeros(shape, dtype=tl.float16)
-            h7 = tl.zeros(shape, dtype=tl.float16)
-            for r in tl.static_range(BLOCK_K // ACC_K):
-                offs_k = k0 + r * ACC_K + tl.arange(0, ACC_K)
-                xh = (tl.load(x_row + offs_k) * 0.0625).to(tl.float16)[:, None]
-                words = tl.load(qw_ptr + offs_k[:, None] * n8 + offs_c[None, :], mask=c_mask[None, :], other=0)
-                h0 += xh * _centred_nibble(words, zw, 0)
-                h1 += xh * _centred_nibble(words, zw, 1)
-                h2 += xh * _centred_nibble(words, zw, 2)
-                h3 += xh * _centred_nibble(words, zw, 3)
-                h4 += xh * _centred_nibble(words, zw, 4)
-                h5 += xh * _centred_nibble(words, zw, 5)
-                h6 += xh * _centred_nibble(words, zw, 6)
-                h7 += xh * _centred_nibble(words, zw, 7)
-            a0 += h0.to(tl.float32)
-            a1 += h1.to(tl.float32)
-            a2 += h2.to(tl.float32)
-            a3 += h3.to(tl.float32)
-            a4 += h4.to(tl.float32)
-            a5 += h5.to(tl.float32)
-            a6 += h6.to(tl.float32)
-            a7 += h7.to(tl.float32)
-    return a0, a1, a2, a3, a4, a5, a6, a7
-
-
-@triton.jit
-def _centred_nibble(words, zero_words, J: tl.constexpr):
-    """``q - z`` of nibble ``J`` as fp16 (exact)."""
-    q = (words >> (4 * J)) & 0xF
-    z = (zero_words >> (4 * J)) & 0xF
-    return (q - z[None, :]).to(tl.float16)
-
-
-@triton.jit
-def _slice_products(x_row, qw_ptr, qz_ptr, g0, n8, offs_c, c_mask, one_bits, GROUP: tl.constexpr,
-                    BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, ACC_K: tl.constexpr, NUM_STAGES: tl.constexpr,
-                    ASM: tl.constexpr, HALF2: tl.constexpr):
-    """One group's per-nibble products and the zero-point share ``xs`` for ``_fold_group`` (0 for the
-    centred ``HALF2`` products)."""
-    if HALF2:
-        a0, a1, a2, a3, a4, a5, a6, a7 = _group_products_half2(
-            x_row, qw_ptr, qz_ptr, g0, n8, offs_c, c_mask, GROUP, BLOCK_K, BLOCK_C, ACC_K, NUM_STAGES, ASM)
-        return a0, a1, a2, a3, a4, a5, a6, a7, 0.0
-    else:
-        return _group_products(x_row, qw_ptr, g0, n8, offs_c, c_mask, one_bits, GROUP, BLOCK_K, BLOCK_C, ACC_K,
-                               NUM_STAGES, ASM)
-
-
-@triton.jit
-def _fold_nibble(y, a, xs, zero_words, s_ptr, g, N, offs_c, c_mask, one_bits, J: tl.constexpr,
-                 CENTRED: tl.constexpr):
+def _fold_nibble(y, a, xs, zero_words, s_ptr, g, N, offs_c, c_mask, one_bits, J: tl.constexpr):
     """``y += 16 * scale * (a - xs * (1 + z/16))`` per accumulator row, ``xs`` being each row's share of
     the group's ``sum x``: summed over the rows (once, at the program's very end), that is
-    ``scale * sum x * (q - z)`` for nibble ``J``. ``CENTRED`` products (``a = sum (x/16) * (q - z)``)
-    only take the scale."""
+    ``scale * sum x * (q - z)`` for nibble ``J``."""
     scale = _nibble_scale(s_ptr, g, N, offs_c, c_mask, J)
-    if CENTRED:
-        return y + a * scale[None, :]
     return y + (a - xs * _nibble_plus_one(zero_words, J, one_bits)[None, :]) * scale[None, :]
 
 
 @triton.jit
 def _fold_group(y0, y1, y2, y3, y4, y5, y6, y7, a0, a1, a2, a3, a4, a5, a6, a7, xs,
-                qz_ptr, s_ptr, g, N, n8, offs_c, c_mask, one_bits, CENTRED: tl.constexpr):
+                qz_ptr, s_ptr, g, N, n8, offs_c, c_mask, one_bits):
     """Group ``g``'s products into the running outputs, with its zero points and scales."""
     zw = tl.load(qz_ptr + g * n8 + offs_c, mask=c_mask, other=0)
     return (
-        _fold_nibble(y0, a0, xs, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 0, CENTRED),
-        _fold_nibble(y1, a1, xs, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 1, CENTRED),
-        _fold_nibble(y2, a2, xs, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 2, CENTRED),
-        _fold_nibble(y3, a3, xs, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 3, CENTRED),
-        _fold_nibble(y4, a4, xs, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 4, CENTRED),
-        _fold_nibble(y5, a5, xs, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 5, CENTRED),
-        _fold_nibble(y6, a6, xs, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 6, CENTRED),
-        _fold_nibble(y7, a7, xs, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 7, CENTRED),
+        _fold_nibble(y0, a0, xs, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 0),
+        _fold_nibble(y1, a1, xs, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 1),
+        _fold_nibble(y2, a2, xs, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 2),
+        _fold_nibble(y3, a3, xs, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 3),
+        _fold_nibble(y4, a4, xs, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 4),
+        _fold_nibble(y5, a5, xs, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 5),
+        _fold_nibble(y6, a6, xs, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 6),
+        _fold_nibble(y7, a7, xs, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 7),
     )
 
 
@@ -411,7 +255,6 @@ def _awq_gemv_kernel(
     N, n8, K, stride_xm, one_bits,
     GROUP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, ACC_K: tl.constexpr, K_PER_SPLIT: tl.constexpr,
     SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_STAGES: tl.constexpr, ASM: tl.constexpr,
-    HALF2: tl.constexpr,
 ):
     """One program: one row of ``x``, ``BLOCK_C`` words (8 * BLOCK_C outputs), one slice of K.
 
@@ -429,12 +272,11 @@ def _awq_gemv_kernel(
     c_mask = offs_c < n8
     x_row = x_ptr + row.to(tl.int64) * stride_xm
     k_start = pid_k * K_PER_SPLIT
-    a0, a1, a2, a3, a4, a5, a6, a7, xs = _slice_products(
-        x_row, qw_ptr, qz_ptr, k_start, n8, offs_c, c_mask, one_bits, GROUP, BLOCK_K, BLOCK_C, ACC_K, NUM_STAGES,
-        ASM, HALF2)
+    a0, a1, a2, a3, a4, a5, a6, a7, xs = _group_products(
+        x_row, qw_ptr, k_start, n8, offs_c, c_mask, one_bits, GROUP, BLOCK_K, BLOCK_C, ACC_K, NUM_STAGES, ASM)
     y0, y1, y2, y3, y4, y5, y6, y7 = _fold_group(
         0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, a0, a1, a2, a3, a4, a5, a6, a7, xs,
-        qz_ptr, s_ptr, k_start // GROUP, N, n8, offs_c, c_mask, one_bits, HALF2)
+        qz_ptr, s_ptr, k_start // GROUP, N, n8, offs_c, c_mask, one_bits)
     if K_PER_SPLIT > GROUP:
         # The slice's other groups. A compile-time branch: with one group per slice (what the launcher
         # picks for big layers) the running ``y`` tiles are not held through a loop's registers. A ring
@@ -442,12 +284,11 @@ def _awq_gemv_kernel(
         # us on an H200 at 4096x11008, against 16.1 for one group per slice (RESULTS.md).
         k_end = tl.minimum(k_start + K_PER_SPLIT, K)  # K_PER_SPLIT and K are whole groups
         for g0 in range(k_start + GROUP, k_end, GROUP):
-            a0, a1, a2, a3, a4, a5, a6, a7, xs = _slice_products(
-                x_row, qw_ptr, qz_ptr, g0, n8, offs_c, c_mask, one_bits, GROUP, BLOCK_K, BLOCK_C, ACC_K,
-                NUM_STAGES, ASM, HALF2)
+            a0, a1, a2, a3, a4, a5, a6, a7, xs = _group_products(
+                x_row, qw_ptr, g0, n8, offs_c, c_mask, one_bits, GROUP, BLOCK_K, BLOCK_C, ACC_K, NUM_STAGES, ASM)
             y0, y1, y2, y3, y4, y5, y6, y7 = _fold_group(
                 y0, y1, y2, y3, y4, y5, y6, y7, a0, a1, a2, a3, a4, a5, a6, a7, xs,
-                qz_ptr, s_ptr, g0 // GROUP, N, n8, offs_c, c_mask, one_bits, HALF2)
+                qz_ptr, s_ptr, g0 // GROUP, N, n8, offs_c, c_mask, one_bits)
     out_row = out_ptr + row.to(tl.int64) * N
     if SPLITS == 1:
         _store_nibble_outputs(y0, out_row, bias_ptr, offs_c, c_mask, 0, HAS_BIAS)
@@ -675,7 +516,6 @@ def _gemv(
     num_stages: int = 1,
     unpack: str | None = None,
     acc_k: int | None = None,
-    math: str = "fp32",
 ) -> torch.Tensor:
     """Defaults from the H200 sweeps at M=1 on 4096x11008 (``quant.py --gemv-configs``, RESULTS.md): one
     warp per program, a ``[128, 32]`` word tile (a whole group, ``block_k`` defaults to the group size up
@@ -685,11 +525,6 @@ def _gemv(
     occupancy, 0.67 waves) with most cycles issuing nothing."""
     m, k = x.shape
     n = scales.shape[1]
-    if math not in ("fp32", "half2") or (math == "half2" and x.dtype != torch.float16):
-        raise ValueError(f"math {math!r}: 'fp32', or 'half2' for fp16 x (got {x.dtype})")
-    if block_k is None and math == "half2":
-        # 8 rows per fp16 partial sum at most (the overflow bound in _group_products_half2)
-        block_k = min(group_size, 8 * _layout_rows(group_size, block_c, num_warps))
     block_k = block_k or min(group_size, 128)
     if group_size % block_k:
         raise ValueError(f"block_k {block_k} must divide the group size {group_size}")
@@ -720,7 +555,7 @@ def _gemv(
         x, qweight, qzeros, scales, bias if bias is not None else scales, out, sums, counts, n, n // 8, k, x.stride(0),
         ONE_BITS,
         GROUP=group_size, BLOCK_C=block_c, BLOCK_K=block_k, ACC_K=acc_k, K_PER_SPLIT=k_per_split, SPLITS=splits,
-        HAS_BIAS=bias is not None, NUM_STAGES=num_stages, ASM=asm, HALF2=math == "half2", num_warps=num_warps,
+        HAS_BIAS=bias is not None, NUM_STAGES=num_stages, ASM=asm, num_warps=num_warps,
     )
     return out
 
