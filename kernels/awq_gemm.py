@@ -182,8 +182,7 @@ def _group_products(x_row, qw_ptr, g0, n8, offs_c, c_mask, one_bits, GROUP: tl.c
                     BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, ACC_K: tl.constexpr, NUM_STAGES: tl.constexpr,
                     ASM: tl.constexpr):
     """One group's ``sum x * (1 + q/16)`` for each nibble position, per accumulator row, and the group's
-    ``sum x / ACC_K`` (each accumulator row's share of the zero-point term, exact: ``ACC_K`` is a power
-    of two).
+    ``sum x`` (for the zero-point term).
 
     Eight ``[ACC_K, BLOCK_C]`` accumulators laid out like one pass of the loaded words: the loop never
     moves data between threads. With ``NUM_STAGES`` > 1 the word loads go through a cp.async ring
@@ -199,46 +198,71 @@ def _group_products(x_row, qw_ptr, g0, n8, offs_c, c_mask, one_bits, GROUP: tl.c
     a5 = tl.zeros((ACC_K, BLOCK_C), dtype=tl.float32)
     a6 = tl.zeros((ACC_K, BLOCK_C), dtype=tl.float32)
     a7 = tl.zeros((ACC_K, BLOCK_C), dtype=tl.float32)
-    xs = tl.sum(tl.load(x_row + g0 + tl.arange(0, GROUP)).to(tl.float32)) / ACC_K
+    # Loaded before the loop, summed after it: the sum's cross-lane exchange (and its barrier) would
+    # otherwise hold back the first word loads by a load latency (seen in the sm_90 SASS).
+    x_group = tl.load(x_row + g0 + tl.arange(0, GROUP))
     for k0 in tl.range(g0, g0 + GROUP, BLOCK_K, num_stages=NUM_STAGES):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_row + offs_k).to(tl.float32)[:, None]
         words = tl.load(qw_ptr + offs_k[:, None] * n8 + offs_c[None, :], mask=c_mask[None, :], other=0)
         a0, a1, a2, a3, a4, a5, a6, a7 = _accumulate(a0, a1, a2, a3, a4, a5, a6, a7, x, words, one_bits, ASM,
                                                      ACC_K)
+    xs = tl.sum(x_group.to(tl.float32))
     return a0, a1, a2, a3, a4, a5, a6, a7, xs
 
 
 @triton.jit
-def _fold_nibble(y, a, xs, zero_words, s_ptr, g, N, offs_c, c_mask, one_bits, J: tl.constexpr):
-    """``y += 16 * scale * (a - xs * (1 + z/16))`` per accumulator row, ``xs`` being each row's share of
-    the group's ``sum x``: summed over the rows (once, at the program's very end), that is
-    ``scale * sum x * (q - z)`` for nibble ``J``."""
-    scale = _nibble_scale(s_ptr, g, N, offs_c, c_mask, J)
-    return y + (a - xs * _nibble_plus_one(zero_words, J, one_bits)[None, :]) * scale[None, :]
+def _group_params(qz_ptr, s_ptr, g, N, n8, offs_c, c_mask):
+    """Group ``g``'s zero-point words and the eight nibbles' scales times 16 (``_nibble_scale``),
+    ``[BLOCK_C]`` each, loaded by the caller before the group's word loads.
+
+    The scales come in one ``[BLOCK_C, 8]`` load (a word's eight columns are 16 contiguous bytes) and
+    are split into nibbles in registers, so that moving them into the accumulators' layout is one
+    trip through shared memory. Loaded nibble by nibble, each of the eight took its own trip behind a
+    barrier that waited out its load: eight load latencies in a row per program (sm_90 SASS).
+    """
+    zw = tl.load(qz_ptr + g * n8 + offs_c, mask=c_mask, other=0)
+    cols = offs_c[:, None] * 8 + tl.arange(0, 8)[None, :]
+    tile = tl.load(s_ptr + g * N + cols, mask=c_mask[:, None], other=0.0).to(tl.float32) * 16.0
+    # Column 8c + t holds nibble j = t // 2 + 4 * (t % 2) (AWQ_ORDER), t = 2a + b for j = a + 4b.
+    by_a, by_a_hi = tl.split(tl.reshape(tile, [tile.shape[0], 4, 2]))  # b = 0: nibbles 0-3; b = 1: 4-7
+    even, odd = tl.split(tl.reshape(by_a, [tile.shape[0], 2, 2]))  # a = 2 * a1 + a0; a0 = 0 / 1
+    s0, s2 = tl.split(even)
+    s1, s3 = tl.split(odd)
+    even, odd = tl.split(tl.reshape(by_a_hi, [tile.shape[0], 2, 2]))
+    s4, s6 = tl.split(even)
+    s5, s7 = tl.split(odd)
+    return zw, s0, s1, s2, s3, s4, s5, s6, s7
+
+
+@triton.jit
+def _fold_nibble(y, a, xs, zero_words, scale, one_bits, J: tl.constexpr):
+    """``y += 16 * scale * (sum_rows(a) - xs * (1 + z/16))``: since ``a = sum x * (1 + q/16)`` and ``xs
+    = sum x`` over the group, that adds ``scale * sum x * (q - z)`` for nibble ``J`` to the ``[BLOCK_C]``
+    running outputs."""
+    return y + (tl.sum(a, axis=0) - xs * _nibble_plus_one(zero_words, J, one_bits)) * scale
 
 
 @triton.jit
 def _fold_group(y0, y1, y2, y3, y4, y5, y6, y7, a0, a1, a2, a3, a4, a5, a6, a7, xs,
-                qz_ptr, s_ptr, g, N, n8, offs_c, c_mask, one_bits):
-    """Group ``g``'s products into the running outputs, with its zero points and scales."""
-    zw = tl.load(qz_ptr + g * n8 + offs_c, mask=c_mask, other=0)
+                zw, s0, s1, s2, s3, s4, s5, s6, s7, one_bits):
+    """A group's products into the running outputs, with its zero points and scales (``_group_params``)."""
     return (
-        _fold_nibble(y0, a0, xs, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 0),
-        _fold_nibble(y1, a1, xs, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 1),
-        _fold_nibble(y2, a2, xs, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 2),
-        _fold_nibble(y3, a3, xs, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 3),
-        _fold_nibble(y4, a4, xs, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 4),
-        _fold_nibble(y5, a5, xs, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 5),
-        _fold_nibble(y6, a6, xs, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 6),
-        _fold_nibble(y7, a7, xs, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 7),
+        _fold_nibble(y0, a0, xs, zw, s0, one_bits, 0),
+        _fold_nibble(y1, a1, xs, zw, s1, one_bits, 1),
+        _fold_nibble(y2, a2, xs, zw, s2, one_bits, 2),
+        _fold_nibble(y3, a3, xs, zw, s3, one_bits, 3),
+        _fold_nibble(y4, a4, xs, zw, s4, one_bits, 4),
+        _fold_nibble(y5, a5, xs, zw, s5, one_bits, 5),
+        _fold_nibble(y6, a6, xs, zw, s6, one_bits, 6),
+        _fold_nibble(y7, a7, xs, zw, s7, one_bits, 7),
     )
 
 
 @triton.jit
 def _store_nibble_outputs(y, out_row, bias_ptr, offs_c, c_mask, J: tl.constexpr, HAS_BIAS: tl.constexpr):
     col = _nibble_column(offs_c, J)
-    total = tl.sum(y, axis=0)
+    total = y
     if HAS_BIAS:
         total += tl.load(bias_ptr + col, mask=c_mask, other=0.0).to(tl.float32)
     tl.store(out_row + col, total.to(out_row.dtype.element_ty), mask=c_mask)
@@ -246,7 +270,7 @@ def _store_nibble_outputs(y, out_row, bias_ptr, offs_c, c_mask, J: tl.constexpr,
 
 @triton.jit
 def _add_nibble_outputs(y, sum_row, offs_c, c_mask, J: tl.constexpr):
-    tl.atomic_add(sum_row + _nibble_column(offs_c, J), tl.sum(y, axis=0), mask=c_mask, sem="relaxed")
+    tl.atomic_add(sum_row + _nibble_column(offs_c, J), y, mask=c_mask, sem="relaxed")
 
 
 @triton.jit
@@ -260,7 +284,7 @@ def _awq_gemv_kernel(
 
     The eight nibbles of a word go to eight accumulators laid out like the loaded words
     (``_group_products``; the previous version's 3-d ``[BLOCK_K, BLOCK_C, 8]`` tensor went through
-    shared memory on every step), reduced across threads once, at the end. With K split, the
+    shared memory on every step), summed across threads once per group, before its scales. With K split, the
     slices add into the fp32 ``sum`` workspace and the last slice to arrive (an atomic counter per
     output block) stores the row in ``out``'s dtype and leaves ``sum`` and the counter at zero for
     the next launch: one launch, no zero-fill or cast kernels around it.
@@ -272,11 +296,12 @@ def _awq_gemv_kernel(
     c_mask = offs_c < n8
     x_row = x_ptr + row.to(tl.int64) * stride_xm
     k_start = pid_k * K_PER_SPLIT
+    zw, s0, s1, s2, s3, s4, s5, s6, s7 = _group_params(qz_ptr, s_ptr, k_start // GROUP, N, n8, offs_c, c_mask)
     a0, a1, a2, a3, a4, a5, a6, a7, xs = _group_products(
         x_row, qw_ptr, k_start, n8, offs_c, c_mask, one_bits, GROUP, BLOCK_K, BLOCK_C, ACC_K, NUM_STAGES, ASM)
     y0, y1, y2, y3, y4, y5, y6, y7 = _fold_group(
         0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, a0, a1, a2, a3, a4, a5, a6, a7, xs,
-        qz_ptr, s_ptr, k_start // GROUP, N, n8, offs_c, c_mask, one_bits)
+        zw, s0, s1, s2, s3, s4, s5, s6, s7, one_bits)
     if K_PER_SPLIT > GROUP:
         # The slice's other groups. A compile-time branch: with one group per slice (what the launcher
         # picks for big layers) the running ``y`` tiles are not held through a loop's registers. A ring
@@ -284,11 +309,12 @@ def _awq_gemv_kernel(
         # us on an H200 at 4096x11008, against 16.1 for one group per slice (RESULTS.md).
         k_end = tl.minimum(k_start + K_PER_SPLIT, K)  # K_PER_SPLIT and K are whole groups
         for g0 in range(k_start + GROUP, k_end, GROUP):
+            zw, s0, s1, s2, s3, s4, s5, s6, s7 = _group_params(qz_ptr, s_ptr, g0 // GROUP, N, n8, offs_c, c_mask)
             a0, a1, a2, a3, a4, a5, a6, a7, xs = _group_products(
                 x_row, qw_ptr, g0, n8, offs_c, c_mask, one_bits, GROUP, BLOCK_K, BLOCK_C, ACC_K, NUM_STAGES, ASM)
             y0, y1, y2, y3, y4, y5, y6, y7 = _fold_group(
                 y0, y1, y2, y3, y4, y5, y6, y7, a0, a1, a2, a3, a4, a5, a6, a7, xs,
-                qz_ptr, s_ptr, g0 // GROUP, N, n8, offs_c, c_mask, one_bits)
+                zw, s0, s1, s2, s3, s4, s5, s6, s7, one_bits)
     out_row = out_ptr + row.to(tl.int64) * N
     if SPLITS == 1:
         _store_nibble_outputs(y0, out_row, bias_ptr, offs_c, c_mask, 0, HAS_BIAS)
