@@ -178,17 +178,23 @@ def _accumulate(a0, a1, a2, a3, a4, a5, a6, a7, x, words, one_bits, ASM: tl.cons
 
 
 @triton.jit
-def _group_products(x_row, qw_ptr, g0, n8, offs_c, c_mask, one_bits, GROUP: tl.constexpr,
+def _group_products(x_row, qw_ptr, qz_ptr, s_ptr, g0, N, n8, offs_c, c_mask, one_bits, GROUP: tl.constexpr,
                     BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, ACC_K: tl.constexpr, NUM_STAGES: tl.constexpr,
                     ASM: tl.constexpr):
-    """One group's ``sum x * (1 + q/16)`` for each nibble position, per accumulator row, and the group's
-    ``sum x`` (for the zero-point term).
+    """One group's ``sum x * (1 + q/16)`` for each nibble position, per accumulator row, the group's
+    ``sum x`` (for the zero-point term), and its zero points and scales (``_group_params``).
 
     Eight ``[ACC_K, BLOCK_C]`` accumulators laid out like one pass of the loaded words: the loop never
     moves data between threads. With ``NUM_STAGES`` > 1 the word loads go through a cp.async ring
     (Triton's pipeliner); with 1 they go straight to registers, ``BLOCK_K / ACC_K`` 16-byte loads per
-    thread issued before the first is used. ``sum x`` is one reduction per group, outside the loop:
-    folding x's rows inside it moved them between threads on every step.
+    thread. ``sum x`` is one reduction per group, after the loop: folding x's rows inside it moved them
+    between threads on every step.
+
+    Program order decides what waits for what: x's and the scales' moves into the accumulators'
+    layout each pass a barrier, which no later load can be hoisted over, and which waits for its own
+    load. So with one tile per group (``BLOCK_K == GROUP``, the default) the words are loaded first,
+    and their latency covers those of the scales and of x (the sm_90 SASS then issues most of the
+    word loads before the first barrier).
     """
     a0 = tl.zeros((ACC_K, BLOCK_C), dtype=tl.float32)
     a1 = tl.zeros((ACC_K, BLOCK_C), dtype=tl.float32)
@@ -198,23 +204,30 @@ def _group_products(x_row, qw_ptr, g0, n8, offs_c, c_mask, one_bits, GROUP: tl.c
     a5 = tl.zeros((ACC_K, BLOCK_C), dtype=tl.float32)
     a6 = tl.zeros((ACC_K, BLOCK_C), dtype=tl.float32)
     a7 = tl.zeros((ACC_K, BLOCK_C), dtype=tl.float32)
-    # Loaded before the loop, summed after it: the sum's cross-lane exchange (and its barrier) would
-    # otherwise hold back the first word loads by a load latency (seen in the sm_90 SASS).
-    x_group = tl.load(x_row + g0 + tl.arange(0, GROUP))
-    for k0 in tl.range(g0, g0 + GROUP, BLOCK_K, num_stages=NUM_STAGES):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_row + offs_k).to(tl.float32)[:, None]
+    if BLOCK_K == GROUP:
+        offs_k = g0 + tl.arange(0, GROUP)
         words = tl.load(qw_ptr + offs_k[:, None] * n8 + offs_c[None, :], mask=c_mask[None, :], other=0)
-        a0, a1, a2, a3, a4, a5, a6, a7 = _accumulate(a0, a1, a2, a3, a4, a5, a6, a7, x, words, one_bits, ASM,
-                                                     ACC_K)
+        zw, s0, s1, s2, s3, s4, s5, s6, s7 = _group_params(qz_ptr, s_ptr, g0 // GROUP, N, n8, offs_c, c_mask)
+        x_group = tl.load(x_row + offs_k)
+        a0, a1, a2, a3, a4, a5, a6, a7 = _accumulate(a0, a1, a2, a3, a4, a5, a6, a7, x_group.to(tl.float32)[:, None],
+                                                     words, one_bits, ASM, ACC_K)
+    else:
+        zw, s0, s1, s2, s3, s4, s5, s6, s7 = _group_params(qz_ptr, s_ptr, g0 // GROUP, N, n8, offs_c, c_mask)
+        x_group = tl.load(x_row + g0 + tl.arange(0, GROUP))
+        for k0 in tl.range(g0, g0 + GROUP, BLOCK_K, num_stages=NUM_STAGES):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            words = tl.load(qw_ptr + offs_k[:, None] * n8 + offs_c[None, :], mask=c_mask[None, :], other=0)
+            x = tl.load(x_row + offs_k).to(tl.float32)[:, None]
+            a0, a1, a2, a3, a4, a5, a6, a7 = _accumulate(a0, a1, a2, a3, a4, a5, a6, a7, x, words, one_bits, ASM,
+                                                         ACC_K)
     xs = tl.sum(x_group.to(tl.float32))
-    return a0, a1, a2, a3, a4, a5, a6, a7, xs
+    return a0, a1, a2, a3, a4, a5, a6, a7, xs, zw, s0, s1, s2, s3, s4, s5, s6, s7
 
 
 @triton.jit
 def _group_params(qz_ptr, s_ptr, g, N, n8, offs_c, c_mask):
     """Group ``g``'s zero-point words and the eight nibbles' scales times 16 (``_nibble_scale``),
-    ``[BLOCK_C]`` each, loaded by the caller before the group's word loads.
+    ``[BLOCK_C]`` each.
 
     The scales come in one ``[BLOCK_C, 8]`` load (a word's eight columns are 16 contiguous bytes) and
     are split into nibbles in registers, so that moving them into the accumulators' layout is one
@@ -296,9 +309,9 @@ def _awq_gemv_kernel(
     c_mask = offs_c < n8
     x_row = x_ptr + row.to(tl.int64) * stride_xm
     k_start = pid_k * K_PER_SPLIT
-    zw, s0, s1, s2, s3, s4, s5, s6, s7 = _group_params(qz_ptr, s_ptr, k_start // GROUP, N, n8, offs_c, c_mask)
-    a0, a1, a2, a3, a4, a5, a6, a7, xs = _group_products(
-        x_row, qw_ptr, k_start, n8, offs_c, c_mask, one_bits, GROUP, BLOCK_K, BLOCK_C, ACC_K, NUM_STAGES, ASM)
+    a0, a1, a2, a3, a4, a5, a6, a7, xs, zw, s0, s1, s2, s3, s4, s5, s6, s7 = _group_products(
+        x_row, qw_ptr, qz_ptr, s_ptr, k_start, N, n8, offs_c, c_mask, one_bits, GROUP, BLOCK_K, BLOCK_C, ACC_K,
+        NUM_STAGES, ASM)
     y0, y1, y2, y3, y4, y5, y6, y7 = _fold_group(
         0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, a0, a1, a2, a3, a4, a5, a6, a7, xs,
         zw, s0, s1, s2, s3, s4, s5, s6, s7, one_bits)
@@ -309,9 +322,9 @@ def _awq_gemv_kernel(
         # us on an H200 at 4096x11008, against 16.1 for one group per slice (RESULTS.md).
         k_end = tl.minimum(k_start + K_PER_SPLIT, K)  # K_PER_SPLIT and K are whole groups
         for g0 in range(k_start + GROUP, k_end, GROUP):
-            zw, s0, s1, s2, s3, s4, s5, s6, s7 = _group_params(qz_ptr, s_ptr, g0 // GROUP, N, n8, offs_c, c_mask)
-            a0, a1, a2, a3, a4, a5, a6, a7, xs = _group_products(
-                x_row, qw_ptr, g0, n8, offs_c, c_mask, one_bits, GROUP, BLOCK_K, BLOCK_C, ACC_K, NUM_STAGES, ASM)
+            a0, a1, a2, a3, a4, a5, a6, a7, xs, zw, s0, s1, s2, s3, s4, s5, s6, s7 = _group_products(
+                x_row, qw_ptr, qz_ptr, s_ptr, g0, N, n8, offs_c, c_mask, one_bits, GROUP, BLOCK_K, BLOCK_C, ACC_K,
+                NUM_STAGES, ASM)
             y0, y1, y2, y3, y4, y5, y6, y7 = _fold_group(
                 y0, y1, y2, y3, y4, y5, y6, y7, a0, a1, a2, a3, a4, a5, a6, a7, xs,
                 zw, s0, s1, s2, s3, s4, s5, s6, s7, one_bits)
