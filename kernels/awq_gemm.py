@@ -555,6 +555,7 @@ def _gemv(
     num_stages: int = 1,
     unpack: str | None = None,
     acc_k: int | None = None,
+    maxnreg: int | None = None,
 ) -> torch.Tensor:
     """Defaults from the H200 sweeps at M=1 on 4096x11008 (``quant.py --gemv-configs``, RESULTS.md): one
     warp per program, a ``[128, 32]`` word tile (a whole group, ``block_k`` defaults to the group size up
@@ -595,6 +596,8 @@ def _gemv(
         ONE_BITS,
         GROUP=group_size, BLOCK_C=block_c, BLOCK_K=block_k, ACC_K=acc_k, K_PER_SPLIT=k_per_split, SPLITS=splits,
         HAS_BIAS=bias is not None, NUM_STAGES=num_stages, ASM=asm, num_warps=num_warps,
+        # a register cap for ptxas: fewer loads in flight per thread, more programs per SM
+        **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     return out
 

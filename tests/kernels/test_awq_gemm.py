@@ -54,6 +54,7 @@ def test_awq_gemm_matches_reference(m: int, k: int, n: int, group: int, mode: st
         {"block_c": 32, "block_k": 64, "num_stages": 1},
         {"block_c": 32, "block_k": 16, "acc_k": 2},  # a fold across threads: slow, still right
         {"block_c": 32, "block_k": 32, "acc_k": 32},  # no fold (the ring kernel's accumulators)
+        {"block_c": 32, "block_k": 64, "num_warps": 1, "maxnreg": 192},  # a register cap (compiled only)
         {"block_c": 16, "block_k": 64, "num_stages": 1, "num_warps": 1, "splits": 2},  # 2 groups per slice
     ],
 )
