@@ -21,8 +21,11 @@ tensor, 21.9 us (that 3-d layout went through shared memory every step, and the 
 zero-fill and a cast launch around the kernel); per-nibble 2-d accumulators, 16-byte loads, a cp.async
 ring and split-K in one launch: 21.5 us at its best tile, the same quarter of copy bandwidth; the same
 with the tile's rows folded into one layout tile of accumulators in registers and whole groups loaded
-straight to registers by one-warp programs (this version): 16.1 us (1.6x fp16). What is left is
-issue-bound at ten warps per SM: 24 instructions per word of eight weights (RESULTS.md).
+straight to registers by one-warp programs: 16.1 us (1.6x fp16). Fewer instructions per weight
+(fp16x2 products) did not move it; the SASS showed why: ~4 of a thread's 32 word loads in flight, and
+eight scale loads waited out one after another behind layout-conversion barriers. This version loads
+the words first and the scales in one load (all word loads in flight before the first barrier), not
+yet timed (RESULTS.md).
 """
 
 from __future__ import annotations
