@@ -7,7 +7,8 @@ GEMV on its qkv projection.
         --section WarpStateStats --section MemoryWorkloadAnalysis python benchmarks/ncu_targets.py
 
 With ``NCU_AWQ_GEMV_CONFIGS`` (a JSON list of ``gemv_config`` dicts) set, only those AWQ GEMV launches
-and the load-only twin's best tile. Every kernel runs once before the range (compilation, autotuning and workspaces stay out of it).
+and the load-only twin's best tile. Every kernel runs once before the range (compilation, autotuning
+and workspaces stay out of it).
 """
 
 from __future__ import annotations

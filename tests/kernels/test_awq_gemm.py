@@ -120,7 +120,8 @@ def test_gemv_rejects_accumulator_rows_that_do_not_divide_block_k() -> None:
 def test_gemv_rejects_a_tile_smaller_than_its_warps() -> None:
     qweight, qzeros, scales = random_awq(128, 32, 64)
     with pytest.raises(ValueError, match="too small"):
-        awq_gemm(torch.randn(1, 128).to(DEVICE), qweight, qzeros, scales, 64, gemv_config={"block_c": 8, "block_k": 8, "num_warps": 4})
+        awq_gemm(torch.randn(1, 128).to(DEVICE), qweight, qzeros, scales, 64,
+                 gemv_config={"block_c": 8, "block_k": 8, "num_warps": 4})
 
 
 def test_dequantize_writes_every_weight_in_awq_column_order() -> None:
@@ -193,3 +194,25 @@ def test_prefill_launches_at_a_7b_mlp_size(mode: str) -> None:
     ref = awq_gemm_reference(x.float(), qweight, qzeros, scales, 128)
     out = awq_gemm(x, qweight, qzeros, scales, 128, force=mode)
     torch.testing.assert_close(out.float(), ref, atol=1e-2 * ref.abs().max().item(), rtol=0)
+
+
+def test_default_launch_follows_the_row_thresholds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without ``force`` the rows pick the launch: GEMV up to GEMV_MAX_M, the tiled kernel below
+    DEQUANT_MIN_M, dequantize + matmul from there; each routed call still matches the reference."""
+    from leanserve.kernels import awq_gemm as module
+
+    picked: list[str] = []
+    for name in ("_gemv", "_tiled", "_dequant_matmul"):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name,
+                            lambda *a, _real=real, _name=name, **kw: picked.append(_name) or _real(*a, **kw))
+    qweight, qzeros, scales = random_awq(128, 64, 64, seed=13)
+    gen = torch.Generator().manual_seed(14)
+    cases = {module.GEMV_MAX_M: "_gemv", module.GEMV_MAX_M + 1: "_tiled",
+             module.DEQUANT_MIN_M - 1: "_tiled", module.DEQUANT_MIN_M: "_dequant_matmul"}
+    for m, expected in cases.items():
+        x = torch.randn(m, 128, generator=gen).to(DEVICE, torch.float16)
+        out = awq_gemm(x, qweight, qzeros, scales, 64)
+        ref = awq_gemm_reference(x.float(), qweight, qzeros, scales, 64)
+        assert picked[-1] == expected, (m, picked)
+        torch.testing.assert_close(out.float(), ref, atol=2e-3 * ref.abs().max().item(), rtol=0)
