@@ -112,3 +112,21 @@ def test_prompt_logprob_requests_skip_prefix_cache() -> None:
     b = Sequence("b", [1, 2, 3], SamplingParams(prompt_logprobs=1))
     bm.allocate(b)
     assert b.num_cached_tokens == 0
+
+
+def test_a_growing_sequence_takes_the_block_after_its_last_when_free() -> None:
+    """Freed blocks return tail first, so taking the least recently freed would hand the next sequence
+    its blocks in descending order; the block after the sequence's last is preferred when free."""
+    bm = BlockManager(num_blocks=6, block_size=4)
+    a, b = seq(list(range(12)), "a"), seq(list(range(50, 62)), "b")
+    bm.allocate(a)
+    bm.allocate(b)
+    assert (a.block_table, b.block_table) == ([0, 1, 2], [3, 4, 5])
+    bm.free(a)
+    bm.free(b)  # least recently freed first: 2, 1, 0, 5, 4, 3
+    c = seq(list(range(100, 108)), "c")
+    bm.allocate(c)
+    assert c.block_table == [2, 3]  # not [2, 1]
+    c.token_ids += [200, 201, 202, 203, 204]
+    bm.append_slot(c)
+    assert c.block_table == [2, 3, 4]

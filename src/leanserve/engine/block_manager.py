@@ -102,7 +102,7 @@ class BlockManager:
             previous = chain_hash(previous, block.token_ids)
             seq.block_hashes.append(previous)
         for _ in range(self.blocks_needed(len(seq.token_ids)) - len(hits)):
-            seq.block_table.append(self._take_free_block())
+            seq.block_table.append(self._take_free_block(seq))
         seq.num_cached_tokens = len(hits) * self.block_size
         seq.num_computed_tokens = seq.num_cached_tokens
         if self.enable_prefix_caching:
@@ -115,7 +115,7 @@ class BlockManager:
 
     def append_slot(self, seq: Sequence) -> None:
         if self.blocks_needed(len(seq.token_ids)) > len(seq.block_table):
-            seq.block_table.append(self._take_free_block())
+            seq.block_table.append(self._take_free_block(seq))
 
     def free(self, seq: Sequence) -> None:
         # Tail blocks are the least likely to be shared, so they go to the front of the eviction order.
@@ -144,8 +144,22 @@ class BlockManager:
                 block.hash, block.token_ids = previous, tokens
                 self.cached[previous] = block.block_id
 
-    def _take_free_block(self) -> int:
-        block_id, _ = self.free_blocks.popitem(last=False)
+    def _take_free_block(self, seq: Sequence) -> int:
+        """The block right after ``seq``'s last one when it is free, else the least recently freed.
+
+        Consecutive blocks let CPU decode read a lone sequence's K/V as a view of the cache instead of
+        gathering it (INT4 embedded model at batch 1: 9.95 against 10.58 ms a step). Without the
+        preference a sequence's blocks came out descending once the pool had been used once (``free``
+        returns them tail first), and the view was taken in 26% of decode steps over 60 requests in a
+        row; with it, 97-100%, prefix hits unchanged. The price is a cached block evicted out of LRU
+        order when it happens to sit next to a growing sequence.
+        """
+        following = seq.block_table[-1] + 1 if seq.block_table else None
+        if following in self.free_blocks:
+            del self.free_blocks[following]
+            block_id = following
+        else:
+            block_id, _ = self.free_blocks.popitem(last=False)
         block = self.blocks[block_id]
         if block.hash is not None:  # evict a cached block
             if self.cached.get(block.hash) == block_id:

@@ -177,12 +177,12 @@ class ModelRunner:
             members = decodes[start:end]
             width = max(len(s.block_table) for s in members)
             flat = [b for s in members for b in s.block_table + [0] * (width - len(s.block_table))]
-            ids = torch.tensor(flat)
-            k_buffer, v_buffer = self._gather_buffer(ids.numel())
             real = torch.tensor(lens[start:end])
             mask = (torch.arange(width * bs)[None, :] < real[:, None])[:, None, None, :]
-            run = flat == list(range(flat[0], flat[0] + len(flat)))
-            groups.append(DecodeGroup(start, end, ids, mask, k_buffer, v_buffer, flat[0] if run else None))
+            if flat == list(range(flat[0], flat[0] + len(flat))):
+                groups.append(DecodeGroup(start, end, slice(flat[0], flat[0] + len(flat)), mask))
+            else:
+                groups.append(DecodeGroup(start, end, torch.tensor(flat), mask, self._gather_buffer(len(flat))))
             start = end
         return groups
 
