@@ -35,10 +35,10 @@ def _cuda_capability(index: int) -> tuple[int, int]:
 @functools.cache
 def _triton_has_gdc() -> bool:
     try:
-        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: F401
-    except ImportError:
+        from ._pdl import gdc_wait
+    except ImportError:  # no triton at all
         return False
-    return True
+    return gdc_wait is not None
 
 
 def pdl_supported(device: torch.device) -> bool:

@@ -47,8 +47,9 @@ ONE_BITS = 0x3F800000  # 1.0f, see _nibble_plus_one
 # 256, dequantize + matmul 67 / 68 / 77 us, so the two cross near 32 rows.
 DEQUANT_MIN_M = 32
 # How the compiled GEMV and dequantize kernels turn nibbles into floats: "asm" (PTX: two nibbles per
-# LOP3; it passed the GPU tests and ran 21.5 us against "shift"'s 22.2 in the H200 sweep's best tile)
-# or "shift" (plain Triton). The interpreter cannot run PTX and always takes "shift".
+# LOP3; H200, 4096x11008 GEMV: 16.1-16.7 us against "shift"'s 44.1 at the one-warp default, 21.5 against
+# 22.2 at the old [8, 128] ring) or "shift" (plain Triton). The interpreter cannot run PTX and always
+# takes "shift".
 UNPACK = "asm"
 
 
@@ -66,12 +67,6 @@ def _nibble_column(offs_c, J: tl.constexpr):
     """Output column of nibble ``J`` of words ``offs_c`` (AWQ_ORDER: column (J % 4) * 2 + J // 4 of the
     word's eight)."""
     return offs_c * 8 + (J % 4) * 2 + J // 4
-
-
-@triton.jit
-def _nibble_scale(s_ptr, g, N, offs_c, c_mask, J: tl.constexpr):
-    """Group ``g``'s scales of nibble ``J``'s columns, times 16 (the unpacked nibbles are ``1 + q/16``)."""
-    return tl.load(s_ptr + g * N + _nibble_column(offs_c, J), mask=c_mask, other=0.0).to(tl.float32) * 16.0
 
 
 @triton.jit
@@ -229,8 +224,8 @@ def _group_products(x_row, qw_ptr, qz_ptr, s_ptr, g0, N, n8, offs_c, c_mask, one
 
 @triton.jit
 def _group_params(qz_ptr, s_ptr, g, N, n8, offs_c, c_mask):
-    """Group ``g``'s zero-point words and the eight nibbles' scales times 16 (``_nibble_scale``),
-    ``[BLOCK_C]`` each.
+    """Group ``g``'s zero-point words and the eight nibbles' scales, ``[BLOCK_C]`` each, times 16 (the
+    unpacked nibbles are ``1 + q/16``).
 
     The scales come in one ``[BLOCK_C, 8]`` load (a word's eight columns are 16 contiguous bytes) and
     are split into nibbles in registers, so that moving them into the accumulators' layout is one
@@ -380,16 +375,16 @@ def _awq_dequant_kernel(
     c_mask = offs_c < n8
     words = tl.load(qw_ptr + offs_k[:, None] * n8 + offs_c[None, :], mask=c_mask[None, :], other=0)
     g = pid_k * BLOCK_K // GROUP
-    zw = tl.load(qz_ptr + g * n8 + offs_c, mask=c_mask, other=0)
+    zw, s0, s1, s2, s3, s4, s5, s6, s7 = _group_params(qz_ptr, s_ptr, g, N, n8, offs_c, c_mask)
     n0, n1, n2, n3, n4, n5, n6, n7 = _word_plus_one(words, one_bits, ASM)
-    w0 = _dequant_nibble(n0, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 0)
-    w1 = _dequant_nibble(n1, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 1)
-    w2 = _dequant_nibble(n2, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 2)
-    w3 = _dequant_nibble(n3, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 3)
-    w4 = _dequant_nibble(n4, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 4)
-    w5 = _dequant_nibble(n5, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 5)
-    w6 = _dequant_nibble(n6, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 6)
-    w7 = _dequant_nibble(n7, zw, s_ptr, g, N, offs_c, c_mask, one_bits, 7)
+    w0 = _dequant_nibble(n0, zw, s0, one_bits, 0)
+    w1 = _dequant_nibble(n1, zw, s1, one_bits, 1)
+    w2 = _dequant_nibble(n2, zw, s2, one_bits, 2)
+    w3 = _dequant_nibble(n3, zw, s3, one_bits, 3)
+    w4 = _dequant_nibble(n4, zw, s4, one_bits, 4)
+    w5 = _dequant_nibble(n5, zw, s5, one_bits, 5)
+    w6 = _dequant_nibble(n6, zw, s6, one_bits, 6)
+    w7 = _dequant_nibble(n7, zw, s7, one_bits, 7)
     # Nibble j = a + 4b of word c is column 8c + 2a + b (AWQ_ORDER): interleaving the a bits, then b,
     # puts every value at its column, [BLOCK_K, 8 * BLOCK_C].
     rows = tl.interleave(
@@ -402,9 +397,9 @@ def _awq_dequant_kernel(
 
 
 @triton.jit
-def _dequant_nibble(n, zero_words, s_ptr, g, N, offs_c, c_mask, one_bits, J: tl.constexpr):
-    """``(q - z) * scale`` for nibble ``J``, from its ``1 + q/16`` (``(1 + q/16) - (1 + z/16)`` is exact)."""
-    scale = _nibble_scale(s_ptr, g, N, offs_c, c_mask, J)
+def _dequant_nibble(n, zero_words, scale, one_bits, J: tl.constexpr):
+    """``(q - z) * scale`` for nibble ``J``, from its ``1 + q/16`` (``(1 + q/16) - (1 + z/16)`` is exact;
+    ``scale`` comes times 16 from ``_group_params``)."""
     return (n - _nibble_plus_one(zero_words, J, one_bits)[None, :]) * scale[None, :]
 
 
@@ -502,7 +497,7 @@ def awq_gemm(
     group_size: int,
     bias: torch.Tensor | None = None,
     force: str | None = None,  # "gemv", "tiled" or "dequant": pick the launch (tests); default by M
-    gemv_config: dict[str, int | str] | None = None,  # block_c/block_k/splits/num_warps/num_stages/unpack
+    gemv_config: dict[str, int | str] | None = None,  # keyword arguments of _gemv
     tiled_config: dict[str, int] | None = None,  # block_m / block_c / block_k / num_warps / num_stages
 ) -> torch.Tensor:
     """``x [M, K] @ dequant(W) [K, N] (+ bias)`` in ``x.dtype``, accumulating in fp32."""
@@ -563,9 +558,11 @@ def _gemv(
     """Defaults from the H200 sweeps at M=1 on 4096x11008 (``quant.py --gemv-configs``, RESULTS.md): one
     warp per program, a ``[128, 32]`` word tile (a whole group, ``block_k`` defaults to the group size up
     to 128) loaded straight to registers (``num_stages`` 1), its rows folded into 4 accumulator rows per
-    nibble (``acc_k``), one group per K slice: 16.1 us. The ring of ``[8, 128]`` tiles at 4 warps that
-    was the default before took 21.3; every config sat near ten warps per SM (Nsight Compute: 16%
-    occupancy, 0.67 waves) with most cycles issuing nothing."""
+    nibble (``acc_k``), one group per K slice: 16.1-16.7 us. The ring of ``[8, 128]`` tiles at 4 warps
+    that was the default before took 21.3; every config sat near ten warps per SM (Nsight Compute: 16%
+    occupancy, 0.67 waves) with most cycles issuing nothing. Those times are from before
+    ``_group_products`` loaded the words ahead of the scales and x (not yet timed). ``maxnreg`` caps
+    ptxas's registers."""
     m, k = x.shape
     n = scales.shape[1]
     block_k = block_k or min(group_size, 128)
