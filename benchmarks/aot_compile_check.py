@@ -341,17 +341,17 @@ def _cases(modules, full: bool):
 
                 for m, bias in launches:
                     yield (f"awq m={m} bias={bias} {tag}", lambda g=gemm, m=m, b=bias: g(m, b))
-                if AWQ_GEMV_CONFIGS and dtype_name == "float16" and shape_name == "llama-1b-mlp-up":
-                    # --awq-gemv: the given launch configs at the issue-7 bar's shape, 4096 -> 11008
-                    for config in AWQ_GEMV_CONFIGS:
-                        yield (f"awq m=1 gemv_config={config} float16/bar(K4096,N11008,g128)",
-                               lambda g=gemm, c=config: g(1, False, c, k=4096, n=11008, group=128))
                 if has_gemv_config and (full or (1, False) in launches):
                     for bias in (False, True) if full else (True,):
                         yield (
                             f"awq m=1 bias={bias} gemv_config=splits1 {tag}",
                             lambda g=gemm, b=bias: g(1, b, {"splits": 1}),
                         )
+            if dtype_name == "float16":
+                # --awq-gemv: the given launch configs at the issue-7 bar's shape, 4096 -> 11008
+                for config in AWQ_GEMV_CONFIGS:
+                    yield (f"awq m=1 gemv_config={config} float16/bar(K4096,N11008,g128)",
+                           lambda g=gemm, c=config: g(1, False, c, k=4096, n=11008, group=128))
 
 
 AWQ_GEMV_CONFIGS: list[dict] = []  # --awq-gemv

@@ -62,36 +62,42 @@ def bench_decode(ops, num_seqs, context_len, heads, kv_heads, head_dim, warmup, 
                  max_context=None, note=""):
     """``max_context``: the bound the launch is sized for (a captured decode graph passes max_model_len)."""
     gen = torch.Generator(device=DEVICE).manual_seed(0)
-    k_cache, v_cache, tables = paged_cache(num_seqs, context_len, kv_heads, head_dim, gen)
     lens = torch.full((num_seqs,), context_len, dtype=torch.int32, device=DEVICE)
-    query = torch.randn(num_seqs, heads, head_dim, dtype=DTYPE, device=DEVICE, generator=gen)
     scale = head_dim**-0.5
     # A graph-sized launch gets a table as wide as max_context (the columns past the context unused).
     width = -(-(max_context or context_len) // BLOCK_SIZE)
-    table = torch.zeros(num_seqs, width, dtype=torch.int32, device=DEVICE)
-    table[:, : tables.shape[1]] = tables
 
-    def triton_fn():
+    def layer():
+        """One layer's K/V caches, wide table, own block table and query."""
+        k_cache, v_cache, tables = paged_cache(num_seqs, context_len, kv_heads, head_dim, gen)
+        table = torch.zeros(num_seqs, width, dtype=torch.int32, device=DEVICE)
+        table[:, : tables.shape[1]] = tables
+        query = torch.randn(num_seqs, heads, head_dim, dtype=DTYPE, device=DEVICE, generator=gen)
+        return k_cache, v_cache, tables, table, query
+
+    def triton_fn(k_cache, v_cache, tables, table, query):
         return ops.paged_decode_attention(
             query, k_cache, v_cache, table, lens, scale, max_context or context_len, num_partitions=parts
         )
 
-    def baseline_fn():
+    def baseline_fn(k_cache, v_cache, tables, table, query):
         k, v = gather(k_cache, tables, context_len), gather(v_cache, tables, context_len)
         out = F.scaled_dot_product_attention(query[:, :, None], k, v, scale=scale, enable_gqa=True)
         return out[:, :, 0]
 
-    err = (triton_fn().float() - baseline_fn().float()).abs().max().item()
+    # A decode graph's launch: a few microseconds of GPU time, far under the launcher's host time, so
+    # timed as one layer's share of a graph of GRAPH_LAYERS back-to-back calls, each on its own caches
+    # as in the model (the same caches 22 times would be read from L2 after the first).
+    layers = [layer() for _ in range(GRAPH_LAYERS if max_context else 1)]
+    err = (triton_fn(*layers[0]).float() - baseline_fn(*layers[0]).float()).abs().max().item()
     if max_context:
-        # A decode graph's launch: a few microseconds of GPU time, far under the launcher's host time, so
-        # timed as one layer's share of a graph of GRAPH_LAYERS back-to-back calls.
-        t_ms = graph_us([triton_fn] * GRAPH_LAYERS, iters) / 1000
-        b_ms = graph_us([baseline_fn] * GRAPH_LAYERS, iters) / 1000
+        t_ms = graph_us([lambda a=a: triton_fn(*a) for a in layers], iters) / 1000
+        b_ms = graph_us([lambda a=a: baseline_fn(*a) for a in layers], iters) / 1000
     else:
-        t_ms = event_ms(triton_fn, iters, warmup)
-        b_ms = event_ms(baseline_fn, iters, warmup)
+        t_ms = event_ms(lambda: triton_fn(*layers[0]), iters, warmup)
+        b_ms = event_ms(lambda: baseline_fn(*layers[0]), iters, warmup)
     kv_bytes = 2 * num_seqs * context_len * kv_heads * head_dim * DTYPE.itemsize
-    io_bytes = 2 * query.numel() * DTYPE.itemsize + tables.numel() * 4
+    io_bytes = 2 * num_seqs * heads * head_dim * DTYPE.itemsize + num_seqs * -(-context_len // BLOCK_SIZE) * 4
     flops = 4 * num_seqs * heads * context_len * head_dim
     split = "auto" if parts is None else str(parts)
     sized = f" (max {max_context})" if max_context else ""
@@ -217,8 +223,9 @@ def decode_graph_sweep(ops, w: int, n: int, copy_gbps: float) -> list[Result]:
 
 
 def long_context_sweep(ops, w: int, n: int, copy_gbps: float) -> list[Result]:
-    """Few long contexts (4 x 32k, Llama-8B heads) by partition count: the split-KV case, where the
-    launch with its reduce kernel fell from 77% to 51% of copy bandwidth between H200 sessions."""
+    """Few long contexts (4 x 32k, Llama-8B heads) by partition count: the split-KV case
+    (``choose_num_partitions`` was retuned from it: 0.164 ms at its old 9 partitions, 0.134-0.139 at
+    16-32; RESULTS.md)."""
     return [bench_decode(ops, 4, 32768, 32, 8, 128, w, n, copy_gbps, parts=p) for p in (None, 4, 8, 16, 32, 64)]
 
 

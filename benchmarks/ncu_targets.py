@@ -7,7 +7,7 @@ GEMV on its qkv projection.
         --section WarpStateStats --section MemoryWorkloadAnalysis python benchmarks/ncu_targets.py
 
 With ``NCU_AWQ_GEMV_CONFIGS`` (a JSON list of ``gemv_config`` dicts) set, only those AWQ GEMV launches
-and the load-only twin's best tile. Every kernel runs once before the range (compilation, autotuning
+and the load-only twin of the default launch. Every kernel runs once before the range (compilation, autotuning
 and workspaces stay out of it).
 """
 
@@ -25,7 +25,7 @@ def main() -> int:
         print("benchmarks/ncu_targets.py: no CUDA device, nothing to profile.")
         print(json.dumps({"skipped": "no CUDA device"}))
         return 0
-    from awq_probe import load_only
+    from awq_probe import DEFAULT_TWIN, load_only
     from leanserve.kernels import backend
     from leanserve.kernels.awq_gemm import awq_gemm
     from leanserve.kernels.gemv import GemvConfig, gemv
@@ -49,16 +49,16 @@ def main() -> int:
 
     targets = {
         "awq_gemv": lambda: awq_gemm(x, q, z, s, group),
-        "load_only": lambda: load_only(q, out, group, 8, 128, 3, 4),
+        "load_only": lambda: load_only(q, out, group, **DEFAULT_TWIN),
         "fp16_matmul": lambda: torch.matmul(x, dense),
         "decode_attention_b1": lambda: ops.paged_decode_attention(query, k_cache, v_cache, table, lens, 0.125, 2048),
         "gemv_qkv": lambda: gemv(h, w_qkv, config=GemvConfig(pdl=False)),
     }
     if configs := os.environ.get("NCU_AWQ_GEMV_CONFIGS"):
-        # Only these AWQ GEMV launch configs (a JSON list of gemv_config dicts) and the best load-only twin.
+        # Only these AWQ GEMV launch configs (a JSON list of gemv_config dicts) and the default's load-only twin.
         targets = {f"awq_gemv {cfg}": lambda cfg=cfg: awq_gemm(x, q, z, s, group, force="gemv", gemv_config=cfg)
                    for cfg in json.loads(configs)}
-        targets["load_only"] = lambda: load_only(q, out, group, 16, 64, 1, 4)
+        targets["load_only"] = lambda: load_only(q, out, group, **DEFAULT_TWIN)
     for fn in targets.values():
         fn()
     torch.cuda.synchronize()

@@ -26,6 +26,7 @@ import time
 
 import torch
 from decode_step import decode_batch
+from neighbour import spin
 
 from leanserve.model.embedded import resolve_model_path
 from leanserve.model.loader import load_model
@@ -64,11 +65,6 @@ def halves_tok_s(runners: list[ModelRunner], seqs: list[StepSeq], steps: int) ->
     for t in threads:
         t.join()
     return len(seqs) * steps / (time.perf_counter() - start)
-
-
-def spin(stop_at: float) -> None:
-    while time.time() < stop_at:
-        pass
 
 
 def main() -> None:

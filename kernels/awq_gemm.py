@@ -502,12 +502,19 @@ def awq_gemm(
 ) -> torch.Tensor:
     """``x [M, K] @ dequant(W) [K, N] (+ bias)`` in ``x.dtype``, accumulating in fp32."""
     _check(x, qweight, qzeros, scales, group_size)
-    m = x.shape[0]
-    if force == "gemv" or (force is None and m <= GEMV_MAX_M):
+    launch = force or launch_for(x.shape[0])
+    if launch == "gemv":
         return _gemv(x, qweight, qzeros, scales, group_size, bias, **(gemv_config or {}))
-    if force == "dequant" or (force is None and m >= DEQUANT_MIN_M):
+    if launch == "dequant":
         return _dequant_matmul(x, qweight, qzeros, scales, group_size, bias)
     return _tiled(x, qweight, qzeros, scales, group_size, bias, **(tiled_config or {}))
+
+
+def launch_for(m: int) -> str:
+    """The launch ``awq_gemm`` picks for ``m`` rows: "gemv", "tiled" or "dequant"."""
+    if m <= GEMV_MAX_M:
+        return "gemv"
+    return "dequant" if m >= DEQUANT_MIN_M else "tiled"
 
 
 def awq_dequantize(

@@ -76,3 +76,15 @@ def awq_gemm_reference(
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype)
+
+
+def random_awq(
+    k: int, n: int, group: int, seed: int | torch.Generator = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A random ``K x N`` layer in this format, ``(qweight, qzeros, scales)`` on the CPU, scales in
+    [0.001, 0.021) (for tests and benchmarks; ``seed`` may be a generator that several layers share)."""
+    gen = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (k, n), generator=gen)
+    z = torch.randint(0, 16, (k // group, n), generator=gen)
+    s = (torch.rand(k // group, n, generator=gen) * 0.02 + 0.001).half()
+    return pack_awq(q), pack_awq(z), s

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from leanserve.kernels.awq_reference import awq_gemm_reference, pack_awq
+from leanserve.kernels.awq_reference import awq_gemm_reference, random_awq
 
 from leanserve.quant.awq_format import quantize_weight
 from leanserve.quant.awq_linear import (
@@ -17,14 +17,6 @@ from leanserve.quant.awq_linear import (
 )
 
 needs_int4pack = pytest.mark.skipif(not int4pack_available(), reason="torch has no CPU int4pack ops")
-
-
-def random_awq(k: int, n: int, group: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randint(0, 16, (k, n), generator=g)
-    z = torch.randint(0, 16, (k // group, n), generator=g)
-    s = (torch.rand(k // group, n, generator=g) * 0.02 + 0.001).half()
-    return pack_awq(q), pack_awq(z), s
 
 
 @needs_int4pack
