@@ -66,7 +66,7 @@ def build_model(config, device: torch.device, dtype: torch.dtype, ops):
     from leanserve.model.llama import LlamaForCausalLM
 
     with torch.device("meta"):
-        model = LlamaForCausalLM(config, default_linear_factory(dtype), ops)
+        model = LlamaForCausalLM(config, default_linear_factory(dtype, ops.linear), ops)
     model = model.to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():

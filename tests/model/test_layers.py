@@ -108,7 +108,7 @@ def test_model_routes_every_linear_and_the_lm_head_through_ops_linear(tmp_path) 
 
     ops = backend.get_model_ops("cpu")
     ops = backend.ModelOps(ops.attention, ops.layers, recording_linear)
-    model = LlamaForCausalLM(config, default_linear_factory(torch.float32), ops)
+    model = LlamaForCausalLM(config, default_linear_factory(torch.float32, ops.linear), ops)
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     assert len(linears) == 4 * config.num_hidden_layers
     assert all(m.linear_op is recording_linear for m in linears)

@@ -7,9 +7,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from leanserve.kernels import reference
 from leanserve.kernels.backend import LayerOps, reference_layer_ops
 
 
@@ -36,13 +36,18 @@ class Linear(nn.Linear):
     """
 
     def __init__(
-        self, in_features: int, shard_sizes: list[int], bias: bool, dtype: torch.dtype | None = None
+        self,
+        in_features: int,
+        shard_sizes: list[int],
+        bias: bool,
+        dtype: torch.dtype | None = None,
+        linear_op: Callable[..., torch.Tensor] = reference.linear,
     ) -> None:
         super().__init__(in_features, sum(shard_sizes), bias=bias, dtype=dtype)
         self.shard_sizes = shard_sizes
-        # The matmul, ``F.linear`` semantics; the model sets its device's (backend.ModelOps.linear: the
-        # Triton GEMV for decode-sized calls on CUDA).
-        self.linear_op: Callable[..., torch.Tensor] = F.linear
+        # The matmul, ``F.linear`` semantics: the device's ``backend.ModelOps.linear`` (the Triton GEMV
+        # for decode-sized calls on CUDA), given by the linear factory.
+        self.linear_op = linear_op
 
     packed: torch.Tensor | None = None
 
@@ -136,9 +141,11 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch
 LinearFactory = Any  # (in_features, shard_sizes, bias, prefix) -> nn.Module with load_shard
 
 
-def default_linear_factory(dtype: torch.dtype):
+def default_linear_factory(dtype: torch.dtype, linear_op: Callable[..., torch.Tensor] = reference.linear):
+    """Plain ``Linear`` layers whose matmul is ``linear_op`` (the model's ``ModelOps.linear``)."""
+
     def make(in_features: int, shard_sizes: list[int], bias: bool, prefix: str) -> nn.Module:
-        return Linear(in_features, shard_sizes, bias=bias, dtype=dtype)
+        return Linear(in_features, shard_sizes, bias=bias, dtype=dtype, linear_op=linear_op)
 
     return make
 

@@ -16,7 +16,6 @@ from leanserve.kernels.backend import LayerOps, ModelOps
 from leanserve.model.attention import AttentionMetadata, PagedAttention
 from leanserve.model.config import ModelConfig
 from leanserve.model.layers import (
-    Linear,
     LinearFactory,
     RMSNorm,
     RotaryEmbedding,
@@ -158,11 +157,8 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.layer_ops = ops.layers
-        self.linear_op = ops.linear  # the LM head's matmul, and every Linear's below
+        self.linear_op = ops.linear  # the LM head's matmul (the linear factory gives the Linears theirs)
         self.model = LlamaModel(config, linear, ops)
-        for module in self.model.modules():
-            if isinstance(module, Linear):
-                module.linear_op = ops.linear
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = self._make_rotary()

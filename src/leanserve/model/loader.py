@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -45,14 +45,17 @@ def iterate_weights(model_dir: Path, progress: bool = False) -> Iterator[tuple[s
     bar.close()
 
 
-def linear_factory_for(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> LinearFactory:
+def linear_factory_for(
+    config: ModelConfig, dtype: torch.dtype, device: torch.device, linear_op: Callable[..., torch.Tensor]
+) -> LinearFactory:
+    """The checkpoint's linear layers; plain ones multiply with ``linear_op`` (``ModelOps.linear``)."""
     quant = config.quantization
     if quant is None:
-        return default_linear_factory(dtype)
+        return default_linear_factory(dtype, linear_op)
     if quant.get("quant_method") == "awq":
         from leanserve.quant.awq_linear import awq_linear_factory
 
-        return awq_linear_factory(quant, dtype, device)
+        return awq_linear_factory(quant, dtype, device, linear_op)
     raise NotImplementedError(f"quantization method {quant.get('quant_method')!r} is not supported")
 
 
@@ -67,10 +70,11 @@ def load_model(
     for code that reads or rewrites them (quantization); serving wants the packed, faster layout."""
     model_dir = Path(model_dir)
     config = ModelConfig.from_pretrained(model_dir)
-    linear = linear_factory_for(config, dtype, device)
+    ops = get_model_ops(device)
+    linear = linear_factory_for(config, dtype, device, ops.linear)
     # Build on the meta device so no time goes into random init of weights we overwrite anyway.
     with torch.device("meta"):
-        model = LlamaForCausalLM(config, linear, get_model_ops(device))
+        model = LlamaForCausalLM(config, linear, ops)
     model = model.to_empty(device=device)
     for param in model.parameters():
         if param.is_floating_point():

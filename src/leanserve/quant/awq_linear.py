@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
+from leanserve.kernels import reference
 from leanserve.kernels.awq_reference import awq_gemm_reference, unpack_awq
 from leanserve.model.layers import Linear
 from leanserve.quant.awq_format import check_quantization_config
@@ -186,15 +188,22 @@ def select_backend(device: torch.device, out_features: int, group_size: int) -> 
 class AWQLinearFactory:
     """Builds the model's linears as ``AWQLinear`` (except ``modules_to_not_convert``); repacks at the end."""
 
-    def __init__(self, quant_config: dict[str, Any], dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        quant_config: dict[str, Any],
+        dtype: torch.dtype,
+        device: torch.device,
+        linear_op: Callable[..., torch.Tensor] = reference.linear,
+    ) -> None:
         self.group_size = check_quantization_config(quant_config)
         self.skip = list(quant_config.get("modules_to_not_convert") or [])
         self.dtype = dtype
         self.device = torch.device(device)
+        self.linear_op = linear_op  # the matmul of the modules left unquantized
 
     def __call__(self, in_features: int, shard_sizes: list[int], bias: bool, prefix: str) -> nn.Module:
         if any(name in prefix for name in self.skip):
-            return Linear(in_features, shard_sizes, bias=bias, dtype=self.dtype)
+            return Linear(in_features, shard_sizes, bias=bias, dtype=self.dtype, linear_op=self.linear_op)
         group = in_features if self.group_size == -1 else self.group_size
         backend = select_backend(self.device, sum(shard_sizes), group)
         return AWQLinear(in_features, shard_sizes, bias, group, self.dtype, backend)
@@ -209,6 +218,9 @@ class AWQLinearFactory:
 
 
 def awq_linear_factory(
-    quant_config: dict[str, Any], dtype: torch.dtype, device: torch.device
+    quant_config: dict[str, Any],
+    dtype: torch.dtype,
+    device: torch.device,
+    linear_op: Callable[..., torch.Tensor] = reference.linear,
 ) -> AWQLinearFactory:
-    return AWQLinearFactory(quant_config, dtype, device)
+    return AWQLinearFactory(quant_config, dtype, device, linear_op)
