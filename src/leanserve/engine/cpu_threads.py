@@ -64,18 +64,22 @@ class OtherCpuLoad:
 
 def _busy_seconds(cpus: frozenset[int]) -> float | None:
     """Non-idle time of ``cpus`` since boot, from /proc/stat: user, nice, system, irq, softirq, steal."""
+    ticks = 0
     try:
         with open("/proc/stat") as f:
-            lines = f.read().splitlines()
+            for line in f:  # the cpu lines come first; the rest (interrupt counts: long) is not read
+                name, _, rest = line.partition(" ")
+                if not name.startswith("cpu"):
+                    break
+                if name[3:].isdigit() and int(name[3:]) in cpus:
+                    fields = [int(v) for v in rest.split()]
+                    ticks += sum(fields[i] for i in (0, 1, 2, 5, 6, 7) if i < len(fields))
     except OSError:
         return None
-    ticks = 0
-    for line in lines:
-        name, _, rest = line.partition(" ")
-        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
-            fields = [int(v) for v in rest.split()]
-            ticks += sum(fields[i] for i in (0, 1, 2, 5, 6, 7) if i < len(fields))
-    return ticks / os.sysconf("SC_CLK_TCK")
+    return ticks / _CLOCK_TICKS
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 @dataclass
@@ -94,7 +98,7 @@ class ThreadTuner:
     # own HTTP work can read them as a tie; the contention this guards against costs 4-7x.
     margin: float = 1.25
     # Other processes' CPU use (None: not watched), read every load_interval_s on the step thread (one
-    # /proc/stat read, ~20 us on the 2-core host: under 0.01% of the time): over half a core beyond the
+    # /proc/stat read, ~18 us on the 2-core host: under 0.01% of the time): over half a core beyond the
     # cores we leave spare means contention, and a change either way triggers a probe at once.
     load: OtherCpuLoad | None = None
     load_interval_s: float = 0.25
