@@ -13,6 +13,7 @@ spills per kernel.
 
     python benchmarks/aot_compile_check.py [--arch 90] [--full] [--tests [PATH ...]] [--jobs N] [-v]
                                            [--only NAME] [--dump DIR] [--awq-gemv JSON]
+                                           [--int4-gemv JSON]
 
 Prints one line per distinct compile (``ok`` with registers, spill stores/loads and stack in bytes per
 thread, shared memory per program; or ``FAIL`` and the error). A launcher case that raises, or a kernel
@@ -208,7 +209,7 @@ def _cases(modules, full: bool):
         return None if isinstance(mod, Exception) else mod
 
     pa, kv, awq = (usable(n) for n in ("paged_attention", "kv_cache", "awq_gemm"))
-    gemv_mod = usable("gemv")
+    gemv_mod, int4 = usable("gemv"), usable("int4_gemv")
 
     def launcher(name):
         """A Triton launcher by function name, from whichever kernels/ module defines it (files move)."""
@@ -353,7 +354,30 @@ def _cases(modules, full: bool):
                     yield (f"awq m=1 gemv_config={config} float16/bar(K4096,N11008,g128)",
                            lambda g=gemm, c=config: g(1, False, c, k=4096, n=11008, group=128))
 
+        if int4 is not None:
+            # The K-major int4 GEMV (not yet routed in serving): the bar's shape, and two of the AWQ shapes
+            # (SmolLM2's K = 576 is not a whole tile: the masked path).
+            shapes = INT4_CASES if dtype_name != "float32" else INT4_CASES[1:]
+            configs = [{}] + (INT4_GEMV_CONFIGS if dtype_name == "float16" else [])
+            for (shape_name, k, n, group), config in ((s, c) for s in shapes for c in configs):
+                for m, bias in ((1, False), (2, True)) if not config else ((1, False),):
+                    def kmajor(m=m, bias=bias, k=k, n=n, group=group, config=config, dtype=dtype):
+                        weight = int4.KMajorInt4(torch.empty(n, k // 8, dtype=torch.int32),
+                                                 torch.zeros(n, k // group, dtype=torch.int32), group)
+                        b = torch.zeros(n, dtype=dtype) if bias else None
+                        int4.int4_gemv(torch.zeros(m, k, dtype=dtype), weight, b,
+                                       config=int4.Int4GemvConfig(**config))
 
+                    yield (f"int4_gemv m={m} bias={bias} config={config} {dtype_name}/{shape_name}(K{k},N{n},g{group})",
+                           kmajor)
+
+
+INT4_CASES = (
+    ("bar", 4096, 11008, 128),
+    ("llama-1b-mlp-down", 8192, 2048, 128),
+    ("smollm2-mlp-up", 576, 1536, 64),
+)
+INT4_GEMV_CONFIGS: list[dict] = []  # --int4-gemv
 AWQ_GEMV_CONFIGS: list[dict] = []  # --awq-gemv
 _SMS = [132]
 _PDL = [False]  # what the launchers' pdl_enabled answers for the case being captured
@@ -575,7 +599,14 @@ def main() -> int:
     parser.add_argument("--awq-gemv", default=None, metavar="JSON",
                         help="also compile these AWQ GEMV launch configs (a JSON list of gemv_config dicts) at "
                              "M=1, 4096x11008 fp16: their registers and shared memory before a GPU sweep")
+    parser.add_argument("--int4-gemv", default=None, metavar="JSON",
+                        help="also compile these K-major int4 GEMV configs (a JSON list of Int4GemvConfig keyword "
+                             "dicts) at M=1 fp16 on the int4 shapes")
     args = parser.parse_args()
+    if args.int4_gemv:
+        import json
+
+        INT4_GEMV_CONFIGS.extend(json.loads(args.int4_gemv))
     if args.awq_gemv:
         import json
 

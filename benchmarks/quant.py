@@ -9,7 +9,8 @@ plain RTN with the same group size) into --work-dir (reused when already there),
 - decode tokens/s through our engine, greedy with ignore_eos, at batch 1 and 32 (decode steps only);
 - perplexity on the held-out last 20% of Pride and Prejudice and on Shakespeare (out of domain);
 - with CUDA only: the Triton AWQ GEMM against an fp16 matmul at M = 1, 16, 64, 256 on a 4096x11008
-  layer (``--gpu-only`` runs just that; ``--sweep`` adds the GEMV launch configs at M = 1).
+  layer, with the K-major int4 GEMV (``int4_gemv``, not yet routed) beside the default launch up to M = 8
+  (``--gpu-only`` runs just that; ``--sweep`` adds the GEMV launch configs at M = 1).
 
 Every figure is printed with the load average beside it (other jobs share the CPU). The last line is
 one JSON object.
@@ -128,11 +129,31 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return err if err == err else float("inf")
 
 
+def launch(kind: str, config: dict, group: int, packed: dict[int, object]):
+    """``fn(x, i)``: layer ``i`` of the benchmark's weights through launch ``kind`` with ``config``: "gemv",
+    "tiled" or "dequant" (``awq_gemm`` on the AWQ layout), or "kmajor" (``int4_gemv`` on the K-major repack
+    of the same layers, ``packed`` by index)."""
+    from leanserve.kernels.awq_gemm import awq_gemm
+    from leanserve.kernels.int4_gemv import Int4GemvConfig, int4_gemv
+
+    if kind == "kmajor":
+        cfg = Int4GemvConfig(**config)
+        return lambda x, w, i: int4_gemv(x, packed[i], config=cfg)
+    extra = {"gemv": {"gemv_config": config}, "tiled": {"tiled_config": config}}.get(kind, {})
+    return lambda x, w, i: awq_gemm(x, *w, group, force=kind, **extra)
+
+
+def repacked(layers: list, group: int) -> dict[int, object]:
+    """The K-major repack of each benchmark layer (``int4_gemv``'s layout), by index."""
+    from leanserve.kernels.int4_gemv import KMajorInt4
+
+    return {i: KMajorInt4.from_awq(*w, group) for i, w in enumerate(layers)}
+
+
 def sweep_launch_configs(layers: list, k: int, group: int, ms: list[int],
                          grids: dict[int, list[tuple[str, dict]]] | None = None) -> dict[str, float | str]:
     """Time GEMV launch configs at M=1 and tiled ones at M=16, 64, 256 (or ``grids``: {M: [(kind,
     config)]}); print each, return the best per M."""
-    from leanserve.kernels.awq_gemm import awq_gemm
     from leanserve.kernels.awq_reference import awq_gemm_reference
 
     tiled = [dict(block_m=bm, block_c=c, block_k=64, num_warps=4) for bm in (16, 64, 128) for c in (8, 16)]
@@ -145,12 +166,19 @@ def sweep_launch_configs(layers: list, k: int, group: int, ms: list[int],
               for c, bk, w in ((16, 128, 1), (32, 64, 1), (32, 128, 2), (64, 128, 2), (64, 64, 2))]
            # the default capped at 192 registers: one wave of one-warp programs (ptxas spills 40 bytes)
            + [("gemv", dict(maxnreg=192)), ("gemv", dict(unpack="shift")), ("gemv", dict(splits=16)),
-              ("gemv", dict(block_c=128, block_k=8, num_stages=3, num_warps=4))],
+              ("gemv", dict(block_c=128, block_k=8, num_stages=3, num_warps=4))]
+           # The K-major int4 GEMV (int4_gemv.py, not yet timed): its default (8 rows x 4 warps, one tile
+           # of all K), rows and warps either side, PDL off (the default is on where supported).
+           + [("kmajor", {})]
+           + [("kmajor", dict(block_n=bn, num_warps=w, chunks_per_thread=c))
+              for bn, w, c in ((4, 4, 1), (16, 4, 1), (8, 2, 2), (8, 1, 4), (16, 2, 2), (4, 8, 1))]
+           + [("kmajor", dict(pdl=False)), ("kmajor", dict(unpack="shift"))],
         16: [("tiled", cfg) for cfg in tiled if cfg["block_m"] == 16],
         64: [("tiled", cfg) for cfg in tiled if cfg["block_m"] == 64],
         256: [("tiled", cfg) for cfg in tiled if cfg["block_m"] >= 64],
     }
     best: dict[str, float | str] = {}
+    packed = repacked(layers, group) if any(kind == "kmajor" for c in grids.values() for kind, _ in c) else {}
     for m, configs in grids.items():
         if m not in ms:
             continue
@@ -158,13 +186,11 @@ def sweep_launch_configs(layers: list, k: int, group: int, ms: list[int],
         ref = awq_gemm_reference(x.float(), *layers[0], group)
         found = None
         for kind, cfg in configs:
-            extra = {"gemv": {"gemv_config": cfg}, "tiled": {"tiled_config": cfg}}.get(kind, {})
             try:
+                fn = launch(kind, cfg, group, packed)
                 # each config is checked before it is timed: a fast wrong kernel must not win the sweep
-                err = relative_error(awq_gemm(x, *layers[0], group, force=kind, **extra), ref)
-                calls = [lambda w=w, x=x, kind=kind, extra=extra: awq_gemm(x, *w, group, force=kind, **extra)
-                         for w in layers]
-                t = graph_us(calls, 5)
+                err = relative_error(fn(x, layers[0], 0), ref)
+                t = graph_us([lambda w=w, i=i, x=x, fn=fn: fn(x, w, i) for i, w in enumerate(layers)], 5)
             except Exception as exc:  # a config that does not compile or fit is skipped, and said
                 print(f"  M={m} {kind} {cfg}: failed ({type(exc).__name__}: {str(exc)[:80]})")
                 continue
@@ -196,6 +222,8 @@ def gpu_kernel_bench(sweep: bool = False, sweep_m: Sequence[int] = (1, 16, 64, 2
 
     k, n, group, copies = 4096, 11008, 128, 8
     layers = random_awq_layers(k, n, group, copies)
+    packed = repacked(layers, group)
+    kmajor = launch("kmajor", {}, group, packed)
     dense = [torch.randn(k, n, dtype=torch.float16, device="cuda") * 0.01 for _ in range(copies)]
     results: dict[str, float] = {"gemm_k": k, "gemm_n": n}
     say("GPU", f"{torch.cuda.get_device_name()}, AWQ GEMM {k}x{n} group {group}, {copies} weight copies")
@@ -209,12 +237,16 @@ def gpu_kernel_bench(sweep: bool = False, sweep_m: Sequence[int] = (1, 16, 64, 2
         kinds = ("gemv",) if m == 1 else ("gemv", "tiled", "dequant") if m <= 8 else ("tiled", "dequant")
         times = {kind: graph_us([lambda x=x, w=w, kind=kind: awq_gemm(x, *w, group, force=kind) for w in layers])
                  for kind in kinds}
+        if m <= 8:  # the K-major GEMV beside them (not routed yet), checked like the default
+            err_k = relative_error(kmajor(x, layers[0], 0), awq_gemm_reference(x.float(), q, z, s, group))
+            times["kmajor"] = graph_us([lambda x=x, w=w, i=i: kmajor(x, w, i) for i, w in enumerate(layers)])
+            say(f"  M={m} kmajor relative error", f"{err_k:.1e}")
         t_awq = times[launch_for(m)]
         say(f"GEMM M={m}: awq / fp16 (us), speedup", f"{t_awq:.1f} / {t_fp16:.1f}, {t_fp16 / t_awq:.2f}x "
             f"(awq {launch_for(m)}, {k * n / 2 / t_awq / 1e3:.0f} GB/s of int4 weights; max err {err:.1e})")
         results[f"gemm_us_awq_m{m}"], results[f"gemm_us_fp16_m{m}"] = t_awq, t_fp16
         results[f"gemm_speedup_m{m}"] = t_fp16 / t_awq
-        for kind, t in times.items() if m > 1 else ():
+        for kind, t in times.items() if m > 1 or len(times) > 1 else ():
             say(f"  M={m} {kind} (us), speed vs fp16", f"{t:.1f}, {t_fp16 / t:.2f}x")
             results[f"gemm_us_{kind}_m{m}"] = t
     # A second shape, Llama-7B's attention projections (4096 -> 4096): whether the default launch, tuned on
@@ -225,8 +257,12 @@ def gpu_kernel_bench(sweep: bool = False, sweep_m: Sequence[int] = (1, 16, 64, 2
     x = torch.randn(1, k, dtype=torch.float16, device="cuda")
     t_awq = graph_us([lambda w=w: awq_gemm(x, *w, group) for w in square])
     t_fp16 = graph_us([lambda w=w: torch.matmul(x, w) for w in dense2])
-    say(f"GEMM {k}x{n2} M=1: awq / fp16 (us), speedup", f"{t_awq:.1f} / {t_fp16:.1f}, {t_fp16 / t_awq:.2f}x")
+    square_kmajor = launch("kmajor", {}, group, repacked(square, group))
+    t_kmajor = graph_us([lambda w=w, i=i: square_kmajor(x, w, i) for i, w in enumerate(square)])
+    say(f"GEMM {k}x{n2} M=1: awq / kmajor / fp16 (us), speedups",
+        f"{t_awq:.1f} / {t_kmajor:.1f} / {t_fp16:.1f}, {t_fp16 / t_awq:.2f}x / {t_fp16 / t_kmajor:.2f}x")
     results["square_us_awq_m1"], results["square_us_fp16_m1"] = t_awq, t_fp16
+    results["square_us_kmajor_m1"] = t_kmajor
     if sweep:
         results.update(sweep_launch_configs(layers, k, group, list(sweep_m)))
     return results
@@ -245,8 +281,9 @@ def main() -> None:
     p.add_argument("--sweep-m", type=lambda v: [int(m) for m in v.split(",")], default=[1, 16, 64, 256],
                    help="the M values --sweep covers, comma-separated")
     p.add_argument("--gemv-configs", type=json.loads, default=None, metavar="JSON",
-                   help="with CUDA: sweep only these GEMV launch configs (a JSON list of gemv_config dicts) at "
-                        "M=1, skipping the M table")
+                   help="with CUDA: sweep only these GEMV launch configs at M=1, skipping the M table: a JSON "
+                        "list of gemv_config dicts, or of [kind, config] pairs (kind \"kmajor\": an "
+                        "Int4GemvConfig dict for int4_gemv)")
     args = p.parse_args()
     if args.gpu_only or args.gemv_configs:
         if not torch.cuda.is_available():
@@ -255,7 +292,7 @@ def main() -> None:
             return
         if args.gemv_configs:
             k, n, group = 4096, 11008, 128
-            configs = [("gemv", cfg) for cfg in args.gemv_configs]
+            configs = [("gemv", cfg) if isinstance(cfg, dict) else tuple(cfg) for cfg in args.gemv_configs]
             print(json.dumps(sweep_launch_configs(random_awq_layers(k, n, group, 8), k, group, [1], {1: configs})))
             return
         print(json.dumps(gpu_kernel_bench(args.sweep, args.sweep_m)))

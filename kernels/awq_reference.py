@@ -88,3 +88,52 @@ def random_awq(
     z = torch.randint(0, 16, (k // group, n), generator=gen)
     s = (torch.rand(k // group, n, generator=gen) * 0.02 + 0.001).half()
     return pack_awq(q), pack_awq(z), s
+
+
+# K-major int4: the layout the int4 GEMV (int4_gemv.py) reads, made from AWQ's once at load. Each output
+# row's inputs are contiguous, as in nn.Linear, in chunks of K_MAJOR_CHUNK inputs: four int32 words, one
+# 16-byte vector. Nibble i of word s of chunk c holds input 32c + 4i + s, so that for each nibble position
+# the four inputs a thread multiplies are contiguous in x.
+K_MAJOR_CHUNK = 32
+
+
+def repack_k_major(
+    qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """AWQ's ``(qweight, qzeros, scales)`` for ``W [K, N]`` -> ``(words, params)``:
+
+    - ``words`` int32 ``[N, K / 8]`` in the chunk order above;
+    - ``params`` int32 ``[N, K / group]``: per output and group, fp16 ``16 * scale`` in the low half and
+      fp16 ``1 + zero / 16`` in the high half (both exact), what the kernel needs to turn its unpacked
+      ``1 + q / 16`` into ``(q - zero) * scale``.
+
+    Runs on the tensors' device with plain torch; takes ~2 bytes of scratch per weight.
+    """
+    k, n8 = qweight.shape
+    n = n8 * 8
+    if k % K_MAJOR_CHUNK or group_size % K_MAJOR_CHUNK or k % group_size:
+        raise ValueError(f"K ({k}) and the group size ({group_size}) must be multiples of {K_MAJOR_CHUNK}, "
+                         "K of the group size")
+    q = unpack_awq(qweight).T.reshape(n, k // K_MAJOR_CHUNK, 8, 4)  # [n, chunk c, nibble i, word s]
+    words = torch.zeros(n, k // K_MAJOR_CHUNK, 4, dtype=torch.int64, device=qweight.device)
+    for i in range(8):
+        words |= q[:, :, i, :].to(torch.int64) << (4 * i)
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).reshape(n, k // 8)
+    a = scales.float() * 16
+    if not torch.isfinite(a.half()).all():
+        raise ValueError("AWQ scales too large to keep 16 * scale in fp16")
+    z = 1 + unpack_awq(qzeros).float() / 16
+    low = a.half().view(torch.int16).to(torch.int32) & 0xFFFF
+    high = z.half().view(torch.int16).to(torch.int32) << 16
+    return words, (low | high).T.contiguous()
+
+
+def dequantize_k_major(words: torch.Tensor, params: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The dense ``W^T [N, K]`` (output-major) in fp32 from ``repack_k_major``'s tensors."""
+    n, k8 = words.shape
+    shifts = 4 * torch.arange(8, dtype=torch.int32, device=words.device)
+    nibbles = (words.view(n, k8 // 4, 4, 1) >> shifts) & 0xF  # [n, chunk, word s, nibble i]
+    q = nibbles.transpose(2, 3).reshape(n, k8 * 8).float()  # input 32c + 4i + s
+    a = (params & 0xFFFF).to(torch.int16).view(torch.float16).float().repeat_interleave(group_size, dim=1)
+    z = (params >> 16).to(torch.int16).view(torch.float16).float().repeat_interleave(group_size, dim=1)
+    return (1 + q / 16 - z) * a

@@ -1,0 +1,236 @@
+"""Int4 GEMV over K-major weights: ``y [M, N] = x [M, K] @ W [K, N] (+ bias)`` for decode-sized ``M``.
+
+AWQ's checkpoint layout packs eight *outputs* per word (``awq_reference``), so a GEMV over it
+(``awq_gemm``'s) gives each thread eight outputs per word and must sum every output across the threads
+that hold its K. The K-major repack (``awq_reference.repack_k_major``, once at load) stores each output
+row's inputs contiguous, as ``nn.Linear`` does, and this kernel is shaped like the dense GEMV
+(``gemv.py``):
+
+- each program owns ``BLOCK_N`` output rows and walks K in tiles of ``CHUNKS`` chunks (a chunk is 32
+  inputs, four words, one 16-byte load). Every thread loads one chunk of every row of the tile, so it
+  has ``BLOCK_N`` independent 16-byte loads in flight, and the x it needs (the same chunk for every
+  row) is loaded once, 8 bytes per nibble position (the chunk's nibble order puts those four inputs
+  side by side);
+- the nibbles become ``1 + q/16`` in registers (``awq_gemm._word_plus_one``: two nibbles per LOP3 when
+  compiled). A chunk lies inside one group, so per row and chunk ``t = sum x (1 + q/16)`` and, shared by
+  all rows, ``u = sum x``; the chunk adds ``16 s (t - (1 + z/16) u)``, which is ``sum x (q - z) s``. One
+  32-bit load per row and chunk brings both fp16 factors;
+- nothing crosses threads until the end: one reduction per program, over the chunks;
+- with PDL (``_pdl.py``) a program loads its first tile of words and factors, waits for the previous
+  kernel, then reads x.
+
+The row stride is passed as chunks per row and multiplied by four in the kernel, so Triton can prove
+every row 16-byte aligned whatever K is. Rows of x are programs (``M`` small: the weights of the other
+rows come from L2). Not routed in serving yet: it is the second design for issue 7's bar, timed against
+``awq_gemm``'s GEMV by ``benchmarks/quant.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _checks
+from ._device import pdl_enabled, pdl_supported
+from ._pdl import pdl_launch, pdl_launch_dependents, pdl_wait
+from .awq_gemm import ONE_BITS, _use_asm, _word_plus_one
+from .awq_reference import K_MAJOR_CHUNK
+
+INT4_GEMV_MAX_M = 8  # rows of x; each is its own program row, re-reading the weights (from L2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Int4GemvConfig:
+    """Launch parameters (benchmarks sweep them)."""
+
+    block_n: int = 8  # output rows per program: 16-byte loads in flight per thread and tile
+    num_warps: int = 4
+    chunks_per_thread: int = 1  # chunks each thread takes per tile (K per tile = 32 * 32 * warps * this)
+    unpack: str | None = None  # "asm" / "shift" as awq_gemm.UNPACK; None: its default
+    pdl: bool | None = None  # None: as _device.pdl_enabled
+    maxnreg: int | None = None  # a register cap for ptxas
+
+
+@dataclasses.dataclass(frozen=True)
+class KMajorInt4:
+    """A linear's int4 weight in the K-major layout (``awq_reference.repack_k_major``)."""
+
+    words: torch.Tensor  # int32 [N, K / 8]
+    params: torch.Tensor  # int32 [N, K / group]: fp16 16*scale | fp16 (1 + zero/16) << 16
+    group_size: int
+
+    @classmethod
+    def from_awq(cls, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                 group_size: int) -> KMajorInt4:
+        from .awq_reference import repack_k_major
+
+        return cls(*repack_k_major(qweight, qzeros, scales, group_size), group_size)
+
+    @property
+    def out_features(self) -> int:
+        return self.words.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.words.shape[1] * 8
+
+
+@triton.jit
+def _chunk_terms(words, factors, x_ptrs, x_mask, one_bits, HAS_MASK: tl.constexpr, ASM: tl.constexpr):
+    """``[BLOCK_N, CHUNKS]``: each row's ``sum x (q - z) s`` over each chunk of the tile.
+
+    ``words`` ``[BLOCK_N, 4 * CHUNKS]``; ``factors`` ``[BLOCK_N, CHUNKS]``, the fp16 pair of each row's
+    group; ``x_ptrs`` ``[1, 4 * CHUNKS]`` points at input ``32c + s`` for word ``s`` of chunk ``c``
+    (nibble ``i`` adds ``4i``): four contiguous inputs per thread.
+    """
+    n0, n1, n2, n3, n4, n5, n6, n7 = _word_plus_one(words, one_bits, ASM)
+    if HAS_MASK:
+        x0 = tl.load(x_ptrs, mask=x_mask, other=0.0).to(tl.float32)
+        x1 = tl.load(x_ptrs + 4, mask=x_mask, other=0.0).to(tl.float32)
+        x2 = tl.load(x_ptrs + 8, mask=x_mask, other=0.0).to(tl.float32)
+        x3 = tl.load(x_ptrs + 12, mask=x_mask, other=0.0).to(tl.float32)
+        x4 = tl.load(x_ptrs + 16, mask=x_mask, other=0.0).to(tl.float32)
+        x5 = tl.load(x_ptrs + 20, mask=x_mask, other=0.0).to(tl.float32)
+        x6 = tl.load(x_ptrs + 24, mask=x_mask, other=0.0).to(tl.float32)
+        x7 = tl.load(x_ptrs + 28, mask=x_mask, other=0.0).to(tl.float32)
+    else:
+        x0 = tl.load(x_ptrs).to(tl.float32)
+        x1 = tl.load(x_ptrs + 4).to(tl.float32)
+        x2 = tl.load(x_ptrs + 8).to(tl.float32)
+        x3 = tl.load(x_ptrs + 12).to(tl.float32)
+        x4 = tl.load(x_ptrs + 16).to(tl.float32)
+        x5 = tl.load(x_ptrs + 20).to(tl.float32)
+        x6 = tl.load(x_ptrs + 24).to(tl.float32)
+        x7 = tl.load(x_ptrs + 28).to(tl.float32)
+    t = x0 * n0 + x1 * n1 + x2 * n2 + x3 * n3 + x4 * n4 + x5 * n5 + x6 * n6 + x7 * n7
+    u = x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7
+    # A thread's four words are one chunk: these sums stay in registers.
+    t = tl.sum(tl.reshape(t, [t.shape[0], t.shape[1] // 4, 4]), axis=2)
+    u = tl.sum(tl.reshape(u, [1, u.shape[1] // 4, 4]), axis=2)
+    scale16 = factors.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    zero = (factors >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return scale16 * (t - zero * u)
+
+
+@triton.jit
+def _load_tile(w_tile, p_tile, c0, KC, offs_w, offs_c, GROUP_CHUNKS: tl.constexpr, EVEN_K: tl.constexpr):
+    """The words ``[BLOCK_N, 4 * CHUNKS]`` and factors ``[BLOCK_N, CHUNKS]`` of the tile at chunk ``c0``."""
+    if EVEN_K:
+        return tl.load(w_tile + c0 * 4), tl.trans(tl.load(p_tile + c0 // GROUP_CHUNKS))
+    words = tl.load(w_tile + c0 * 4, mask=(c0 * 4 + offs_w < KC * 4)[None, :], other=0)
+    factors = tl.load(p_tile + c0 // GROUP_CHUNKS, mask=(c0 + offs_c < KC)[:, None], other=0)
+    return words, tl.trans(factors)
+
+
+@triton.jit
+def _int4_gemv_kernel(
+    x_ptr, w_ptr, p_ptr, bias_ptr, y_ptr,
+    N, KC, G, stride_xm, stride_ym, one_bits,
+    BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr, GROUP_CHUNKS: tl.constexpr, EVEN_K: tl.constexpr,
+    ONE_TILE: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    """One program: ``BLOCK_N`` outputs of one row of x, over all of K (``KC`` chunks, ``G`` groups).
+
+    The word tile is 2-d ``[BLOCK_N, 4 * CHUNKS]`` with only the words contiguous, so Triton's coalescing
+    has one order to pick (a 3-d ``[rows, chunks, 4]`` tile left rows and chunks tied, and 3.6 put
+    threads along the rows: 32 registers and kilobytes of spills).
+    """
+    pid_n = tl.program_id(0)
+    row = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    w_rows = tl.minimum(offs_n, N - 1).to(tl.int64)  # clamped rows read real data, never stored
+    offs_w = tl.arange(0, CHUNKS * 4)
+    offs_c = tl.arange(0, CHUNKS)
+    w_tile = w_ptr + w_rows[:, None] * (KC * 4) + offs_w[None, :]
+    # Built [CHUNKS, BLOCK_N] and transposed where loaded: Triton 3.6's coalescing, with no contiguous dim
+    # to order by, puts the threads along the first dim, here the chunks, which is how the sums over
+    # each thread's words come out; built [BLOCK_N, CHUNKS], the load went through shared memory twice
+    # per tile, and ptxas issued it only after the arithmetic.
+    p_tile = p_ptr + (offs_c // GROUP_CHUNKS)[:, None] + w_rows[None, :] * G
+    x_tile = x_ptr + row.to(tl.int64) * stride_xm + ((offs_w // 4) * 32 + offs_w % 4)[None, :]
+
+    # The first tile: weights only, so it may stream while the previous kernel drains.
+    words, factors = _load_tile(w_tile, p_tile, 0, KC, offs_w, offs_c, GROUP_CHUNKS, EVEN_K)
+    if USE_PDL:
+        pdl_wait(USE_PDL)
+        pdl_launch_dependents(USE_PDL)
+    else:
+        # Without the wait between them, ptxas (3.6, sm_90) spread the word loads through the arithmetic,
+        # two of eight in flight at the start; loads are not moved across a barrier.
+        tl.debug_barrier()
+    if ONE_TILE:  # all of K in one tile (the default launch at K <= 4096): straight-line code
+        acc = _chunk_terms(words, factors, x_tile, (offs_w < KC * 4)[None, :], one_bits, not EVEN_K, ASM)
+    else:
+        acc = tl.zeros([BLOCK_N, CHUNKS], dtype=tl.float32)
+        for c0 in range(0, KC, CHUNKS):
+            # The next tile is loaded before this one is used (the last iteration reloads its own: L1 hits).
+            c_next = tl.minimum(c0 + CHUNKS, KC - CHUNKS) if EVEN_K else tl.minimum(c0 + CHUNKS, KC - 1)
+            words_next, factors_next = _load_tile(w_tile, p_tile, c_next, KC, offs_w, offs_c, GROUP_CHUNKS, EVEN_K)
+            x_mask = (c0 * 4 + offs_w < KC * 4)[None, :]
+            acc += _chunk_terms(words, factors, x_tile + c0 * 32, x_mask, one_bits, not EVEN_K, ASM)
+            words = words_next
+            factors = factors_next
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + w_rows).to(tl.float32)
+    tl.store(y_ptr + row.to(tl.int64) * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < N)
+
+
+def _check(x: torch.Tensor, weight: KMajorInt4, bias: torch.Tensor | None) -> None:
+    _checks.check_float("x", x, 2)
+    if x.shape[0] > INT4_GEMV_MAX_M:
+        _checks.fail(f"x has {x.shape[0]} rows; the int4 GEMV takes at most {INT4_GEMV_MAX_M}")
+    n, k8 = weight.words.shape
+    k = k8 * 8
+    group = weight.group_size
+    if weight.words.dtype != torch.int32 or weight.params.dtype != torch.int32:
+        _checks.fail("K-major words and params must be int32")
+    if x.shape[1] != k or k % K_MAJOR_CHUNK or group % K_MAJOR_CHUNK or k % group:
+        _checks.fail(f"x has K={x.shape[1]}, the weight K={k} (a multiple of {K_MAJOR_CHUNK}) in groups of {group}")
+    if tuple(weight.params.shape) != (n, k // group):
+        _checks.fail(f"params {tuple(weight.params.shape)} must be [{n}, {k // group}]")
+    if not (weight.words.is_contiguous() and weight.params.is_contiguous()):
+        _checks.fail("K-major words and params must be contiguous")
+    tensors = {"x": x, "words": weight.words, "params": weight.params}
+    if bias is not None:
+        _checks.check_float("bias", bias, 1)
+        if bias.shape[0] != n:
+            _checks.fail(f"bias must have {n} elements, got {bias.shape[0]}")
+        tensors["bias"] = bias
+    _checks.check_same_device(**tensors)
+
+
+def int4_gemv(
+    x: torch.Tensor, weight: KMajorInt4, bias: torch.Tensor | None = None, *, config: Int4GemvConfig | None = None
+) -> torch.Tensor:
+    """``x [M <= 8, K] @ W [K, N] (+ bias)`` in ``x.dtype`` (fp32 accumulation), ``W`` K-major int4."""
+    _check(x, weight, bias)
+    config = config or Int4GemvConfig()
+    m, k = x.shape
+    n = weight.out_features
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out
+    for name in ("block_n", "num_warps", "chunks_per_thread"):
+        value = getattr(config, name)
+        if value < 1 or value & (value - 1):
+            _checks.fail(f"{name} must be a power of two, got {value}")
+    kc = k // K_MAJOR_CHUNK
+    num_warps = config.num_warps
+    chunks = 32 * num_warps * config.chunks_per_thread
+    # A short K takes fewer warps, so that a tile still gives every thread its own chunk.
+    while num_warps > 1 and chunks // 2 >= kc:
+        num_warps //= 2
+        chunks //= 2
+    pdl = pdl_enabled(x.device) if config.pdl is None else bool(config.pdl) and pdl_supported(x.device)
+    _int4_gemv_kernel[(triton.cdiv(n, config.block_n), m)](
+        x, weight.words, weight.params, bias if bias is not None else x, out,
+        n, kc, k // weight.group_size, x.stride(0), out.stride(0), ONE_BITS,
+        BLOCK_N=config.block_n, CHUNKS=chunks, GROUP_CHUNKS=weight.group_size // K_MAJOR_CHUNK,
+        EVEN_K=kc % chunks == 0, ONE_TILE=kc <= chunks, HAS_BIAS=bias is not None, ASM=_use_asm(config.unpack),
+        num_warps=num_warps, num_stages=1, **pdl_launch(pdl), **({"maxnreg": config.maxnreg} if config.maxnreg else {}),
+    )
+    return out

@@ -1,0 +1,122 @@
+"""The K-major int4 GEMV and its repack, against the AWQ reference (Triton interpreter on CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from leanserve.kernels import awq_reference  # noqa: E402
+from leanserve.kernels.awq_reference import awq_gemm_reference, dequantize_awq, dequantize_k_major  # noqa: E402
+from leanserve.kernels.int4_gemv import Int4GemvConfig, KMajorInt4, int4_gemv  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def random_layer(k: int, n: int, group: int, seed: int = 0) -> tuple[tuple[torch.Tensor, ...], KMajorInt4]:
+    awq = tuple(t.to(DEVICE) for t in awq_reference.random_awq(k, n, group, seed))
+    return awq, KMajorInt4.from_awq(*awq, group)
+
+
+@pytest.mark.parametrize("k,n,group", [(256, 72, 64), (128, 8, 32), (384, 40, 128)])
+def test_repack_keeps_every_weight_exactly(k: int, n: int, group: int) -> None:
+    """The K-major words and fp16 factor pairs give back AWQ's dense weight bit for bit (zero points of
+    15 and the nibble in the sign bit included: random_awq draws all of 0..15)."""
+    (qweight, qzeros, scales), packed = random_layer(k, n, group, seed=k + n)
+    assert packed.words.shape == (n, k // 8) and packed.params.shape == (n, k // group)
+    assert torch.equal(dequantize_k_major(packed.words, packed.params, group),
+                       dequantize_awq(qweight, qzeros, scales, group).T)
+
+
+def test_repack_puts_each_chunks_inputs_in_nibble_planes() -> None:
+    """Input 32c + 4i + s sits in nibble i of word 4c + s: one weight set to 15 among zeros shows where."""
+    k, n, group = 64, 8, 32
+    q = torch.zeros(k, n, dtype=torch.int64)
+    q[32 + 4 * 5 + 2, 3] = 15  # chunk 1, nibble plane 5, word 2 of the chunk, output 3
+    z = torch.zeros(k // group, n, dtype=torch.int64)
+    words, _ = awq_reference.repack_k_major(awq_reference.pack_awq(q), awq_reference.pack_awq(z),
+                                            torch.ones(k // group, n, dtype=torch.float16), group)
+    expected = torch.zeros(n, k // 8, dtype=torch.int64)
+    expected[3, 4 * 1 + 2] = 15 << (4 * 5)
+    assert torch.equal(words.to(torch.int64) & 0xFFFFFFFF, expected)
+
+
+@pytest.mark.parametrize(
+    "m,k,n,group,config",
+    [
+        (1, 256, 72, 64, Int4GemvConfig()),  # one tile, fewer warps for the short K; N ragged
+        (3, 384, 40, 128, Int4GemvConfig(block_n=4)),  # K not a whole tile: masked
+        (2, 2048, 16, 32, Int4GemvConfig(block_n=4, num_warps=1)),  # K in 2 tiles: the prefetching loop
+        (1, 1152, 24, 128, Int4GemvConfig(num_warps=1)),  # 36 chunks: a ragged last tile in the loop
+        (1, 4096, 8, 64, Int4GemvConfig(num_warps=1, chunks_per_thread=2)),  # two chunks per thread, 2 tiles
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_int4_gemv_matches_reference(m: int, k: int, n: int, group: int, config: Int4GemvConfig,
+                                     dtype: torch.dtype) -> None:
+    (qweight, qzeros, scales), packed = random_layer(k, n, group, seed=m + k)
+    gen = torch.Generator().manual_seed(m * k)
+    x = torch.randn(m, k, generator=gen).to(DEVICE, dtype)
+    bias = torch.randn(n, generator=gen).to(DEVICE, dtype)
+    out = int4_gemv(x, packed, bias, config=config)
+    ref = awq_gemm_reference(x.float(), qweight, qzeros, scales, group, bias.float())
+    assert out.dtype == dtype and out.shape == (m, n)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(out.float(), ref, atol=tol * ref.abs().max().item(), rtol=0)
+
+
+def test_rows_of_x_are_independent() -> None:
+    """Each row of x is its own program row: a row computed alone equals the same row in a batch, bit
+    for bit, with a strided x."""
+    _, packed = random_layer(256, 48, 64, seed=3)
+    x = torch.randn(4, 512, generator=torch.Generator().manual_seed(4)).to(DEVICE)[:, :256]
+    batch = int4_gemv(x, packed)
+    for i in range(4):
+        assert torch.equal(int4_gemv(x[i : i + 1], packed), batch[i : i + 1])
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (lambda x, w: (x[:, :64], w), "K=64"),
+        (lambda x, w: (x.expand(9, -1), w), "at most 8"),
+        (lambda x, w: (x, KMajorInt4(w.words, w.params[:, :1].contiguous(), w.group_size)), "params"),
+        (lambda x, w: (x, KMajorInt4(w.words, w.params, 48)), "groups of 48"),
+        (lambda x, w: (x.int(), w), "float16, bfloat16 or float32"),
+    ],
+)
+def test_rejects_bad_arguments(change, match: str) -> None:
+    _, packed = random_layer(128, 16, 32)
+    x, w = change(torch.randn(1, 128).to(DEVICE), packed)
+    with pytest.raises(ValueError, match=match):
+        int4_gemv(x, w)
+
+
+def test_rejects_a_config_that_is_not_a_power_of_two() -> None:
+    _, packed = random_layer(128, 16, 32)
+    with pytest.raises(ValueError, match="block_n"):
+        int4_gemv(torch.randn(1, 128).to(DEVICE), packed, config=Int4GemvConfig(block_n=6))
+
+
+def test_repack_rejects_k_that_is_not_whole_chunks() -> None:
+    qweight, qzeros, scales = awq_reference.random_awq(48, 8, 16)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        awq_reference.repack_k_major(qweight, qzeros, scales, 16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("unpack", ["asm", "shift"])
+@pytest.mark.parametrize("pdl", [False, True])
+def test_int4_gemv_at_a_7b_mlp_size(m: int, dtype: torch.dtype, unpack: str, pdl: bool) -> None:
+    """Llama-7B's up projection (4096 x 11008, group 128: one tile per program at the default) and its
+    down projection (11008 x 4096: a ragged loop), compiled, both unpackings, PDL off and on."""
+    gen = torch.Generator().manual_seed(m)
+    for k, n in ((4096, 11008), (11008, 4096)):
+        (qweight, qzeros, scales), packed = random_layer(k, n, 128, seed=m)
+        x = torch.randn(m, k, generator=gen).to(DEVICE, dtype)
+        out = int4_gemv(x, packed, config=Int4GemvConfig(unpack=unpack, pdl=pdl))
+        ref = awq_gemm_reference(x.float(), qweight, qzeros, scales, 128)
+        torch.testing.assert_close(out.float(), ref, atol=1e-2 * ref.abs().max().item(), rtol=0)
