@@ -371,6 +371,13 @@ def _cases(modules, full: bool):
                     yield (f"int4_gemv m={m} bias={bias} config={config} {dtype_name}/{shape_name}(K{k},N{n},g{group})",
                            kmajor)
 
+                def dequant(k=k, n=n, group=group, dtype=dtype):
+                    weight = int4.KMajorInt4(torch.empty(n, k // 8, dtype=torch.int32),
+                                             torch.zeros(n, k // group, dtype=torch.int32), group)
+                    int4.dequantize_int4(weight, torch.empty(n, k, dtype=dtype))
+
+                yield (f"dequantize_int4 {dtype_name}/{shape_name}(K{k},N{n},g{group})", dequant)
+
 
 INT4_CASES = (
     ("bar", 4096, 11008, 128),

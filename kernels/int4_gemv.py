@@ -36,6 +36,7 @@ import triton.language as tl
 from . import _checks
 from ._device import pdl_enabled, pdl_supported
 from ._pdl import pdl_launch, pdl_launch_dependents, pdl_wait
+from ._workspace import scratch
 from .awq_gemm import ONE_BITS, _use_asm, _word_plus_one
 from .awq_reference import K_MAJOR_CHUNK
 
@@ -179,6 +180,58 @@ def _int4_gemv_kernel(
     tl.store(y_ptr + row.to(tl.int64) * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < N)
 
 
+@triton.jit
+def _int4_dequant_kernel(w_ptr, p_ptr, out_ptr, N, KC, G, one_bits, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
+                         GROUP_CHUNKS: tl.constexpr, ASM: tl.constexpr):
+    """``W^T [N, K]`` (``nn.Linear``'s layout) in ``out``'s dtype from a ``[BLOCK_N, 4 * CHUNKS]`` tile of
+    words: each nibble plane is stored as four contiguous inputs per word run."""
+    pid_n = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.minimum(offs_n, N - 1).to(tl.int64)
+    offs_w = pid_c * CHUNKS * 4 + tl.arange(0, CHUNKS * 4)
+    offs_c = pid_c * CHUNKS + tl.arange(0, CHUNKS)
+    w_mask = offs_w < KC * 4
+    words = tl.load(w_ptr + rows[:, None] * (KC * 4) + offs_w[None, :], mask=w_mask[None, :], other=0)
+    # [CHUNKS, BLOCK_N], transposed: see _int4_gemv_kernel.
+    factors = tl.trans(tl.load(p_ptr + (offs_c // GROUP_CHUNKS)[:, None] + rows[None, :] * G,
+                               mask=(offs_c < KC)[:, None], other=0))
+    scale16 = factors.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    zero = (factors >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    # Each word's factors: a chunk's four words share them.
+    scale16 = tl.reshape(tl.broadcast_to(scale16[:, :, None], [BLOCK_N, CHUNKS, 4]), [BLOCK_N, CHUNKS * 4])
+    zero = tl.reshape(tl.broadcast_to(zero[:, :, None], [BLOCK_N, CHUNKS, 4]), [BLOCK_N, CHUNKS * 4])
+    n0, n1, n2, n3, n4, n5, n6, n7 = _word_plus_one(words, one_bits, ASM)
+    out = out_ptr + rows[:, None] * (KC * 32) + ((offs_w // 4) * 32 + offs_w % 4)[None, :]
+    mask = (offs_n < N)[:, None] & w_mask[None, :]
+    ty = out_ptr.dtype.element_ty
+    tl.store(out, ((n0 - zero) * scale16).to(ty), mask=mask)
+    tl.store(out + 4, ((n1 - zero) * scale16).to(ty), mask=mask)
+    tl.store(out + 8, ((n2 - zero) * scale16).to(ty), mask=mask)
+    tl.store(out + 12, ((n3 - zero) * scale16).to(ty), mask=mask)
+    tl.store(out + 16, ((n4 - zero) * scale16).to(ty), mask=mask)
+    tl.store(out + 20, ((n5 - zero) * scale16).to(ty), mask=mask)
+    tl.store(out + 24, ((n6 - zero) * scale16).to(ty), mask=mask)
+    tl.store(out + 28, ((n7 - zero) * scale16).to(ty), mask=mask)
+
+
+def dequantize_int4(weight: KMajorInt4, out: torch.Tensor) -> torch.Tensor:
+    """``W^T [N, K]`` into ``out`` (its dtype, contiguous), one launch: ``(1 + q/16 - (1 + z/16)) * 16 s``
+    is exact before the cast."""
+    n, k = weight.out_features, weight.in_features
+    if tuple(out.shape) != (n, k) or not out.is_contiguous() or out.dtype not in _checks.FLOAT_DTYPES:
+        _checks.fail(f"out must be a contiguous float [{n}, {k}] tensor, got {tuple(out.shape)} {out.dtype}")
+    _checks.check_same_device(words=weight.words, out=out)
+    block_n, chunks = 16, 32
+    kc = k // K_MAJOR_CHUNK
+    _int4_dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(kc, chunks))](
+        weight.words, weight.params, out, n, kc, k // weight.group_size, ONE_BITS,
+        BLOCK_N=block_n, CHUNKS=chunks, GROUP_CHUNKS=weight.group_size // K_MAJOR_CHUNK, ASM=_use_asm(None),
+        num_warps=4,
+    )
+    return out
+
+
 def _check(x: torch.Tensor, weight: KMajorInt4, bias: torch.Tensor | None) -> None:
     _checks.check_float("x", x, 2)
     if x.shape[0] > INT4_GEMV_MAX_M:
@@ -234,3 +287,19 @@ def int4_gemv(
         num_warps=num_warps, num_stages=1, **pdl_launch(pdl), **({"maxnreg": config.maxnreg} if config.maxnreg else {}),
     )
     return out
+
+
+# Rows up to which ``int4_linear`` takes the GEMV; above, the weight is dequantized once and the library
+# matmul runs. Borrowed from awq_gemm.GEMV_MAX_M (the AWQ-layout GEMV's crossover on an H200); this
+# kernel's own is not yet measured.
+LINEAR_GEMV_MAX_M = 6
+
+
+def int4_linear(x: torch.Tensor, weight: KMajorInt4, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` for a K-major int4 weight, any number of rows of ``x [M, K]``: the GEMV for decode
+    batches, dequantize-then-matmul for prefill."""
+    if x.shape[0] <= LINEAR_GEMV_MAX_M:
+        return int4_gemv(x, weight, bias)
+    n, k = weight.out_features, weight.in_features
+    w = scratch(x.device, f"int4 dequantized weight {x.dtype}", n * k, x.dtype)[: n * k].view(n, k)
+    return torch.nn.functional.linear(x, dequantize_int4(weight, w), bias)

@@ -139,24 +139,27 @@ def test_rejects_mismatched_shapes() -> None:
         awq_gemm(torch.randn(2, 64).to(DEVICE), qweight, qzeros, scales, 16)
 
 
-def test_awq_linear_triton_backend_matches_reference() -> None:
-    """The serving module's CUDA path (here interpreted) computes what its reference path does."""
+@pytest.mark.parametrize("backend", ["triton", "kmajor"])
+def test_awq_linear_cuda_backends_match_reference(backend: str) -> None:
+    """The serving module's CUDA paths (here interpreted) compute what its reference path does."""
     from leanserve.quant.awq_format import quantize_weight
     from leanserve.quant.awq_linear import AWQLinear
 
     gen = torch.Generator().manual_seed(4)
     shards = [torch.randn(size, 64, generator=gen) * 0.05 for size in (32, 16)]
     layers = {}
-    for backend in ("triton", "reference"):
-        layer = AWQLinear(64, [32, 16], bias=False, group_size=32, dtype=torch.float32, backend=backend)
+    for kind in (backend, "reference"):
+        layer = AWQLinear(64, [32, 16], bias=False, group_size=32, dtype=torch.float32, backend=kind)
         for i, w in enumerate(shards):
             for name, t in quantize_weight(w, 32).to_awq().items():
                 layer.load_shard(name, i, t)
         layer.finalize()
-        layers[backend] = layer.to(DEVICE)
-    for m in (1, 20):  # the GEMV and the tiled launch
+        layers[kind] = layer.to(DEVICE)
+    if backend == "kmajor":  # repacked once, the AWQ tensors gone
+        assert layers[backend].words is not None and not hasattr(layers[backend], "qweight")
+    for m in (1, 20):  # the GEMV, and the tiled launch or dequantize + matmul
         x = torch.randn(m, 64, generator=gen).to(DEVICE)
-        torch.testing.assert_close(layers["triton"](x), layers["reference"](x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(layers[backend](x), layers["reference"](x), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.gpu

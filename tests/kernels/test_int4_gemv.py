@@ -120,3 +120,32 @@ def test_int4_gemv_at_a_7b_mlp_size(m: int, dtype: torch.dtype, unpack: str, pdl
         out = int4_gemv(x, packed, config=Int4GemvConfig(unpack=unpack, pdl=pdl))
         ref = awq_gemm_reference(x.float(), qweight, qzeros, scales, 128)
         torch.testing.assert_close(out.float(), ref, atol=1e-2 * ref.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("k,n,group", [(256, 40, 64), (1152, 24, 128)])  # N and K not whole tiles
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dequantize_writes_every_weight(k: int, n: int, group: int, dtype: torch.dtype) -> None:
+    from leanserve.kernels.int4_gemv import dequantize_int4
+
+    (qweight, qzeros, scales), packed = random_layer(k, n, group, seed=k)
+    out = torch.full((n, k), float("nan"), device=DEVICE, dtype=dtype)
+    dequantize_int4(packed, out)
+    assert torch.equal(out, dequantize_awq(qweight, qzeros, scales, group).T.to(dtype))
+
+
+@pytest.mark.parametrize("m", [1, 6, 7, 20])  # the GEMV up to LINEAR_GEMV_MAX_M, dequantize + matmul above
+def test_int4_linear_routes_by_rows_and_matches_reference(m: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    from leanserve.kernels import int4_gemv as module
+
+    picked: list[str] = []
+    for name in ("int4_gemv", "dequantize_int4"):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name,
+                            lambda *a, _real=real, _name=name, **kw: picked.append(_name) or _real(*a, **kw))
+    (qweight, qzeros, scales), packed = random_layer(256, 48, 64, seed=m)
+    gen = torch.Generator().manual_seed(m)
+    x = torch.randn(m, 256, generator=gen).to(DEVICE)
+    bias = torch.randn(48, generator=gen).to(DEVICE)
+    ref = awq_gemm_reference(x, qweight, qzeros, scales, 64, bias)
+    torch.testing.assert_close(module.int4_linear(x, packed, bias), ref, atol=1e-5 * ref.abs().max().item(), rtol=0)
+    assert picked == (["int4_gemv"] if m <= module.LINEAR_GEMV_MAX_M else ["dequantize_int4"])

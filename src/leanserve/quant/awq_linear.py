@@ -11,10 +11,13 @@ dim). Once the whole model is loaded, ``finalize`` repacks each layer for the ba
   batch 1), so activations go in as bf16 and come back in the model dtype (~0.3% relative error, far
   below the int4 rounding itself).
 - ``triton`` (CUDA): the fused dequantize-GEMM in ``leanserve.kernels.awq_gemm`` reads AWQ's layout as is.
+- ``kmajor`` (CUDA, opt-in until timed): repacked once to the K-major layout of
+  ``leanserve.kernels.int4_gemv`` (each output's inputs contiguous; the AWQ tensors are dropped), its
+  GEMV for decode batches and dequantize-then-matmul for prefill.
 - ``reference``: dequantize this layer's weight per call, then matmul (any device; for tests and shapes
   the other two reject). Memory stays 4-bit; only one layer's fp32 weight exists at a time.
 
-``LEANSERVE_AWQ_BACKEND=int4pack|triton|reference`` forces one.
+``LEANSERVE_AWQ_BACKEND=int4pack|triton|kmajor|reference`` forces one.
 """
 
 from __future__ import annotations
@@ -98,9 +101,12 @@ class AWQLinear(nn.Module):
         self.register_buffer("scales", torch.empty(groups, out_features, dtype=torch.float16))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype)) if bias else None
         self.checkpoint_tensors = ["qweight", "qzeros", "scales"] + (["bias"] if bias else [])
-        # Filled by finalize() for the int4pack backend.
+        # Filled by finalize() for the int4pack backend ...
         self.register_buffer("packed", None)
         self.register_buffer("scales_and_zeros", None)
+        # ... and for kmajor (int4_gemv.KMajorInt4's tensors).
+        self.register_buffer("words", None)
+        self.register_buffer("factors", None)
 
     def load_shard(self, param_name: str, shard: int, tensor: torch.Tensor) -> None:
         start = sum(self.shard_sizes[:shard])
@@ -126,6 +132,13 @@ class AWQLinear(nn.Module):
     @torch.no_grad()
     def finalize(self) -> None:
         """Repack for the backend once every shard is in; drops the AWQ tensors it no longer needs."""
+        if self.backend == "kmajor":
+            from leanserve.kernels.awq_reference import repack_k_major
+
+            words, factors = repack_k_major(self.qweight, self.qzeros, self.scales, self.group_size)
+            del self.qweight, self.qzeros, self.scales
+            self.words, self.factors = words, factors
+            return
         if self.backend != "int4pack":
             return
         packed, sz = awq_to_int4pack(
@@ -157,6 +170,10 @@ class AWQLinear(nn.Module):
             from leanserve.kernels.awq_gemm import awq_gemm
 
             y = awq_gemm(x2, self.qweight, self.qzeros, self.scales, self.group_size, self.bias)
+        elif self.backend == "kmajor" and self.words is not None:
+            from leanserve.kernels.int4_gemv import KMajorInt4, int4_linear
+
+            y = int4_linear(x2, KMajorInt4(self.words, self.factors, self.group_size), self.bias)
         else:
             y = awq_gemm_reference(x2, self.qweight, self.qzeros, self.scales, self.group_size, self.bias)
         return y.reshape(*lead, self.out_features)
