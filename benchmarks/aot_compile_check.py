@@ -1,7 +1,8 @@
 """Compile every Triton kernel for a CUDA target ahead of time, without a GPU.
 
 The kernels are launched through their real launchers (``paged_decode_attention``, ``paged_prefill_attention``,
-``write_kv_cache``, ``awq_gemm``, ``gemv``, ``rms_norm``, ``apply_rotary``, ``silu_and_mul``) on CPU tensors
+``write_kv_cache``, ``write_kv_cache_rotary``, ``awq_gemm``, ``gemv``, ``int4_gemv``, ``rms_norm``, ``apply_rotary``,
+``silu_and_mul``) on CPU tensors
 of the shapes the server uses (``--tests``: also through the kernel tests), with a stand-in Triton driver
 that reports a CUDA target. Every case runs twice, with programmatic dependent launch off and on (the
 launchers' ``pdl_enabled`` answers as an sm_90 GPU would); kernels without PDL give the same compile.
@@ -263,6 +264,21 @@ def _cases(modules, full: bool):
                     kv.write_kv_cache(k, v, kc, vc, slots)
 
                 yield (f"write_kv_cache {tag}", write_kv)
+
+                def rotary_write_kv(heads=heads, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype):
+                    # The decoder's form: q, k, v views of the fused QKV output, rotated and written at once.
+                    tokens, max_pos = 37, 4096
+                    qkv = torch.zeros(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype)
+                    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+                    cos = torch.zeros(max_pos, head_dim // 2)
+                    kc, vc = cache(64)
+                    slots = torch.arange(tokens, dtype=torch.int64)
+                    slots[-1] = -1
+                    kv.write_kv_cache_rotary(q.view(tokens, heads, head_dim), k.view(tokens, kv_heads, head_dim),
+                                             v.view(tokens, kv_heads, head_dim), torch.arange(tokens), cos,
+                                             torch.zeros_like(cos), kc, vc, slots)
+
+                yield (f"write_kv_cache_rotary {tag}", rotary_write_kv)
 
             if pa is not None:
                 def decode(parts, num_seqs, lens, heads=heads, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype):

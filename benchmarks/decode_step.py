@@ -16,11 +16,13 @@ All of it for each variant of the model's kernels (``--variants``, in this order
 - ``gemv_pdl``: the model's own ops with PDL on, what it runs on an sm_90+ GPU: the Triton GEMV for
   1-row linears (``gemv.linear``, which takes it only with PDL), cuBLAS for the rest;
 - ``fused_pdl``: cuBLAS linears, PDL on our kernels;
-- ``unfused``: the torch ops the fused layer kernels replace, cuBLAS linears.
+- ``unfused``: the torch ops the fused layer kernels replace, cuBLAS linears;
+- ``rotary_apart``: ``gemv_pdl`` with the rotary embedding and the KV-cache write as two launches per
+  layer, as before ``kv_cache.write_kv_cache_rotary`` made them one.
 
 PDL variants are skipped where the GPU cannot do PDL (before sm_90). Each variant also reports how many
-of its greedy tokens equal ``fused``'s (bf16 rounding differs between matmuls, so random-weight
-near-ties may flip a few).
+of its greedy tokens equal the first variant's (bf16 rounding differs between matmuls, so random-weight
+near-ties may flip a few; ``rotary_apart`` computes what ``gemv_pdl`` does, so all of its tokens must agree).
 
 The floor is the bytes a step must read (every weight but the embedding table, plus the step's K/V)
 over the measured device copy bandwidth. Each variant also profiles one eager step (kernel count and
@@ -36,6 +38,8 @@ Without CUDA it says so and exits 0.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import os
 import sys
@@ -125,7 +129,17 @@ def profile_eager_step(runner, seqs) -> tuple[int, list[tuple[str, float, int]]]
     return launches, rows[:15]
 
 
-VARIANTS = ("fused", "gemv_pdl", "fused_pdl", "unfused")
+VARIANTS = ("fused", "gemv_pdl", "fused_pdl", "unfused", "rotary_apart")
+
+
+def rotary_then_write(apply_rotary, query, key, value, positions, cos, sin, k_cache, v_cache, slot_mapping):
+    """``write_kv_cache_rotary`` as ``apply_rotary`` (the Triton kernel, or the torch ops of ``unfused``)
+    followed by the Triton cache write: the launches it replaced."""
+    from leanserve.kernels.kv_cache import write_kv_cache
+
+    query, key = apply_rotary(query, key, positions, cos, sin)
+    write_kv_cache(key, value, k_cache, v_cache, slot_mapping)
+    return query, key
 
 
 def kernel_variants(device: torch.device) -> dict[str, tuple[object, bool]]:
@@ -135,9 +149,17 @@ def kernel_variants(device: torch.device) -> dict[str, tuple[object, bool]]:
 
     triton_ops = backend.get_model_ops(device)  # fused layers + the GEMV for decode-sized linears
     cublas = backend.ModelOps(triton_ops.attention, triton_ops.layers, F.linear)
-    unfused = backend.ModelOps(triton_ops.attention, backend.reference_layer_ops(), F.linear)
+    from leanserve.kernels import reference
+    from leanserve.kernels.fused_layers import apply_rotary
+
+    def rotary_apart(rotary):
+        return dataclasses.replace(triton_ops.attention,
+                                   write_kv_cache_rotary=functools.partial(rotary_then_write, rotary))
+
+    unfused = backend.ModelOps(rotary_apart(reference.apply_rotary), backend.reference_layer_ops(), F.linear)
+    apart = dataclasses.replace(triton_ops, attention=rotary_apart(apply_rotary))
     return {"fused": (cublas, False), "gemv_pdl": (triton_ops, True), "fused_pdl": (cublas, True),
-            "unfused": (unfused, False)}
+            "unfused": (unfused, False), "rotary_apart": (apart, True)}
 
 
 def set_pdl(on: bool, device: torch.device) -> bool:
@@ -231,15 +253,16 @@ def main() -> int:
             runner.decode_graphs = graphs
             agree = sum(a == b for a, b in zip(with_graph, eager_tokens)) / batch
             tokens.setdefault(variant, {})[batch] = with_graph
-            baseline = tokens.get("fused", {}).get(batch)
-            vs_fused = None if baseline is None else sum(a == b for a, b in zip(with_graph, baseline)) / batch
+            first = next(iter(tokens))  # the first variant run is the reference for the others' tokens
+            baseline = tokens[first].get(batch) if first != variant else None
+            vs_first = None if baseline is None else sum(a == b for a, b in zip(with_graph, baseline)) / batch
             rows.append(dict(batch=batch, floor_ms=floor, eager_forward_ms=eager, graph_ms=replay, step_ms=step,
                              graph_over_floor=replay / floor, step_over_floor=step / floor,
                              tok_s=1000 * batch / step, graph_eager_token_agreement=agree,
-                             tokens_agree_with_fused=vs_fused))
+                             tokens_agree_with_first_variant=vs_first))
             print(f"{batch:>5} {floor:>9.3f} {eager:>10.3f} {replay:>8.3f} {step:>8.3f} {replay / floor:>12.2f} "
                   f"{step / floor:>11.2f} {1000 * batch / step:>9.0f}  graph/eager tokens agree {agree:.0%}"
-                  + ("" if vs_fused is None else f", with fused {vs_fused:.0%}"))
+                  + ("" if vs_first is None else f", with {first} {vs_first:.0%}"))
         print("top kernels of one eager step at batch 1 (us total, count):")
         for key, us, count in top:
             print(f"  {us:9.1f} {count:5d}  {key}")

@@ -24,6 +24,8 @@ class AttentionOps:
     paged_decode_attention: Callable[..., torch.Tensor]
     paged_prefill_attention: Callable[..., torch.Tensor]
     name: str  # "triton" or "reference", for logs
+    # The rotary embedding and the cache write as one op (a decoder's step before attention)
+    write_kv_cache_rotary: Callable[..., tuple[torch.Tensor, torch.Tensor]] = reference.write_kv_cache_rotary
 
 
 def triton_available() -> bool:
@@ -41,10 +43,11 @@ def get_attention_ops(device: torch.device | str) -> AttentionOps:
     """Triton ops for CUDA tensors (or for any device under ``TRITON_INTERPRET=1``), else references."""
     device = torch.device(device)
     if triton_available() and (device.type == "cuda" or interpreter_enabled()):
-        from .kv_cache import write_kv_cache
+        from .kv_cache import write_kv_cache, write_kv_cache_rotary
         from .paged_attention import paged_decode_attention, paged_prefill_attention
 
-        return AttentionOps(write_kv_cache, paged_decode_attention, paged_prefill_attention, "triton")
+        return AttentionOps(write_kv_cache, paged_decode_attention, paged_prefill_attention, "triton",
+                            write_kv_cache_rotary)
     return reference_attention_ops()
 
 

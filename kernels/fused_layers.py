@@ -113,11 +113,10 @@ def _rotary_kernel(
     _rotate_heads(k_ptr, token, cos, sin, stride_kt, stride_kh, n_kv_heads, BLOCK_KVH, HALF, BLOCK_HALF)
 
 
-def apply_rotary(
+def check_rotary_args(
     query: torch.Tensor, key: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton ``reference.apply_rotary``, in place: ``query``/``key`` may be strided views (e.g. of a
-    fused QKV output) whose last dim is contiguous; they are returned rotated."""
+) -> None:
+    """The launch checks of the rotary kernels (this one and ``kv_cache.write_kv_cache_rotary``)."""
     _checks.check_float("query", query, 3)
     _checks.check_float("key", key, 3)
     _checks.check_index("positions", positions, 1, (torch.int64, torch.int32))
@@ -132,14 +131,25 @@ def apply_rotary(
     if head_dim % 2 or cos.shape[1] != head_dim // 2 or sin.shape != cos.shape or cos.stride() != sin.stride():
         _checks.fail(f"head_dim {head_dim} needs even size and cos/sin tables of {head_dim // 2} columns")
     _checks.check_same_device(query=query, key=key, positions=positions, cos=cos, sin=sin)
-    if n_tokens == 0:
-        return query, key
-    if _checks.value_checks_enabled() and not _checks.already_validated("rotary", (positions,), (cos.shape[0],)):
+    if n_tokens and _checks.value_checks_enabled() and not _checks.already_validated(
+        "rotary", (positions,), (cos.shape[0],)
+    ):
         _checks.raise_if(
             ((positions < 0) | (positions >= cos.shape[0])).any(),
             lambda: f"positions must lie in [0, {cos.shape[0]}), got {positions[:8].tolist()}",
         )
         _checks.remember_validated("rotary", (positions,), (cos.shape[0],))
+
+
+def apply_rotary(
+    query: torch.Tensor, key: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton ``reference.apply_rotary``, in place: ``query``/``key`` may be strided views (e.g. of a
+    fused QKV output) whose last dim is contiguous; they are returned rotated."""
+    check_rotary_args(query, key, positions, cos, sin)
+    n_tokens, n_heads, head_dim = query.shape
+    if n_tokens == 0:
+        return query, key
     half = head_dim // 2
     _rotary_kernel[(n_tokens,)](
         query, key, positions, cos, sin, n_heads, key.shape[1], cos.shape[0],

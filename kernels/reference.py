@@ -167,6 +167,24 @@ def apply_rotary(
     return q, k
 
 
+def write_kv_cache_rotary(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decoder's step before attention: ``apply_rotary`` to ``query``/``key``, then ``write_kv_cache``
+    of the rotated keys and ``value``; returns the rotated ``(query, key)``."""
+    query, key = apply_rotary(query, key, positions, cos, sin)
+    write_kv_cache(key, value, k_cache, v_cache, slot_mapping)
+    return query, key
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """The gated MLP's activation: ``x [..., 2 * I]`` holds gate then up; returns ``silu(gate) * up``."""
     gate, up = x.chunk(2, dim=-1)

@@ -30,6 +30,13 @@ def randn(gen: torch.Generator, *shape: int, dtype: torch.dtype = torch.float32)
     return torch.randn(*shape, generator=gen).to(device=DEVICE, dtype=dtype)
 
 
+def rotary_tables(max_position: int, half: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos``/``sin [max_position, half]`` fp32 tables of the rotary embedding (base 10000)."""
+    inv = 1.0 / (10000 ** (torch.arange(half, dtype=torch.float64) / half))
+    freqs = torch.outer(torch.arange(max_position, dtype=torch.float64), inv)
+    return freqs.cos().float().to(DEVICE), freqs.sin().float().to(DEVICE)
+
+
 @dataclass
 class PagedKV:
     k_cache: torch.Tensor

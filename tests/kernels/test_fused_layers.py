@@ -10,7 +10,7 @@ triton = pytest.importorskip("triton")
 from leanserve.kernels import backend, reference  # noqa: E402
 from leanserve.kernels.fused_layers import apply_rotary, rms_norm, silu_and_mul  # noqa: E402
 
-from tests.kernels.kernel_cases import DEVICE, TOLERANCES, generator, randn  # noqa: E402
+from tests.kernels.kernel_cases import DEVICE, TOLERANCES, generator, randn, rotary_tables  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16]
 
@@ -43,12 +43,6 @@ def test_rms_norm_flattens_leading_dims() -> None:
 def test_rms_norm_rejects_mismatched_weight() -> None:
     with pytest.raises(ValueError, match="weight"):
         rms_norm(torch.ones(2, 8, device=DEVICE), torch.ones(4, device=DEVICE), 1e-6)
-
-
-def rotary_tables(max_position: int, half: int) -> tuple[torch.Tensor, torch.Tensor]:
-    inv = 1.0 / (10000 ** (torch.arange(half, dtype=torch.float64) / half))
-    freqs = torch.outer(torch.arange(max_position, dtype=torch.float64), inv)
-    return freqs.cos().float().to(DEVICE), freqs.sin().float().to(DEVICE)
 
 
 @pytest.mark.parametrize(

@@ -64,9 +64,15 @@ class PagedAttention:
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
+        rotary: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """``query [T, H, D]``, ``key``/``value [T, KVH, D]`` -> ``[T, H, D]``."""
-        self.ops.write_kv_cache(key, value, k_cache, v_cache, meta.slot_mapping)
+        """``query [T, H, D]``, ``key``/``value [T, KVH, D]`` -> ``[T, H, D]``. With ``rotary``, the
+        ``(positions, cos, sin)`` of ``apply_rotary``, query and key are rotated first, in the same op
+        (one launch on CUDA) that writes the keys and values into the cache."""
+        if rotary is None:
+            self.ops.write_kv_cache(key, value, k_cache, v_cache, meta.slot_mapping)
+        else:
+            query, key = self.ops.write_kv_cache_rotary(query, key, value, *rotary, k_cache, v_cache, meta.slot_mapping)
         n_dec = meta.num_decode_tokens
         if n_dec == query.shape[0]:
             return self._decode(query, k_cache, v_cache, meta)

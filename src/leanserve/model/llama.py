@@ -87,8 +87,7 @@ class LlamaAttention(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = rotary(positions, q, k)
-        out = self.attn(q, k, v, kv_cache[0], kv_cache[1], meta)
+        out = self.attn(q, k, v, kv_cache[0], kv_cache[1], meta, rotary=(positions, rotary.cos, rotary.sin))
         return self.o_proj(out.view(num_tokens, self.q_size))
 
 
