@@ -337,6 +337,17 @@ def _cases(modules, full: bool):
 
                         split = "auto" if config is None else "1"
                         yield (f"gemv m={m} bias={bias} splits={split} {dtype_name}/{shape_name}(N{n},K{k})", linear)
+                # The decoder's 1-row fusions (gemv.norm_linear & co.): each is its own specialisation.
+                for fusion in ("norm", "norm+gated", "residual"):
+                    def fused(n=n, k=k, fusion=fusion, dtype=dtype):
+                        gated = "gated" in fusion
+                        n_out = n // 2 if gated else n
+                        norm = (torch.ones(k, dtype=dtype), 1e-5) if "norm" in fusion else None
+                        res = torch.zeros(1, n_out, dtype=dtype) if fusion == "residual" else None
+                        gemv_mod.gemv(torch.zeros(1, k, dtype=dtype), torch.zeros(n, k, dtype=dtype), norm=norm,
+                                      residual=res, out=res, gated=gated)
+
+                    yield (f"gemv m=1 {fusion} {dtype_name}/{shape_name}(N{n},K{k})", fused)
 
         if awq is not None:
             has_gemv_config = "gemv_config" in awq.awq_gemm.__code__.co_varnames

@@ -18,11 +18,15 @@ All of it for each variant of the model's kernels (``--variants``, in this order
 - ``fused_pdl``: cuBLAS linears, PDL on our kernels;
 - ``unfused``: the torch ops the fused layer kernels replace, cuBLAS linears;
 - ``rotary_apart``: ``gemv_pdl`` with the rotary embedding and the KV-cache write as two launches per
-  layer, as before ``kv_cache.write_kv_cache_rotary`` made them one.
+  layer, as before ``kv_cache.write_kv_cache_rotary`` made them one;
+- ``layer_apart``: ``gemv_pdl`` without the fused layer path of 1-row batches (``DecodeOps``: the norms,
+  the gating and the residual adds folded into the GEMVs), i.e. a norm kernel before qkv and gate_up
+  and a SiLU kernel after gate_up, as before.
 
 PDL variants are skipped where the GPU cannot do PDL (before sm_90). Each variant also reports how many
 of its greedy tokens equal the first variant's (bf16 rounding differs between matmuls, so random-weight
-near-ties may flip a few; ``rotary_apart`` computes what ``gemv_pdl`` does, so all of its tokens must agree).
+near-ties may flip a few; ``rotary_apart`` computes what ``gemv_pdl`` does, so all of its tokens must agree;
+``layer_apart`` rounds the normed rows to bf16 where ``gemv_pdl`` does not, so at batch 1 a near-tie may flip).
 
 The floor is the bytes a step must read (every weight but the embedding table, plus the step's K/V)
 over the measured device copy bandwidth. Each variant also profiles one eager step (kernel count and
@@ -129,7 +133,7 @@ def profile_eager_step(runner, seqs) -> tuple[int, list[tuple[str, float, int]]]
     return launches, rows[:15]
 
 
-VARIANTS = ("fused", "gemv_pdl", "fused_pdl", "unfused", "rotary_apart")
+VARIANTS = ("fused", "gemv_pdl", "fused_pdl", "unfused", "rotary_apart", "layer_apart")
 
 
 def rotary_then_write(apply_rotary, query, key, value, positions, cos, sin, k_cache, v_cache, slot_mapping):
@@ -158,8 +162,9 @@ def kernel_variants(device: torch.device) -> dict[str, tuple[object, bool]]:
 
     unfused = backend.ModelOps(rotary_apart(reference.apply_rotary), backend.reference_layer_ops(), F.linear)
     apart = dataclasses.replace(triton_ops, attention=rotary_apart(apply_rotary))
+    layer_apart = dataclasses.replace(triton_ops, decode=backend.reference_decode_ops())
     return {"fused": (cublas, False), "gemv_pdl": (triton_ops, True), "fused_pdl": (cublas, True),
-            "unfused": (unfused, False), "rotary_apart": (apart, True)}
+            "unfused": (unfused, False), "rotary_apart": (apart, True), "layer_apart": (layer_apart, True)}
 
 
 def set_pdl(on: bool, device: torch.device) -> bool:

@@ -5,9 +5,10 @@
 # the diagnostics (the decode attention by partition length, projection matmuls cuBLAS vs the Triton
 # GEMV, the attention kernels). Each step has a time limit and its own log under OUT; a failing step does
 # not stop the others. The five steps of 2026-11-26's first call (kernel_tests, matmul_probe,
-# decode_step with four variants, kernels_bench, awq_bench with 34 configs) took 208 s on an H200; the
-# limits add up to under 10 minutes. The benchmarks print a JSON line per finished part, so a step cut
-# short keeps what it measured.
+# decode_step with four variants, kernels_bench, awq_bench with 34 configs) took 208 s on an H200. The
+# default steps' limits add up to 640 s, over one call's 600: run them as two calls (STEPS="kernel_tests
+# decode_step awq_bench", then the rest). The benchmarks print a JSON line per finished part, so a step
+# cut short keeps what it measured.
 #
 #   bash benchmarks/gpu_session.sh [OUT_DIR]     (on the GPU machine, from the repo root)
 set -u
@@ -46,12 +47,12 @@ step() {
 }
 
 step kernel_tests "${T_TESTS:-100}" $PY -m pytest -q -n 8 --maxfail=20 -p no:cacheprovider tests/kernels tests/model/test_cuda_graphs.py
-# The decode step by variant: the model's own ops (PDL and the 1-row GEMV), the same with rotary and the
-# KV write as two launches (what ran before write_kv_cache_rotary), cuBLAS + PDL (DECODE_VARIANTS=...
-# adds fused: cuBLAS without PDL, the first session's figures; unfused: the torch layer ops, 1.988 ms at
-# batch 1 then).
-step decode_step "${T_DECODE:-150}" $PY benchmarks/decode_step.py --iters 30 \
-    --variants "${DECODE_VARIANTS:-gemv_pdl,rotary_apart,fused_pdl}"
+# The decode step by variant: the model's own ops (PDL, the 1-row GEMV with the layer fusions), the same
+# with rotary and the KV write as two launches (before write_kv_cache_rotary), the same without the
+# 1-row layer fusions (before DecodeOps), cuBLAS + PDL (DECODE_VARIANTS=... adds fused: cuBLAS without
+# PDL, the first session's figures; unfused: the torch layer ops, 1.988 ms at batch 1 then).
+step decode_step "${T_DECODE:-200}" $PY benchmarks/decode_step.py --iters 30 \
+    --variants "${DECODE_VARIANTS:-gemv_pdl,rotary_apart,layer_apart,fused_pdl}"
 # The AWQ GEMV sweep at M=1 only by default (the bar); AWQ_SWEEP_M=1,16,64,256 adds the tiled shapes.
 step awq_bench "${T_AWQ:-150}" $PY benchmarks/quant.py --gpu-only ${AWQ_SWEEP:---sweep} --sweep-m ${AWQ_SWEEP_M:-1}
 # The decode attention inside a 1.1B model's graph, by the minimum partition length (MIN_PARTITION_TOKENS).

@@ -9,7 +9,7 @@ server imports the kernels package without it); the Triton modules are imported 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -73,24 +73,46 @@ def reference_layer_ops() -> LayerOps:
 
 
 @dataclass(frozen=True)
+class DecodeOps:
+    """A decoder layer's fused forms for small decode batches (``LlamaDecoderLayer.forward_decode``):
+    the norms folded into the next linear, the MLP's gating into its up projection, the residual adds
+    into the projections before them. ``max_rows(device)``: the batch size up to which the model takes
+    them (0: never); their semantics are ``reference.norm_linear`` & co."""
+
+    norm_linear: Callable[..., torch.Tensor]
+    norm_gated_linear: Callable[..., torch.Tensor]
+    linear_residual: Callable[..., torch.Tensor]
+    max_rows: Callable[[torch.device], int]
+
+
+def reference_decode_ops() -> DecodeOps:
+    """The reference forms, which the model never takes by itself (``max_rows`` 0): on a CPU they would
+    only reorder the same ops. Tests raise ``max_rows`` to check the fused path against the other."""
+    return DecodeOps(reference.norm_linear, reference.norm_gated_linear, reference.linear_residual, lambda d: 0)
+
+
+@dataclass(frozen=True)
 class ModelOps:
-    """Every kernel a decoder calls: attention, the per-layer fused ops and the linear layers' matmul
-    (``F.linear`` semantics)."""
+    """Every kernel a decoder calls: attention, the per-layer fused ops, the linear layers' matmul
+    (``F.linear`` semantics) and the fused forms of a layer for small decode batches."""
 
     attention: AttentionOps
     layers: LayerOps
     linear: Callable[..., torch.Tensor] = reference.linear
+    decode: DecodeOps = field(default_factory=reference_decode_ops)
 
 
 def get_model_ops(device: torch.device | str) -> ModelOps:
     """Triton kernels for a model on CUDA; the torch references on any other device (the interpreter is
     for the kernel tests, never for a model). On CUDA, linears go through ``gemv.linear``: the Triton GEMV
-    where it was measured faster (one row, with PDL), ``F.linear`` otherwise."""
+    where it was measured faster (one row, with PDL), ``F.linear`` otherwise; for those same one-row
+    batches the decoder takes its fused layer path (``DecodeOps``)."""
     device = torch.device(device)
     if device.type == "cuda" and triton_available():
         from .fused_layers import apply_rotary, rms_norm, silu_and_mul
-        from .gemv import linear
+        from .gemv import decode_fusion_rows, linear, linear_residual, norm_gated_linear, norm_linear
 
         layers = LayerOps(rms_norm, apply_rotary, silu_and_mul, "triton")
-        return ModelOps(get_attention_ops(device), layers, linear)
+        decode = DecodeOps(norm_linear, norm_gated_linear, linear_residual, decode_fusion_rows)
+        return ModelOps(get_attention_ops(device), layers, linear, decode)
     return ModelOps(reference_attention_ops(), reference_layer_ops())

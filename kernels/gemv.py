@@ -64,26 +64,74 @@ _WITH_PDL = GemvConfig(pdl=True)
 
 
 @triton.jit
-def _tile_sum(w, x_ptrs, keep, HAS_KEEP: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-              CHUNKS: tl.constexpr, VEC: tl.constexpr):
+def _tile_sum(w, x_ptrs, keep, gamma_ptrs, HAS_KEEP: tl.constexpr, NORM: tl.constexpr, M_PAD: tl.constexpr,
+              BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr, VEC: tl.constexpr):
     """``[M, BLOCK_N, CHUNKS]``: products of a weight tile ``[1, BLOCK_N, BLOCK_K]`` with x
     ``[M, BLOCK_N, BLOCK_K]`` (broadcast over N), summed over each thread's ``VEC`` elements; with
-    HAS_KEEP only the K positions where ``keep`` holds count."""
-    products = w.to(tl.float32) * tl.load(x_ptrs).to(tl.float32)
+    HAS_KEEP only the K positions where ``keep`` holds count; with NORM x is first scaled by the norm
+    weight at ``gamma_ptrs`` (the row's 1/rms comes in the epilogue)."""
+    x = tl.load(x_ptrs).to(tl.float32)
+    if NORM:
+        x = x * tl.load(gamma_ptrs).to(tl.float32)
+    products = w.to(tl.float32) * x
     if HAS_KEEP:
         products = tl.where(keep, products, 0.0)
     return tl.sum(tl.reshape(products, [M_PAD, BLOCK_N, CHUNKS, VEC]), axis=3)
 
 
 @triton.jit
+def _row_rstd(x_tile, offs_k, K, eps, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``[M, BLOCK_N]``: 1 / rms of each row of x over all of K (the same in every column), read in
+    whole unmasked tiles like the main loop (the last one ending at K, its already-counted part
+    dropped)."""
+    squares = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        start = tl.minimum(k0, K - BLOCK_K)
+        x = tl.load(x_tile + start).to(tl.float32)
+        x = tl.where(start + offs_k >= k0, x, 0.0)
+        squares += tl.sum(x * x, axis=2)
+    return 1.0 / tl.sqrt(squares / K + eps)
+
+
+@triton.jit
+def _epilogue(y, up, rstd, bias_ptr, res_ptr, w_rows, offs_m, offs_n, N_UP, stride_rm, out_mask,
+              out_ty: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
+              GATED: tl.constexpr):
+    """The finished fp32 sums ``[M, BLOCK_N]`` (and with GATED the up half's) to what is stored: times
+    1/rms, plus the bias, ``silu(gate) * up`` rounded as ``silu_and_mul`` rounds it, plus the residual."""
+    if NORM:
+        y = y * rstd
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + w_rows).to(tl.float32)[None, :]
+    if GATED:
+        if NORM:
+            up = up * rstd
+        if HAS_BIAS:
+            up += tl.load(bias_ptr + N_UP + w_rows).to(tl.float32)[None, :]
+        gate = y.to(out_ty).to(tl.float32)
+        silu = (gate / (1.0 + tl.exp(-gate))).to(out_ty).to(tl.float32)
+        y = silu * up.to(out_ty).to(tl.float32)
+    if RESIDUAL:
+        y += tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=out_mask, other=0.0).to(tl.float32)
+    return y
+
+
+@triton.jit
 def _gemv_kernel(
-    x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, count_ptr,
-    M, N, K, K_SLICE, stride_xm, stride_wn, stride_ym,
+    x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, gamma_ptr, res_ptr,
+    M, N, K, K_SLICE, stride_xm, stride_wn, stride_ym, stride_rm, N_UP, eps,
     M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
     SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PDL: tl.constexpr,
+    NORM: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr,
 ):
     """One (block of ``BLOCK_N`` outputs, slice of K). SPLIT: partials + arrival counter (see module
-    docstring); otherwise the program stores its outputs."""
+    docstring); otherwise the program stores its outputs.
+
+    Decode fusions (``gemv``'s ``norm`` / ``residual`` / ``gated``): NORM takes x as the input of an
+    RMSNorm with weight ``gamma`` (x scaled by gamma in the products, 1/rms of the whole row in the
+    epilogue); RESIDUAL adds ``res`` (which may be ``y`` itself: each output is read and written by
+    one program) to the result; GATED reads rows ``n`` and ``N_UP + n`` of W (gate and up) and stores
+    ``silu(gate) * up`` as output ``n`` (unsplit only)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     CHUNKS: tl.constexpr = BLOCK_K // VEC
@@ -102,33 +150,51 @@ def _gemv_kernel(
     k_begin = pid_k * K_SLICE
     k_end = tl.minimum(k_begin + K_SLICE, K)
     n_full = (k_end - k_begin) // BLOCK_K
+    g_tile = gamma_ptr + offs_k  # NORM only: the norm weight along K, broadcast over rows
     # The launcher keeps BLOCK_K <= K, so the first tile is in bounds even when this slice is only a
     # ragged tail (its data is then loaded but not used).
     w = tl.load(w_tile + tl.minimum(k_begin, K - BLOCK_K))
+    if GATED:
+        up_tile = w_tile + N_UP * stride_wn
+        w_up = tl.load(up_tile + tl.minimum(k_begin, K - BLOCK_K))
     # Everything above reads only weights; x (and the workspace) may be the previous kernel's output.
     pdl_wait(USE_PDL)
     pdl_launch_dependents(USE_PDL)
 
     acc = tl.zeros([M_PAD, BLOCK_N, CHUNKS], dtype=tl.float32)
+    acc_up = tl.zeros([M_PAD, BLOCK_N, CHUNKS], dtype=tl.float32)  # GATED only
     last_full = k_begin + (n_full - 1) * BLOCK_K
     for i in range(n_full):
         k0 = k_begin + i * BLOCK_K
         # The last iteration reloads its own tile (an L1 hit) instead of branching.
         w_next = tl.load(w_tile + tl.minimum(k0 + BLOCK_K, last_full))
-        acc += _tile_sum(w, x_tile + k0, None, False, M_PAD, BLOCK_N, CHUNKS, VEC)
+        acc += _tile_sum(w, x_tile + k0, None, g_tile + k0, False, NORM, M_PAD, BLOCK_N, CHUNKS, VEC)
         w = w_next
+        if GATED:
+            w_up_next = tl.load(up_tile + tl.minimum(k0 + BLOCK_K, last_full))
+            acc_up += _tile_sum(w_up, x_tile + k0, None, g_tile + k0, False, NORM, M_PAD, BLOCK_N, CHUNKS, VEC)
+            w_up = w_up_next
     tail = k_begin + n_full * BLOCK_K
     if tail < k_end:
         # A ragged end of K (only the last slice has one): the tile that ends at K, whose first part
         # was already counted. Its loads stay whole, unmasked vectors (masked x loads are not merged
         # across N by ptxas: M x BLOCK_N x VEC registers, spills); the products before `tail` drop out.
         last = K - BLOCK_K
+        keep = last + offs_k >= tail
         w = tl.load(w_tile + last)
-        acc += _tile_sum(w, x_tile + last, last + offs_k >= tail, True, M_PAD, BLOCK_N, CHUNKS, VEC)
+        acc += _tile_sum(w, x_tile + last, keep, g_tile + last, True, NORM, M_PAD, BLOCK_N, CHUNKS, VEC)
+        if GATED:
+            w_up = tl.load(up_tile + last)
+            acc_up += _tile_sum(w_up, x_tile + last, keep, g_tile + last, True, NORM, M_PAD, BLOCK_N, CHUNKS, VEC)
     y = tl.sum(acc, axis=2)  # [M_PAD, BLOCK_N]
+    up = tl.sum(acc_up, axis=2)
+    rstd = y  # NORM only
+    if NORM:
+        rstd = _row_rstd(x_tile, offs_k, K, eps, M_PAD, BLOCK_N, BLOCK_K)
 
     out_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    out_ty: tl.constexpr = y_ptr.dtype.element_ty
     if SPLIT:
         parts = part_ptr + offs_m[:, None] * N + offs_n[None, :]
         mn = M * N
@@ -143,14 +209,14 @@ def _gemv_kernel(
             y = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
             for s in range(n_splits):
                 y += tl.load(parts + s * mn, mask=out_mask, other=0.0, cache_modifier=".cg")
-            if HAS_BIAS:
-                y += tl.load(bias_ptr + w_rows).to(tl.float32)[None, :]
-            tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=out_mask)
+            y = _epilogue(y, up, rstd, bias_ptr, res_ptr, w_rows, offs_m, offs_n, N_UP, stride_rm, out_mask,
+                          out_ty, HAS_BIAS, NORM, RESIDUAL, False)
+            tl.store(y_ptrs, y.to(out_ty), mask=out_mask)
             tl.store(count_ptr + pid_n, 0)
     else:
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + w_rows).to(tl.float32)[None, :]
-        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=out_mask)
+        y = _epilogue(y, up, rstd, bias_ptr, res_ptr, w_rows, offs_m, offs_n, N_UP, stride_rm, out_mask,
+                      out_ty, HAS_BIAS, NORM, RESIDUAL, GATED)
+        tl.store(y_ptrs, y.to(out_ty), mask=out_mask)
 
 
 def split_workspace(device: torch.device, partial_numel: int, num_counters: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,6 +301,26 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out
     _checks.check_same_device(**tensors)
 
 
+def _check_fusions(x: torch.Tensor, weight: torch.Tensor, norm: tuple[torch.Tensor, float] | None,
+                   residual: torch.Tensor | None, gated: bool) -> None:
+    if gated and weight.shape[0] % 2:
+        _checks.fail(f"a gated weight stacks gate and up: its {weight.shape[0]} rows must be even")
+    n_out = weight.shape[0] // 2 if gated else weight.shape[0]
+    tensors = {"x": x}
+    if norm is not None:
+        _checks.check_float("norm weight", norm[0], 1)
+        if norm[0].shape[0] != x.shape[1]:
+            _checks.fail(f"norm weight has {norm[0].shape[0]} entries, x rows {x.shape[1]}")
+        tensors["norm_weight"] = norm[0]
+    if residual is not None:
+        _checks.check_float("residual", residual, 2)
+        if tuple(residual.shape) != (x.shape[0], n_out) or residual.dtype != x.dtype:
+            _checks.fail(f"residual must be {(x.shape[0], n_out)} {x.dtype}, "
+                         f"got {tuple(residual.shape)} {residual.dtype}")
+        tensors["residual"] = residual
+    _checks.check_same_device(**tensors)
+
+
 def gemv(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -242,25 +328,46 @@ def gemv(
     *,
     config: GemvConfig | None = None,
     out: torch.Tensor | None = None,
+    norm: tuple[torch.Tensor, float] | None = None,
+    residual: torch.Tensor | None = None,
+    gated: bool = False,
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for ``x [M <= 8, K]`` and ``weight [N, K]`` (same dtype, fp32
     accumulation), in ``x.dtype``. ``out`` is an optional preallocated ``[M, N]`` output.
+
+    Decode fusions, each removing a kernel launch from a decoder layer:
+
+    - ``norm=(weight, eps)``: of ``rms_norm(x, weight, eps)`` instead of ``x`` (the normed row is never
+      rounded to x's dtype, unlike the two-kernel form);
+    - ``gated``: ``weight`` stacks gate over up (``[2 I, K]``), the output is ``silu_and_mul`` of the
+      linear, ``[M, I]`` (always unsplit);
+    - ``residual [M, N]``: added to the result; ``out=residual`` updates it in place.
 
     Only metadata is checked (no index tensors, so no value checks and nothing for
     ``trusted_inputs()`` to skip). With PDL the first weight tile is read before waiting for the kernel
     launched just before this one, so ``weight`` must not be that kernel's output (model weights never
     are).
     """
-    _check(x, weight, bias, out)
+    _check(x, weight, bias, out if not gated else None)
+    _check_fusions(x, weight, norm, residual, gated)
     m, k = x.shape
-    n = weight.shape[0]
+    n = weight.shape[0] // 2 if gated else weight.shape[0]
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    elif gated and (tuple(out.shape) != (m, n) or out.dtype != x.dtype or out.stride(-1) != 1):
+        _checks.fail(f"out must be {(m, n)} {x.dtype} contiguous in its last dim, got {tuple(out.shape)} {out.dtype}")
     if m == 0 or n == 0:
         return out
-    if k == 0:  # an empty sum: the bias or zeros, as F.linear gives
+    if k == 0 and not (norm or residual is not None or gated):  # an empty sum: the bias or zeros, as F.linear gives
         return out.copy_(bias.expand(m, n) if bias is not None else torch.zeros_like(out))
-    plan = _plan(m, n, k, x.dtype, x.device, config or GemvConfig())
+    if k == 0:
+        _checks.fail("the decode fusions need K > 0")
+    config = config or GemvConfig()
+    if gated:
+        # The gate and up halves of an output meet in one program (unsplit), which reads rows of both:
+        # half the default rows of each keeps the loads per thread, and the registers, of a plain launch.
+        config = dataclasses.replace(config, splits=1, block_n=config.block_n or (4 if m <= 2 else 2))
+    plan = _plan(m, n, k, x.dtype, x.device, config)
     blocks = triton.cdiv(n, plan.block_n)
     if plan.splits > 1:
         if plan.splits * m * n >= 2**31:
@@ -270,28 +377,77 @@ def gemv(
         partials = counters = out  # unused
     _gemv_kernel[(blocks, plan.splits)](
         x, weight, bias if bias is not None else weight, out, partials, counters,
+        norm[0] if norm is not None else weight, residual if residual is not None else out,
         m, n, k, plan.k_slice, x.stride(0), weight.stride(0), out.stride(0),
+        residual.stride(0) if residual is not None else 0, n, norm[1] if norm is not None else 0.0,
         M_PAD=plan.m_pad, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, VEC=plan.vec,
-        SPLIT=plan.splits > 1, HAS_BIAS=bias is not None, num_warps=plan.num_warps, **pdl_launch(plan.pdl),
+        SPLIT=plan.splits > 1, HAS_BIAS=bias is not None, NORM=norm is not None, RESIDUAL=residual is not None,
+        GATED=gated, num_warps=plan.num_warps, **pdl_launch(plan.pdl),
     )
     return out
+
+
+def _takes_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether a linear of ``x [..., K]`` goes to the GEMV: at most ``LINEAR_MAX_ROWS`` rows, with PDL,
+    one dtype, K contiguous, no autograd."""
+    k = x.shape[-1]
+    rows = x.numel() // k if k else 0
+    return (
+        0 < rows <= LINEAR_MAX_ROWS
+        and pdl_enabled(x.device)
+        and x.dtype == weight.dtype
+        and x.stride(-1) == 1
+        and weight.stride(-1) == 1
+        and (bias is None or (bias.dtype == x.dtype and bias.stride(-1) == 1))
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    )
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` with the GEMV where it was measured faster (``x [..., K]`` of at most
     ``LINEAR_MAX_ROWS`` rows, with PDL) and ``F.linear`` for everything else (larger batches, no PDL,
     autograd, mixed dtypes, strided K)."""
-    k = x.shape[-1]
-    rows = x.numel() // k if k else 0
-    if (
-        not 0 < rows <= LINEAR_MAX_ROWS
-        or not pdl_enabled(x.device)
-        or x.dtype != weight.dtype
-        or x.stride(-1) != 1
-        or weight.stride(-1) != 1
-        or (bias is not None and (bias.dtype != x.dtype or bias.stride(-1) != 1))
-        or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-    ):
+    if not _takes_gemv(x, weight, bias):
         return F.linear(x, weight, bias)
-    y = gemv(x.reshape(rows, k), weight, bias, config=_WITH_PDL)  # already known on: not asked again
+    k = x.shape[-1]
+    y = gemv(x.reshape(-1, k), weight, bias, config=_WITH_PDL)  # already known on: not asked again
     return y.view(*x.shape[:-1], weight.shape[0])
+
+
+# The decode fusions as a decoder layer calls them (``reference.norm_linear`` & co. give the semantics):
+# the fused GEMV where ``linear`` would take the GEMV, the separate kernels otherwise. The model takes
+# its fused layer path only for batches the GEMV takes (``decode_fusion_rows``), where each of these
+# saves a launch; elsewhere its own path (the add fused into the next norm) launches fewer kernels.
+
+
+def decode_fusion_rows(device: torch.device) -> int:
+    """Rows up to which the decoder's fused layer path pays (0: never)."""
+    return LINEAR_MAX_ROWS if pdl_enabled(device) else 0
+
+
+def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``linear(rms_norm(x, norm_weight, eps), weight, bias)``."""
+    if x.dim() == 2 and _takes_gemv(x, weight, bias) and norm_weight.dtype == x.dtype:
+        return gemv(x, weight, bias, config=_WITH_PDL, norm=(norm_weight, eps))
+    from .fused_layers import rms_norm
+
+    return linear(rms_norm(x, norm_weight, eps), weight, bias)
+
+
+def norm_gated_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                      bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``silu_and_mul(linear(rms_norm(x, norm_weight, eps), weight, bias))``: ``weight`` stacks gate and up."""
+    if x.dim() == 2 and _takes_gemv(x, weight, bias) and norm_weight.dtype == x.dtype:
+        return gemv(x, weight, bias, config=_WITH_PDL, norm=(norm_weight, eps), gated=True)
+    from .fused_layers import rms_norm, silu_and_mul
+
+    return silu_and_mul(linear(rms_norm(x, norm_weight, eps), weight, bias))
+
+
+def linear_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    residual: torch.Tensor) -> torch.Tensor:
+    """``residual + linear(x, weight, bias)``, written into ``residual`` (the decoder's residual stream)."""
+    if x.dim() == 2 and _takes_gemv(x, weight, bias) and residual.dtype == x.dtype and residual.stride(-1) == 1:
+        return gemv(x, weight, bias, config=_WITH_PDL, residual=residual, out=residual)
+    return residual.add_(linear(x, weight, bias))

@@ -194,3 +194,25 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 # A linear layer, ``x [..., K] @ weight [N, K]^T (+ bias)``: what the Triton GEMV (``gemv.linear``) must
 # reproduce. An alias, not a wrapper: the CPU model calls it for every unpacked linear.
 linear = torch.nn.functional.linear
+
+
+# The decode fusions a decoder layer calls for small batches (``gemv.norm_linear`` & co. on CUDA): each
+# is the sequence of ops the layer's ordinary path runs, so on any device the two paths agree bit for bit.
+
+
+def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``linear(rms_norm(x, norm_weight, eps), weight, bias)``."""
+    return linear(rms_norm(x, norm_weight, eps), weight, bias)
+
+
+def norm_gated_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                      bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``silu_and_mul(linear(rms_norm(x, norm_weight, eps), weight, bias))``: ``weight`` stacks gate and up."""
+    return silu_and_mul(linear(rms_norm(x, norm_weight, eps), weight, bias))
+
+
+def linear_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    residual: torch.Tensor) -> torch.Tensor:
+    """``residual + linear(x, weight, bias)`` (a new tensor; the CUDA form writes into ``residual``)."""
+    return linear(x, weight, bias) + residual

@@ -12,10 +12,11 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from leanserve.kernels.backend import LayerOps, ModelOps
+from leanserve.kernels.backend import DecodeOps, LayerOps, ModelOps
 from leanserve.model.attention import AttentionMetadata, PagedAttention
 from leanserve.model.config import ModelConfig
 from leanserve.model.layers import (
+    Linear,
     LinearFactory,
     RMSNorm,
     RotaryEmbedding,
@@ -82,13 +83,24 @@ class LlamaAttention(nn.Module):
         meta: AttentionMetadata,
         rotary: RotaryEmbedding,
     ) -> torch.Tensor:
-        num_tokens = hidden.shape[0]
-        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        return self.o_proj(self.attend(positions, self.qkv_proj(hidden), kv_cache, meta, rotary))
+
+    def attend(
+        self,
+        positions: torch.Tensor,
+        qkv: torch.Tensor,
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+        rotary: RotaryEmbedding,
+    ) -> torch.Tensor:
+        """From the QKV projection's output to the attention output ``[T, q_size]`` (before o_proj)."""
+        num_tokens = qkv.shape[0]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         out = self.attn(q, k, v, kv_cache[0], kv_cache[1], meta, rotary=(positions, rotary.cos, rotary.sin))
-        return self.o_proj(out.view(num_tokens, self.q_size))
+        return out.view(num_tokens, self.q_size)
 
 
 class LlamaMLP(nn.Module):
@@ -138,6 +150,33 @@ class LlamaDecoderLayer(nn.Module):
         normed, residual = self.post_attention_layernorm(attn, residual)
         return self.mlp(normed), residual
 
+    def forward_decode(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+        rotary: RotaryEmbedding,
+        ops: DecodeOps,
+    ) -> torch.Tensor:
+        """The same layer for a small decode batch in four projections and the attention: each norm
+        folded into the projection after it, the gating into gate_up, the residual adds into o_proj and
+        down_proj. ``hidden`` is the residual stream itself (``ops.linear_residual`` may update it in
+        place); returns it after the layer."""
+        attn, mlp = self.self_attn, self.mlp
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        qkv = ops.norm_linear(hidden, norm1.weight, norm1.eps, attn.qkv_proj.weight, attn.qkv_proj.bias)
+        out = attn.attend(positions, qkv, kv_cache, meta, rotary)
+        hidden = ops.linear_residual(out, attn.o_proj.weight, attn.o_proj.bias, hidden)
+        act = ops.norm_gated_linear(hidden, norm2.weight, norm2.eps, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias)
+        return ops.linear_residual(act, mlp.down_proj.weight, mlp.down_proj.bias, hidden)
+
+    def dense(self) -> bool:
+        """Whether every projection is a plain ``Linear`` with its weight in place (not int4, not packed
+        for the CPU): what ``forward_decode`` reads."""
+        projections = (self.self_attn.qkv_proj, self.self_attn.o_proj, self.mlp.gate_up_proj, self.mlp.down_proj)
+        return all(isinstance(p, Linear) and p.packed is None for p in projections)
+
 
 class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, linear: LinearFactory, ops: ModelOps) -> None:
@@ -157,6 +196,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.layer_ops = ops.layers
         self.linear_op = ops.linear  # the LM head's matmul (the linear factory gives the Linears theirs)
+        self.decode_ops = ops.decode
         self.model = LlamaModel(config, linear, ops)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -182,12 +222,22 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Final hidden states ``[T, hidden]`` (normed) for the step's tokens."""
         hidden = self.model.embed_tokens(input_ids)
+        rows = input_ids.shape[0]
+        if 0 < rows <= self.decode_ops.max_rows(hidden.device) and self._dense_layers():
+            for layer, kv_cache in zip(self.model.layers, kv_caches, strict=False):
+                hidden = layer.forward_decode(positions, hidden, kv_cache, meta, self.rotary, self.decode_ops)
+            return self.model.norm(hidden)
         residual = None
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=False):
             hidden, residual = layer(positions, hidden, residual, kv_cache, meta, self.rotary)
         if residual is None:
             return self.model.norm(hidden)
         return self.model.norm(hidden, residual)[0]
+
+    def _dense_layers(self) -> bool:
+        """Every layer's projections are plain Linears (``LlamaDecoderLayer.dense``); checked per call: a
+        CPU model packs its weights after construction."""
+        return all(layer.dense() for layer in self.model.layers)
 
     def lm_head_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
