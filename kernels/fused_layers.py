@@ -79,8 +79,22 @@ def rms_norm(
 
 
 @triton.jit
-def _rotate_heads(base, row, cos, sin, stride_t, stride_h, n_heads,
-                  BLOCK_H: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+def _rotary_row(pos_ptr, token, cos_ptr, sin_ptr, stride_cos, max_position,
+                HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """The ``cos``/``sin`` rows ``[BLOCK_HALF]`` (fp32) of ``token``'s position."""
+    # Clamped: a bad position reads a wrong row, never foreign memory (the launchers check values).
+    pos = tl.minimum(tl.maximum(tl.load(pos_ptr + token), 0), max_position - 1).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_HALF)
+    cos = tl.load(cos_ptr + pos * stride_cos + offs_d, mask=offs_d < HALF, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + pos * stride_cos + offs_d, mask=offs_d < HALF, other=0.0).to(tl.float32)
+    return cos, sin
+
+
+@triton.jit
+def _rotated_heads(base, row, cos, sin, stride_t, stride_h, n_heads,
+                   BLOCK_H: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """One token's heads ``[BLOCK_H, BLOCK_HALF]``, rotated in fp32 and rounded to their dtype: the
+    pointers of their first halves, the mask, and the two rotated halves (nothing stored)."""
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_HALF)
     mask = (offs_h[:, None] < n_heads) & (offs_d[None, :] < HALF)
@@ -88,8 +102,17 @@ def _rotate_heads(base, row, cos, sin, stride_t, stride_h, n_heads,
     x1 = tl.load(ptr, mask=mask, other=0.0)
     x2 = tl.load(ptr + HALF, mask=mask, other=0.0)
     a, b = x1.to(tl.float32), x2.to(tl.float32)
-    tl.store(ptr, (a * cos[None, :] - b * sin[None, :]).to(x1.dtype), mask=mask)
-    tl.store(ptr + HALF, (b * cos[None, :] + a * sin[None, :]).to(x1.dtype), mask=mask)
+    r1 = (a * cos[None, :] - b * sin[None, :]).to(x1.dtype)
+    r2 = (b * cos[None, :] + a * sin[None, :]).to(x1.dtype)
+    return ptr, mask, r1, r2
+
+
+@triton.jit
+def _rotate_heads(base, row, cos, sin, stride_t, stride_h, n_heads,
+                  BLOCK_H: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    ptr, mask, r1, r2 = _rotated_heads(base, row, cos, sin, stride_t, stride_h, n_heads, BLOCK_H, HALF, BLOCK_HALF)
+    tl.store(ptr, r1, mask=mask)
+    tl.store(ptr + HALF, r2, mask=mask)
 
 
 @triton.jit
@@ -104,11 +127,7 @@ def _rotary_kernel(
     # The cos/sin rows depend on the positions, which a kernel may have written: nothing to prefetch.
     pdl_wait(USE_PDL)
     pdl_launch_dependents(USE_PDL)
-    # Clamped: a bad position reads a wrong row, never foreign memory (the launcher checks values).
-    pos = tl.minimum(tl.maximum(tl.load(pos_ptr + token), 0), max_position - 1).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_HALF)
-    cos = tl.load(cos_ptr + pos * stride_cos + offs_d, mask=offs_d < HALF, other=0.0).to(tl.float32)
-    sin = tl.load(sin_ptr + pos * stride_cos + offs_d, mask=offs_d < HALF, other=0.0).to(tl.float32)
+    cos, sin = _rotary_row(pos_ptr, token, cos_ptr, sin_ptr, stride_cos, max_position, HALF, BLOCK_HALF)
     _rotate_heads(q_ptr, token, cos, sin, stride_qt, stride_qh, n_heads, BLOCK_H, HALF, BLOCK_HALF)
     _rotate_heads(k_ptr, token, cos, sin, stride_kt, stride_kh, n_kv_heads, BLOCK_KVH, HALF, BLOCK_HALF)
 

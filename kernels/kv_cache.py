@@ -21,7 +21,7 @@ import triton.language as tl
 from . import _checks
 from ._device import pdl_enabled
 from ._pdl import pdl_launch, pdl_launch_dependents, pdl_wait
-from .fused_layers import _rotate_heads, check_rotary_args
+from .fused_layers import _rotary_row, _rotate_heads, _rotated_heads, check_rotary_args
 
 
 @triton.jit
@@ -73,23 +73,15 @@ def _rotary_write_kv_kernel(
     # Positions, q/k/v and slots may all be outputs of earlier kernels: nothing to prefetch.
     pdl_wait(USE_PDL)
     pdl_launch_dependents(USE_PDL)
-    pos = tl.minimum(tl.maximum(tl.load(pos_ptr + token), 0), max_position - 1).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_HALF)
-    cos = tl.load(cos_ptr + pos * stride_cos + offs_d, mask=offs_d < HALF, other=0.0).to(tl.float32)
-    sin = tl.load(sin_ptr + pos * stride_cos + offs_d, mask=offs_d < HALF, other=0.0).to(tl.float32)
+    cos, sin = _rotary_row(pos_ptr, token, cos_ptr, sin_ptr, stride_cos, max_position, HALF, BLOCK_HALF)
     _rotate_heads(q_ptr, token, cos, sin, stride_qt, stride_qh, n_heads, BLOCK_H, HALF, BLOCK_HALF)
-
-    offs_h = tl.arange(0, BLOCK_KVH)
-    mask = (offs_h[:, None] < NUM_KV_HEADS) & (offs_d[None, :] < HALF)
-    k_src = key_ptr + token * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :]
-    k1 = tl.load(k_src, mask=mask, other=0.0)
-    k2 = tl.load(k_src + HALF, mask=mask, other=0.0)
-    a, b = k1.to(tl.float32), k2.to(tl.float32)
     # Rounded to the key's dtype, then to the cache's: what the two unfused kernels store.
-    r1 = (a * cos[None, :] - b * sin[None, :]).to(k1.dtype)
-    r2 = (b * cos[None, :] + a * sin[None, :]).to(k1.dtype)
+    k_src, mask, r1, r2 = _rotated_heads(key_ptr, token, cos, sin, stride_kt, stride_kh, NUM_KV_HEADS,
+                                         BLOCK_KVH, HALF, BLOCK_HALF)
     tl.store(k_src, r1, mask=mask)
     tl.store(k_src + HALF, r2, mask=mask)
+    offs_h = tl.arange(0, BLOCK_KVH)
+    offs_d = tl.arange(0, BLOCK_HALF)
 
     # -1 is padding; other out-of-range slots are rejected by the launcher, and masked here too.
     slot = tl.load(slot_ptr + token).to(tl.int64) + tl.zeros([BLOCK_KVH, BLOCK_HALF], dtype=tl.int64)
