@@ -6,8 +6,8 @@
 # GEMV, the attention kernels). Each step has a time limit and its own log under OUT; a failing step does
 # not stop the others. The five steps of 2026-11-26's first call (kernel_tests, matmul_probe,
 # decode_step with four variants, kernels_bench, awq_bench with 34 configs) took 208 s on an H200. The
-# default steps' limits add up to 640 s, over one call's 600: run them as two calls (STEPS="kernel_tests
-# decode_step awq_bench", then the rest). The benchmarks print a JSON line per finished part, so a step
+# default steps' limits add up to 690 s, over one call's 600: run them as two calls (STEPS="kernel_tests
+# decode_step awq_bench", 500 s of limits, then the rest). The benchmarks print a JSON line per finished part, so a step
 # cut short keeps what it measured.
 #
 #   bash benchmarks/gpu_session.sh [OUT_DIR]     (on the GPU machine, from the repo root)
@@ -46,7 +46,7 @@ step() {
     tail -n "${TAIL_LINES:-30}" "$OUT_DIR/$name.log"
 }
 
-step kernel_tests "${T_TESTS:-100}" $PY -m pytest -q -n 8 --maxfail=20 -p no:cacheprovider tests/kernels tests/model/test_cuda_graphs.py
+step kernel_tests "${T_TESTS:-150}" $PY -m pytest -q -n 8 --maxfail=20 -p no:cacheprovider tests/kernels tests/model/test_cuda_graphs.py tests/model/test_llama_fused_decode.py
 # The decode step by variant: the model's own ops (PDL, the 1-row GEMV with the layer fusions), the same
 # with rotary and the KV write as two launches (before write_kv_cache_rotary), the same without the
 # 1-row layer fusions (before DecodeOps), cuBLAS + PDL (DECODE_VARIANTS=... adds fused: cuBLAS without
