@@ -37,6 +37,7 @@ import contextlib  # noqa: E402
 import importlib  # noqa: E402
 import importlib.util  # noqa: E402
 import io  # noqa: E402
+import itertools  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -337,17 +338,23 @@ def _cases(modules, full: bool):
 
                         split = "auto" if config is None else "1"
                         yield (f"gemv m={m} bias={bias} splits={split} {dtype_name}/{shape_name}(N{n},K{k})", linear)
-                # The decoder's 1-row fusions (gemv.norm_linear & co.): each is its own specialisation.
-                for fusion in ("norm", "norm+gated", "residual"):
-                    def fused(n=n, k=k, fusion=fusion, dtype=dtype):
+                # The decoder's 1-row fusions (gemv.norm_linear & co.): each is its own specialisation; and
+                # the resident-grid launch (GemvConfig.persistent), plain and fused.
+                for fusion, persistent in itertools.product(("", "norm", "norm+gated", "residual"), (False, True)):
+                    if not (fusion or persistent):
+                        continue
+
+                    def fused(n=n, k=k, fusion=fusion, persistent=persistent, dtype=dtype):
                         gated = "gated" in fusion
                         n_out = n // 2 if gated else n
                         norm = (torch.ones(k, dtype=dtype), 1e-5) if "norm" in fusion else None
                         res = torch.zeros(1, n_out, dtype=dtype) if fusion == "residual" else None
                         gemv_mod.gemv(torch.zeros(1, k, dtype=dtype), torch.zeros(n, k, dtype=dtype), norm=norm,
-                                      residual=res, out=res, gated=gated)
+                                      residual=res, out=res, gated=gated,
+                                      config=gemv_mod.GemvConfig(persistent=persistent))
 
-                    yield (f"gemv m=1 {fusion} {dtype_name}/{shape_name}(N{n},K{k})", fused)
+                    yield (f"gemv m=1 {fusion or 'plain'} persistent={persistent} {dtype_name}/{shape_name}(N{n},K{k})",
+                           fused)
 
         if awq is not None:
             has_gemv_config = "gemv_config" in awq.awq_gemm.__code__.co_varnames

@@ -21,7 +21,9 @@ All of it for each variant of the model's kernels (``--variants``, in this order
   layer, as before ``kv_cache.write_kv_cache_rotary`` made them one;
 - ``layer_apart``: ``gemv_pdl`` without the fused layer path of 1-row batches (``DecodeOps``: the norms,
   the gating and the residual adds folded into the GEMVs), i.e. a norm kernel before qkv and gate_up
-  and a SiLU kernel after gate_up, as before.
+  and a SiLU kernel after gate_up, as before;
+- ``persistent``: ``gemv_pdl`` with the GEMV's resident-grid launch (``GemvConfig.persistent``: two
+  programs per SM, each streaming several row blocks) for every 1-row linear.
 
 PDL variants are skipped where the GPU cannot do PDL (before sm_90). Each variant also reports how many
 of its greedy tokens equal the first variant's (bf16 rounding differs between matmuls, so random-weight
@@ -133,7 +135,9 @@ def profile_eager_step(runner, seqs) -> tuple[int, list[tuple[str, float, int]]]
     return launches, rows[:15]
 
 
-VARIANTS = ("fused", "gemv_pdl", "fused_pdl", "unfused", "rotary_apart", "layer_apart")
+VARIANTS = ("fused", "gemv_pdl", "fused_pdl", "unfused", "rotary_apart", "layer_apart", "persistent")
+# The GEMV config the model's 1-row linears use, per variant (default: gemv's own, PDL on).
+GEMV_CONFIGS = {"persistent": {"pdl": True, "persistent": True}}
 
 
 def rotary_then_write(apply_rotary, query, key, value, positions, cos, sin, k_cache, v_cache, slot_mapping):
@@ -164,7 +168,15 @@ def kernel_variants(device: torch.device) -> dict[str, tuple[object, bool]]:
     apart = dataclasses.replace(triton_ops, attention=rotary_apart(apply_rotary))
     layer_apart = dataclasses.replace(triton_ops, decode=backend.reference_decode_ops())
     return {"fused": (cublas, False), "gemv_pdl": (triton_ops, True), "fused_pdl": (cublas, True),
-            "unfused": (unfused, False), "rotary_apart": (apart, True), "layer_apart": (layer_apart, True)}
+            "unfused": (unfused, False), "rotary_apart": (apart, True), "layer_apart": (layer_apart, True),
+            "persistent": (triton_ops, True)}
+
+
+def use_gemv_config(variant: str) -> None:
+    """The 1-row GEMV launch the model's linears (and decode fusions) take for ``variant`` from now on."""
+    from leanserve.kernels import gemv
+
+    gemv._WITH_PDL = gemv.GemvConfig(**GEMV_CONFIGS.get(variant, {"pdl": True}))
 
 
 def set_pdl(on: bool, device: torch.device) -> bool:
@@ -225,6 +237,7 @@ def main() -> int:
         if set_pdl(pdl, device) != pdl:
             print(f"\n[{variant}] skipped: this GPU cannot launch with PDL (needs sm_90+)")
             continue
+        use_gemv_config(variant)
         model = build_model(config, device, dtype, ops)
         if not weight_bytes:
             weight_bytes = sum(t.numel() * t.element_size() for n, t in model.named_parameters() if "embed" not in n)

@@ -7,7 +7,8 @@ launch gaps do not count (serving replays graphs too):
   HBM, not the 60 MB L2): ``F.linear`` (what the model called before), ``torch.mv``, a matmul with the
   weight stored transposed, and the GEMV with programmatic dependent launch (PDL) off and on. The 8
   calls are independent, back to back: with PDL each may start while the one before drains;
-- ``gemv_sweep``: the GEMV's launch parameters (rows per program, warps, K split) per shape, PDL off;
+- ``gemv_sweep``: the GEMV's launch parameters (rows per program, warps, K split, and the resident-grid
+  launch by programs per SM) per shape, PDL off;
 - ``layer_chain``: one decoder layer's projections as a dependent chain (qkv -> o -> gate_up -> down,
   each reading the previous output), 8 layers of distinct weights per graph: us per layer and % of
   copy bandwidth for its 88 MB. This is where PDL can hide each kernel's ramp-up and tail.
@@ -45,6 +46,7 @@ def projections(bandwidth: float) -> list[dict]:
         "F.linear": F.linear,
         "gemv": _gemv(GemvConfig(pdl=False)),
         "gemv+pdl": _gemv(GemvConfig(pdl=True)),
+        "persistent+pdl": _gemv(GemvConfig(pdl=True, persistent=True)),
     }
     rows = []
     for name, (out_f, in_f) in SHAPES.items():
@@ -76,6 +78,9 @@ def gemv_sweep(bandwidth: float) -> list[dict]:
 
     configs = [GemvConfig(block_n=bn, num_warps=nw, pdl=False) for bn, nw in itertools.product((4, 8, 16), (2, 4, 8))]
     configs += [GemvConfig(splits=s, pdl=False) for s in (1, 2, 4, 8)]
+    # The resident grid (not yet timed): programs per SM x rows per program.
+    configs += [GemvConfig(block_n=bn, persistent=True, programs_per_sm=p, pdl=False)
+                for bn, p in itertools.product((4, 8), (1, 2, 3, 4))]
     rows = []
     for name, (out_f, in_f) in SHAPES.items():
         weights = [torch.randn(out_f, in_f, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(COPIES)]
@@ -86,7 +91,9 @@ def gemv_sweep(bandwidth: float) -> list[dict]:
             for config in configs:
                 f = _gemv(config)
                 us = graph_us([lambda w=w, x=x, f=f: f(x, w) for w in weights])
-                cfg = dict(block_n=config.block_n, num_warps=config.num_warps, splits=config.splits)
+                cfg = dict(block_n=config.block_n, num_warps=config.num_warps, splits=config.splits,
+                           **({"persistent": True, "programs_per_sm": config.programs_per_sm}
+                              if config.persistent else {}))
                 rows.append(dict(layer=name, m=m, config=cfg, us=us, pct_of_copy=_pct(nbytes, us, bandwidth)))
                 if best is None or us < best[0]:
                     best = (us, cfg)
@@ -102,7 +109,9 @@ def layer_chain(bandwidth: float) -> list[dict]:
     layers = [{name: torch.randn(out_f, in_f, device="cuda", dtype=torch.bfloat16) * 0.02
                for name, (out_f, in_f) in SHAPES.items()} for _ in range(COPIES)]
     nbytes = sum(out_f * in_f * 2 for out_f, in_f in SHAPES.values())
-    variants = {"F.linear": F.linear, "gemv": _gemv(GemvConfig(pdl=False)), "gemv+pdl": _gemv(GemvConfig(pdl=True))}
+    variants = {"F.linear": F.linear, "gemv": _gemv(GemvConfig(pdl=False)), "gemv+pdl": _gemv(GemvConfig(pdl=True)),
+                "persistent+pdl": _gemv(GemvConfig(pdl=True, persistent=True)),
+                "persistent+pdl, 3 per SM": _gemv(GemvConfig(pdl=True, persistent=True, programs_per_sm=3))}
     rows = []
     for m in ROWS:
         x = torch.randn(m, SHAPES["qkv"][1], device="cuda", dtype=torch.bfloat16)

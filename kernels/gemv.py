@@ -58,6 +58,10 @@ class GemvConfig:
     splits: int | None = None  # K slices (1 = unsplit: no workspace)
     num_warps: int = 4
     pdl: bool | None = None  # programmatic dependent launch: None as _device.pdl_enabled, True where supported
+    # A resident grid of ``programs_per_sm`` programs per SM, each streaming several row blocks
+    # (``_gemv_persistent_kernel``; splits is then ignored). Not yet timed: off by default.
+    persistent: bool = False
+    programs_per_sm: int = 2
 
 
 _WITH_PDL = GemvConfig(pdl=True)
@@ -219,6 +223,80 @@ def _gemv_kernel(
         tl.store(y_ptrs, y.to(out_ty), mask=out_mask)
 
 
+@triton.jit
+def _gemv_persistent_kernel(
+    x_ptr, w_ptr, bias_ptr, y_ptr, gamma_ptr, res_ptr,
+    M, N, K, stride_xm, stride_wn, stride_ym, stride_rm, N_UP, eps, NUM_BLOCKS,
+    M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
+    EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PDL: tl.constexpr,
+    NORM: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr,
+):
+    """The same GEMV on a grid sized to stay resident: program ``p`` takes row blocks ``p, p + grid,
+    ...``, each over all of K (no split, no workspace), as one stream of ``[BLOCK_N, BLOCK_K]`` tiles in
+    which the next tile, the next block's first included, is loaded before this one is used. So a
+    program's loads never wait for its own epilogue, the tail of the launch is at most one block per
+    program, and with PDL only the first tile comes before the wait. Fusions as ``_gemv_kernel``; with
+    NORM the row's 1/rms is taken once per program."""
+    pid = tl.program_id(0)
+    grid = tl.num_programs(0)
+    CHUNKS: tl.constexpr = BLOCK_K // VEC
+    offs_m = tl.arange(0, M_PAD)
+    offs_b = tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)[None, None, :]
+    x_rows = tl.minimum(offs_m, M - 1)
+    x_tile = x_ptr + x_rows[:, None, None] * stride_xm + offs_k + 0 * offs_b[None, :, None]
+    g_tile = gamma_ptr + offs_k
+    n_k = tl.cdiv(K, BLOCK_K)  # tiles per block; a ragged last one is the tile that ends at K
+    my_tiles = tl.cdiv(NUM_BLOCKS - pid, grid) * n_k
+
+    # Tile t of this program: block pid + (t // n_k) * grid, K offset min((t % n_k) * BLOCK_K, K - BLOCK_K).
+    rows = tl.minimum(pid * BLOCK_N + offs_b, N - 1).to(tl.int64)
+    w = tl.load(w_ptr + rows[None, :, None] * stride_wn + offs_k)
+    w_up = w  # GATED only
+    if GATED:
+        w_up = tl.load(w_ptr + (rows + N_UP)[None, :, None] * stride_wn + offs_k)
+    pdl_wait(USE_PDL)
+    pdl_launch_dependents(USE_PDL)
+    rstd = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)  # NORM only
+    if NORM:
+        rstd = _row_rstd(x_tile, offs_k, K, eps, M_PAD, BLOCK_N, BLOCK_K)
+
+    acc = tl.zeros([M_PAD, BLOCK_N, CHUNKS], dtype=tl.float32)
+    acc_up = tl.zeros([M_PAD, BLOCK_N, CHUNKS], dtype=tl.float32)  # GATED only
+    for t in range(my_tiles):
+        kt = t % n_k
+        k0 = tl.minimum(kt * BLOCK_K, K - BLOCK_K)
+        # The next tile (the last iteration reloads this one: an L1 hit).
+        t_next = tl.minimum(t + 1, my_tiles - 1)
+        b_next = pid + (t_next // n_k) * grid
+        rows_next = tl.minimum(b_next * BLOCK_N + offs_b, N - 1).to(tl.int64)
+        k_next = tl.minimum((t_next % n_k) * BLOCK_K, K - BLOCK_K)
+        w_next = tl.load(w_ptr + rows_next[None, :, None] * stride_wn + k_next + offs_k)
+        if EVEN_K:
+            acc += _tile_sum(w, x_tile + k0, None, g_tile + k0, False, NORM, M_PAD, BLOCK_N, CHUNKS, VEC)
+        else:
+            keep = k0 + offs_k >= kt * BLOCK_K  # the ragged tile's already-counted part drops out
+            acc += _tile_sum(w, x_tile + k0, keep, g_tile + k0, True, NORM, M_PAD, BLOCK_N, CHUNKS, VEC)
+        w = w_next
+        if GATED:
+            w_up_next = tl.load(w_ptr + (rows_next + N_UP)[None, :, None] * stride_wn + k_next + offs_k)
+            if EVEN_K:
+                acc_up += _tile_sum(w_up, x_tile + k0, None, g_tile + k0, False, NORM, M_PAD, BLOCK_N, CHUNKS, VEC)
+            else:
+                acc_up += _tile_sum(w_up, x_tile + k0, keep, g_tile + k0, True, NORM, M_PAD, BLOCK_N, CHUNKS, VEC)
+            w_up = w_up_next
+        if kt == n_k - 1:  # the block is done: store it
+            offs_n = (pid + (t // n_k) * grid) * BLOCK_N + offs_b
+            out_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+            y = _epilogue(tl.sum(acc, axis=2), tl.sum(acc_up, axis=2), rstd, bias_ptr, res_ptr,
+                          tl.minimum(offs_n, N - 1).to(tl.int64), offs_m, offs_n, N_UP, stride_rm, out_mask,
+                          y_ptr.dtype.element_ty, HAS_BIAS, NORM, RESIDUAL, GATED)
+            tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
+                     mask=out_mask)
+            acc = tl.zeros([M_PAD, BLOCK_N, CHUNKS], dtype=tl.float32)
+            acc_up = tl.zeros([M_PAD, BLOCK_N, CHUNKS], dtype=tl.float32)
+
+
 def split_workspace(device: torch.device, partial_numel: int, num_counters: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The fp32 partials (no initial value needed) and int32 arrival counters of a split launch."""
     return (scratch(device, "gemv partials", partial_numel, torch.float32),
@@ -369,6 +447,18 @@ def gemv(
         config = dataclasses.replace(config, splits=1, block_n=config.block_n or (4 if m <= 2 else 2))
     plan = _plan(m, n, k, x.dtype, x.device, config)
     blocks = triton.cdiv(n, plan.block_n)
+    if config.persistent:
+        grid = max(1, min(blocks, config.programs_per_sm * num_sms(x.device)))
+        _gemv_persistent_kernel[(grid,)](
+            x, weight, bias if bias is not None else weight, out,
+            norm[0] if norm is not None else weight, residual if residual is not None else out,
+            m, n, k, x.stride(0), weight.stride(0), out.stride(0),
+            residual.stride(0) if residual is not None else 0, n, norm[1] if norm is not None else 0.0, blocks,
+            M_PAD=plan.m_pad, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, VEC=plan.vec, EVEN_K=k % plan.block_k == 0,
+            HAS_BIAS=bias is not None, NORM=norm is not None, RESIDUAL=residual is not None, GATED=gated,
+            num_warps=plan.num_warps, **pdl_launch(plan.pdl),
+        )
+        return out
     if plan.splits > 1:
         if plan.splits * m * n >= 2**31:
             _checks.fail(f"split workspace of {plan.splits} x {m} x {n} is too large for int32 offsets")

@@ -50,6 +50,19 @@ def test_gemv_matches_f_linear(m: int, n: int, k: int, dtype: torch.dtype, split
     assert_matches(got, reference(x, w, b), dtype)
 
 
+@pytest.mark.parametrize("m,n,k", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_persistent_gemv_matches_f_linear(m: int, n: int, k: int, dtype: torch.dtype) -> None:
+    """The resident-grid launch: 8 programs here (the interpreter's 8 "SMs", one each), so most take
+    several row blocks, each over several K tiles, the next one's first tile prefetched across blocks."""
+    x, w, b = inputs(m * n + k + 1, m, n, k, dtype, bias=m % 2 == 1)
+    out = nan_like(torch.empty(m, n, dtype=dtype, device=DEVICE))
+    config = gemv.GemvConfig(block_n=4, block_k=32, persistent=True, programs_per_sm=1)
+    got = gemv.gemv(x, w, b, config=config, out=out)
+    assert got is out
+    assert_matches(got, reference(x, w, b), dtype)
+
+
 def test_default_config_matches_f_linear() -> None:
     x, w, b = inputs(1, 4, 300, 600, torch.float16, True)
     assert_matches(gemv.gemv(x, w, b), reference(x, w, b), torch.float16)
@@ -168,8 +181,21 @@ def test_projections_gpu(n: int, k: int, pdl: bool) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("n,k", TINYLLAMA)
 @pytest.mark.parametrize("pdl", [False, True])
-def test_chain_in_cuda_graph_gpu(pdl: bool) -> None:
+def test_persistent_projections_gpu(n: int, k: int, pdl: bool) -> None:
+    """The resident-grid launch at the 1.1B model's shapes: 264 programs streaming 256-1408 row blocks."""
+    for m in (1, 2, 8):
+        x, w, b = inputs(m + n + 1, m, n, k, torch.bfloat16, m % 2 == 0)
+        torch.cuda.synchronize()
+        got = gemv.gemv(x, w, b, config=gemv.GemvConfig(pdl=pdl, persistent=True))
+        assert_matches(got, reference(x, w, b), torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pdl", [False, True])
+@pytest.mark.parametrize("persistent", [False, True])
+def test_chain_in_cuda_graph_gpu(pdl: bool, persistent: bool) -> None:
     gen = generator(5)
     x = randn(gen, 2, 2048, dtype=torch.bfloat16)
     weights = [randn(gen, 2048, 2048, dtype=torch.bfloat16) * 0.03 for _ in range(4)]
@@ -178,7 +204,7 @@ def test_chain_in_cuda_graph_gpu(pdl: bool) -> None:
     def chain() -> torch.Tensor:
         h = x
         for w in weights:
-            h = gemv.gemv(h, w, config=gemv.GemvConfig(pdl=pdl))
+            h = gemv.gemv(h, w, config=gemv.GemvConfig(pdl=pdl, persistent=persistent))
         return h
 
     eager = chain()
@@ -200,8 +226,9 @@ FUSION_SHAPES = [(1, 70, 100, 1), (3, 130, 264, 3), (2, 40, 300, 1), (1, 24, 102
 @pytest.mark.parametrize("m,n,k,splits", FUSION_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("fusion", ["norm", "gated", "norm+gated", "residual", "norm+residual"])
+@pytest.mark.parametrize("persistent", [False, True])
 def test_decode_fusions_match_their_two_kernel_forms(m: int, n: int, k: int, splits: int, dtype: torch.dtype,
-                                                     fusion: str) -> None:
+                                                     fusion: str, persistent: bool) -> None:
     from leanserve.kernels import reference as ref
 
     gated = "gated" in fusion
@@ -219,7 +246,8 @@ def test_decode_fusions_match_their_two_kernel_forms(m: int, n: int, k: int, spl
         want = want + residual.float()
     out = None if residual is None else residual
     before = None if residual is None else residual.clone()
-    got = gemv.gemv(x, w, b, config=gemv.GemvConfig(block_n=8, block_k=32, splits=splits), out=out,
+    config = gemv.GemvConfig(block_n=8, block_k=32, splits=splits, persistent=persistent, programs_per_sm=1)
+    got = gemv.gemv(x, w, b, config=config, out=out,
                     norm=None if gamma is None else (gamma, 1e-5), residual=residual, gated=gated)
     assert got.shape == (m, n)
     if residual is not None:
