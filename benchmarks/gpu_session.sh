@@ -6,7 +6,7 @@
 # GEMV, the attention kernels). Each step has a time limit and its own log under OUT; a failing step does
 # not stop the others. The five steps of 2026-11-26's first call (kernel_tests, matmul_probe,
 # decode_step with four variants, kernels_bench, awq_bench with 34 configs) took 208 s on an H200. The
-# default steps' limits add up to 690 s, over one call's 600: run them as two calls (STEPS="kernel_tests
+# default steps' limits add up to 720 s, over one call's 600: run them as two calls (STEPS="kernel_tests
 # decode_step awq_bench", 500 s of limits, then the rest). The benchmarks print a JSON line per finished part, so a step
 # cut short keeps what it measured.
 #
@@ -60,7 +60,7 @@ step awq_bench "${T_AWQ:-150}" $PY benchmarks/quant.py --gpu-only ${AWQ_SWEEP:--
 step decode_sweep "${T_SWEEP:-60}" $PY benchmarks/kernels.py --decode-graph-sweep --iters 30 --warmup 5
 # Diagnostics after the two bars: where the projections lose (matmul_probe) and the attention kernels.
 # cuBLAS vs the Triton GEMV on the 1.1B model's projections, PDL off/on, a dependent layer chain, a launch sweep.
-step matmul_probe "${T_PROBE:-70}" $PY benchmarks/decode_step.py --matmul-probe
+step matmul_probe "${T_PROBE:-100}" $PY benchmarks/decode_step.py --matmul-probe
 step kernels_bench "${T_KERNELS:-60}" $PY benchmarks/kernels.py --iters 50 --warmup 10
 # Not in the default steps: the AWQ GEMV's loads alone (is the grid or the arithmetic the limit?), and
 # Nsight Compute's counters for the kernels that stay far from copy bandwidth (benchmarks/ncu_targets.py;
