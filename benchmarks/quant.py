@@ -168,10 +168,11 @@ def sweep_launch_configs(layers: list, k: int, group: int, ms: list[int],
            + [("gemv", dict(maxnreg=192)), ("gemv", dict(unpack="shift")), ("gemv", dict(splits=16)),
               ("gemv", dict(block_c=128, block_k=8, num_stages=3, num_warps=4))]
            # The K-major int4 GEMV (int4_gemv.py, not yet timed): its default (8 rows x 4 warps, one tile
-           # of all K), rows and warps either side, PDL off (the default is on where supported).
+           # of all K), rows and warps either side (all without spills on sm_90: 56-255 registers), PDL
+           # off (the default is on where supported).
            + [("kmajor", {})]
            + [("kmajor", dict(block_n=bn, num_warps=w, chunks_per_thread=c))
-              for bn, w, c in ((4, 4, 1), (16, 4, 1), (8, 2, 2), (8, 1, 4), (16, 2, 2), (4, 8, 1))]
+              for bn, w, c in ((4, 4, 1), (2, 4, 1), (16, 4, 1), (8, 2, 2), (4, 2, 2))]
            + [("kmajor", dict(pdl=False)), ("kmajor", dict(unpack="shift"))],
         16: [("tiled", cfg) for cfg in tiled if cfg["block_m"] == 16],
         64: [("tiled", cfg) for cfg in tiled if cfg["block_m"] == 64],

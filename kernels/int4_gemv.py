@@ -20,9 +20,10 @@ row's inputs contiguous, as ``nn.Linear`` does, and this kernel is shaped like t
   kernel, then reads x.
 
 The row stride is passed as chunks per row and multiplied by four in the kernel, so Triton can prove
-every row 16-byte aligned whatever K is. Rows of x are programs (``M`` small: the weights of the other
-rows come from L2). Not routed in serving yet: it is the second design for issue 7's bar, timed against
-``awq_gemm``'s GEMV by ``benchmarks/quant.py``.
+every row 16-byte aligned whatever K is. Each program takes every row of x (``M <= 8``): the nibbles are
+unpacked once and each row of x adds only its products (fewer output rows per program as ``M`` grows).
+Served only with ``LEANSERVE_AWQ_BACKEND=kmajor`` until timed: it is the second design for issue 7's
+bar, timed against ``awq_gemm``'s GEMV by ``benchmarks/quant.py``.
 """
 
 from __future__ import annotations
@@ -40,14 +41,16 @@ from ._workspace import scratch
 from .awq_gemm import ONE_BITS, _use_asm, _word_plus_one
 from .awq_reference import K_MAJOR_CHUNK
 
-INT4_GEMV_MAX_M = 8  # rows of x; each is its own program row, re-reading the weights (from L2)
+INT4_GEMV_MAX_M = 8  # rows of x, all in each program
 
 
 @dataclasses.dataclass(frozen=True)
 class Int4GemvConfig:
     """Launch parameters (benchmarks sweep them)."""
 
-    block_n: int = 8  # output rows per program: 16-byte loads in flight per thread and tile
+    # Output rows per program: 16-byte loads in flight per thread and tile. None: 8 for up to 2 rows of x,
+    # fewer above (each row of x adds its products to every output row's registers).
+    block_n: int | None = None
     num_warps: int = 4
     chunks_per_thread: int = 1  # chunks each thread takes per tile (K per tile = 32 * 32 * warps * this)
     unpack: str | None = None  # "asm" / "shift" as awq_gemm.UNPACK; None: its default
@@ -81,11 +84,13 @@ class KMajorInt4:
 
 @triton.jit
 def _chunk_terms(words, factors, x_ptrs, x_mask, one_bits, HAS_MASK: tl.constexpr, ASM: tl.constexpr):
-    """``[BLOCK_N, CHUNKS]``: each row's ``sum x (q - z) s`` over each chunk of the tile.
+    """``[M_PAD, BLOCK_N, CHUNKS]``: each x row's and output row's ``sum x (q - z) s`` over each chunk of
+    the tile.
 
-    ``words`` ``[BLOCK_N, 4 * CHUNKS]``; ``factors`` ``[BLOCK_N, CHUNKS]``, the fp16 pair of each row's
-    group; ``x_ptrs`` ``[1, 4 * CHUNKS]`` points at input ``32c + s`` for word ``s`` of chunk ``c``
-    (nibble ``i`` adds ``4i``): four contiguous inputs per thread.
+    ``words`` ``[1, BLOCK_N, 4 * CHUNKS]`` (unpacked once for every row of x); ``factors`` ``[1, BLOCK_N,
+    CHUNKS]``, the fp16 pair of each output row's group; ``x_ptrs`` ``[M_PAD, 1, 4 * CHUNKS]`` points at
+    input ``32c + s`` for word ``s`` of chunk ``c`` (nibble ``i`` adds ``4i``): four contiguous inputs
+    per thread and row of x.
     """
     n0, n1, n2, n3, n4, n5, n6, n7 = _word_plus_one(words, one_bits, ASM)
     if HAS_MASK:
@@ -106,11 +111,11 @@ def _chunk_terms(words, factors, x_ptrs, x_mask, one_bits, HAS_MASK: tl.constexp
         x5 = tl.load(x_ptrs + 20).to(tl.float32)
         x6 = tl.load(x_ptrs + 24).to(tl.float32)
         x7 = tl.load(x_ptrs + 28).to(tl.float32)
-    t = x0 * n0 + x1 * n1 + x2 * n2 + x3 * n3 + x4 * n4 + x5 * n5 + x6 * n6 + x7 * n7
-    u = x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7
+    t = x0 * n0 + x1 * n1 + x2 * n2 + x3 * n3 + x4 * n4 + x5 * n5 + x6 * n6 + x7 * n7  # [M, BLOCK_N, W]
+    u = x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7  # [M, 1, W]
     # A thread's four words are one chunk: these sums stay in registers.
-    t = tl.sum(tl.reshape(t, [t.shape[0], t.shape[1] // 4, 4]), axis=2)
-    u = tl.sum(tl.reshape(u, [1, u.shape[1] // 4, 4]), axis=2)
+    t = tl.sum(tl.reshape(t, [t.shape[0], t.shape[1], t.shape[2] // 4, 4]), axis=3)
+    u = tl.sum(tl.reshape(u, [u.shape[0], 1, u.shape[2] // 4, 4]), axis=3)
     scale16 = factors.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     zero = (factors >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     return scale16 * (t - zero * u)
@@ -118,40 +123,47 @@ def _chunk_terms(words, factors, x_ptrs, x_mask, one_bits, HAS_MASK: tl.constexp
 
 @triton.jit
 def _load_tile(w_tile, p_tile, c0, KC, offs_w, offs_c, GROUP_CHUNKS: tl.constexpr, EVEN_K: tl.constexpr):
-    """The words ``[BLOCK_N, 4 * CHUNKS]`` and factors ``[BLOCK_N, CHUNKS]`` of the tile at chunk ``c0``."""
+    """The words ``[1, BLOCK_N, 4 * CHUNKS]`` and factors ``[1, BLOCK_N, CHUNKS]`` of the tile at chunk ``c0``."""
     if EVEN_K:
-        return tl.load(w_tile + c0 * 4), tl.trans(tl.load(p_tile + c0 // GROUP_CHUNKS))
-    words = tl.load(w_tile + c0 * 4, mask=(c0 * 4 + offs_w < KC * 4)[None, :], other=0)
+        return tl.load(w_tile + c0 * 4), tl.trans(tl.load(p_tile + c0 // GROUP_CHUNKS))[None, :, :]
+    words = tl.load(w_tile + c0 * 4, mask=(c0 * 4 + offs_w < KC * 4)[None, None, :], other=0)
     factors = tl.load(p_tile + c0 // GROUP_CHUNKS, mask=(c0 + offs_c < KC)[:, None], other=0)
-    return words, tl.trans(factors)
+    return words, tl.trans(factors)[None, :, :]
 
 
 @triton.jit
 def _int4_gemv_kernel(
     x_ptr, w_ptr, p_ptr, bias_ptr, y_ptr,
-    N, KC, G, stride_xm, stride_ym, one_bits,
-    BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr, GROUP_CHUNKS: tl.constexpr, EVEN_K: tl.constexpr,
-    ONE_TILE: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr, USE_PDL: tl.constexpr,
+    M, N, KC, G, stride_xm, stride_ym, one_bits,
+    M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr, GROUP_CHUNKS: tl.constexpr,
+    EVEN_K: tl.constexpr, ONE_TILE: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
-    """One program: ``BLOCK_N`` outputs of one row of x, over all of K (``KC`` chunks, ``G`` groups).
+    """One program: ``BLOCK_N`` outputs of every row of x (``M``, padded to ``M_PAD``), over all of K
+    (``KC`` chunks, ``G`` groups); the nibbles are unpacked once for all rows of x.
 
-    The word tile is 2-d ``[BLOCK_N, 4 * CHUNKS]`` with only the words contiguous, so Triton's coalescing
-    has one order to pick (a 3-d ``[rows, chunks, 4]`` tile left rows and chunks tied, and 3.6 put
-    threads along the rows: 32 registers and kilobytes of spills).
+    Tiles are 3-d, ``[rows of x, output rows, words]``: the words ``[1, BLOCK_N, W]`` and x ``[M_PAD, 1,
+    W]``, each built as a 3-d pointer tensor whose only contiguous dim is the last, so both loads get
+    the layout that spreads every thread over the words (16-byte vectors) and keeps both row dims in
+    registers, and the products broadcast with no conversion. (Expanding 2-d loads instead gave a 3-d
+    layout of one element per thread and a shared-memory trip per plane; a 3-d ``[rows, chunks, 4]``
+    word tile left rows and chunks tied for the threads, and Triton 3.6 put them along the rows.)
     """
+    WORDS: tl.constexpr = CHUNKS * 4
     pid_n = tl.program_id(0)
-    row = tl.program_id(1)
+    offs_m = tl.arange(0, M_PAD)
+    x_rows = tl.minimum(offs_m, M - 1).to(tl.int64)  # padding rows read row M - 1, never stored
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     w_rows = tl.minimum(offs_n, N - 1).to(tl.int64)  # clamped rows read real data, never stored
-    offs_w = tl.arange(0, CHUNKS * 4)
+    offs_w = tl.arange(0, WORDS)
     offs_c = tl.arange(0, CHUNKS)
-    w_tile = w_ptr + w_rows[:, None] * (KC * 4) + offs_w[None, :]
+    w_tile = w_ptr + w_rows[None, :, None] * (KC * 4) + offs_w[None, None, :]
     # Built [CHUNKS, BLOCK_N] and transposed where loaded: Triton 3.6's coalescing, with no contiguous dim
     # to order by, puts the threads along the first dim, here the chunks, which is how the sums over
     # each thread's words come out; built [BLOCK_N, CHUNKS], the load went through shared memory twice
     # per tile, and ptxas issued it only after the arithmetic.
     p_tile = p_ptr + (offs_c // GROUP_CHUNKS)[:, None] + w_rows[None, :] * G
-    x_tile = x_ptr + row.to(tl.int64) * stride_xm + ((offs_w // 4) * 32 + offs_w % 4)[None, :]
+    x_tile = x_ptr + x_rows[:, None, None] * stride_xm + ((offs_w // 4) * 32 + offs_w % 4)[None, None, :]
 
     # The first tile: weights only, so it may stream while the previous kernel drains.
     words, factors = _load_tile(w_tile, p_tile, 0, KC, offs_w, offs_c, GROUP_CHUNKS, EVEN_K)
@@ -163,21 +175,22 @@ def _int4_gemv_kernel(
         # two of eight in flight at the start; loads are not moved across a barrier.
         tl.debug_barrier()
     if ONE_TILE:  # all of K in one tile (the default launch at K <= 4096): straight-line code
-        acc = _chunk_terms(words, factors, x_tile, (offs_w < KC * 4)[None, :], one_bits, not EVEN_K, ASM)
+        acc = _chunk_terms(words, factors, x_tile, (offs_w < KC * 4)[None, None, :], one_bits, not EVEN_K, ASM)
     else:
-        acc = tl.zeros([BLOCK_N, CHUNKS], dtype=tl.float32)
+        acc = tl.zeros([M_PAD, BLOCK_N, CHUNKS], dtype=tl.float32)
         for c0 in range(0, KC, CHUNKS):
             # The next tile is loaded before this one is used (the last iteration reloads its own: L1 hits).
             c_next = tl.minimum(c0 + CHUNKS, KC - CHUNKS) if EVEN_K else tl.minimum(c0 + CHUNKS, KC - 1)
             words_next, factors_next = _load_tile(w_tile, p_tile, c_next, KC, offs_w, offs_c, GROUP_CHUNKS, EVEN_K)
-            x_mask = (c0 * 4 + offs_w < KC * 4)[None, :]
+            x_mask = (c0 * 4 + offs_w < KC * 4)[None, None, :]
             acc += _chunk_terms(words, factors, x_tile + c0 * 32, x_mask, one_bits, not EVEN_K, ASM)
             words = words_next
             factors = factors_next
-    y = tl.sum(acc, axis=1)
+    y = tl.sum(acc, axis=2)  # [M_PAD, BLOCK_N]
     if HAS_BIAS:
-        y += tl.load(bias_ptr + w_rows).to(tl.float32)
-    tl.store(y_ptr + row.to(tl.int64) * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < N)
+        y += tl.load(bias_ptr + w_rows).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
 
 
 @triton.jit
@@ -269,7 +282,7 @@ def int4_gemv(
         return out
     for name in ("block_n", "num_warps", "chunks_per_thread"):
         value = getattr(config, name)
-        if value < 1 or value & (value - 1):
+        if value is not None and (value < 1 or value & (value - 1)):
             _checks.fail(f"{name} must be a power of two, got {value}")
     kc = k // K_MAJOR_CHUNK
     num_warps = config.num_warps
@@ -279,10 +292,12 @@ def int4_gemv(
         num_warps //= 2
         chunks //= 2
     pdl = pdl_enabled(x.device) if config.pdl is None else bool(config.pdl) and pdl_supported(x.device)
-    _int4_gemv_kernel[(triton.cdiv(n, config.block_n), m)](
+    block_n = config.block_n or (8 if m <= 2 else 4 if m <= 4 else 2)
+    _int4_gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight.words, weight.params, bias if bias is not None else x, out,
-        n, kc, k // weight.group_size, x.stride(0), out.stride(0), ONE_BITS,
-        BLOCK_N=config.block_n, CHUNKS=chunks, GROUP_CHUNKS=weight.group_size // K_MAJOR_CHUNK,
+        m, n, kc, k // weight.group_size, x.stride(0), out.stride(0), ONE_BITS,
+        M_PAD=triton.next_power_of_2(m), BLOCK_N=block_n, CHUNKS=chunks,
+        GROUP_CHUNKS=weight.group_size // K_MAJOR_CHUNK,
         EVEN_K=kc % chunks == 0, ONE_TILE=kc <= chunks, HAS_BIAS=bias is not None, ASM=_use_asm(config.unpack),
         num_warps=num_warps, num_stages=1, **pdl_launch(pdl), **({"maxnreg": config.maxnreg} if config.maxnreg else {}),
     )

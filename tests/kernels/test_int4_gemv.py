@@ -50,6 +50,8 @@ def test_repack_puts_each_chunks_inputs_in_nibble_planes() -> None:
         (2, 2048, 16, 32, Int4GemvConfig(block_n=4, num_warps=1)),  # K in 2 tiles: the prefetching loop
         (1, 1152, 24, 128, Int4GemvConfig(num_warps=1)),  # 36 chunks: a ragged last tile in the loop
         (1, 4096, 8, 64, Int4GemvConfig(num_warps=1, chunks_per_thread=2)),  # two chunks per thread, 2 tiles
+        (7, 256, 24, 64, Int4GemvConfig()),  # 7 rows of x padded to 8, 2 output rows per program
+        (4, 1152, 24, 128, Int4GemvConfig(num_warps=1)),  # 4 rows of x through the ragged loop
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -67,7 +69,7 @@ def test_int4_gemv_matches_reference(m: int, k: int, n: int, group: int, config:
 
 
 def test_rows_of_x_are_independent() -> None:
-    """Each row of x is its own program row: a row computed alone equals the same row in a batch, bit
+    """A row of x computed alone equals the same row in a batch (other rows, other rows per program), bit
     for bit, with a strided x."""
     _, packed = random_layer(256, 48, 64, seed=3)
     x = torch.randn(4, 512, generator=torch.Generator().manual_seed(4)).to(DEVICE)[:, :256]
