@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from . import _checks
-from ._device import pdl_enabled, pdl_supported
+from ._device import interpreter_enabled, pdl_enabled, pdl_supported
 from ._pdl import pdl_launch, pdl_launch_dependents, pdl_wait
 from ._workspace import scratch
 from .awq_gemm import ONE_BITS, _use_asm, _word_plus_one
@@ -56,6 +56,48 @@ class Int4GemvConfig:
     unpack: str | None = None  # "asm" / "shift" as awq_gemm.UNPACK; None: its default
     pdl: bool | None = None  # None: as _device.pdl_enabled
     maxnreg: int | None = None  # a register cap for ptxas
+    # "fp32": nibbles and x widened to fp32, one FFMA per weight; "half2" (compiled, fp16 x only): the
+    # products in fp16 pairs, ~19 instead of ~24 instructions per word (``_HALF2_UNPACK_PTX``).
+    math: str = "fp32"
+
+
+# PTX (sm_90) of the "half2" math, in two steps so that a word is unpacked once for every row of x:
+# a word's eight nibbles as four fp16 pairs (q_j - z) / 16, (q_j+4 - z) / 16 (the shifts and LOP3 of
+# awq_gemm's unpack give 1 + q/16 pairs; one packed subtraction of the zero pair leaves exact values) ...
+_HALF2_UNPACK_PTX = tl.constexpr("""
+{
+.reg .b32 t<4>;
+shl.b32 t0, $4, 6;
+shl.b32 t1, $4, 2;
+shr.u32 t2, $4, 2;
+shr.u32 t3, $4, 6;
+lop3.b32 t0, t0, 0x03C003C0, 0x3C003C00, 0xEA;
+lop3.b32 t1, t1, 0x03C003C0, 0x3C003C00, 0xEA;
+lop3.b32 t2, t2, 0x03C003C0, 0x3C003C00, 0xEA;
+lop3.b32 t3, t3, 0x03C003C0, 0x3C003C00, 0xEA;
+sub.f16x2 $0, t0, $5;
+sub.f16x2 $1, t1, $5;
+sub.f16x2 $2, t2, $5;
+sub.f16x2 $3, t3, $5;
+}
+""")
+# ... then, per row of x, the word's eight products with x's matching fp16 pairs summed in one fp16x2
+# chain (four terms per half: the two halves' errors stay near fp16 rounding) and the halves added in fp32.
+_HALF2_DOT_PTX = tl.constexpr("""
+{
+.reg .b32 a;
+.reg .b16 lo, hi;
+.reg .f32 flo, fhi;
+mul.rn.f16x2 a, $1, $5;
+fma.rn.f16x2 a, $2, $6, a;
+fma.rn.f16x2 a, $3, $7, a;
+fma.rn.f16x2 a, $4, $8, a;
+mov.b32 {lo, hi}, a;
+cvt.f32.f16 flo, lo;
+cvt.f32.f16 fhi, hi;
+add.f32 $0, flo, fhi;
+}
+""")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +164,51 @@ def _chunk_terms(words, factors, x_ptrs, x_mask, one_bits, HAS_MASK: tl.constexp
 
 
 @triton.jit
+def _fp16_pair(lo, hi):
+    """Two fp16 tensors as one b32 tensor of pairs (``lo`` in the low half)."""
+    return tl.inline_asm_elementwise("mov.b32 $0, {$1, $2};", "=r,h,h", [lo, hi], dtype=tl.int32, is_pure=True,
+                                     pack=1)
+
+
+@triton.jit
+def _chunk_terms_half2(words, factors, x_ptrs, x_mask, HAS_MASK: tl.constexpr):
+    """``_chunk_terms`` with the products in fp16 pairs (fp16 x; compiled only): the zero point is taken
+    off the nibbles before the products, so no ``sum x`` term is needed."""
+    # Each word's factor pair, the zero point (1 + z/16) copied into both halves: a chunk's four words
+    # share it (the broadcast stays in registers, as in _int4_dequant_kernel).
+    zero = ((factors >> 16) & 0xFFFF) | (factors & -65536)
+    zero = tl.reshape(tl.broadcast_to(zero[:, :, :, None], [1, words.shape[1], words.shape[2] // 4, 4]),
+                      [1, words.shape[1], words.shape[2]])
+    h0, h1, h2, h3 = tl.inline_asm_elementwise(
+        _HALF2_UNPACK_PTX, "=r,=r,=r,=r,r,r", [words, zero], dtype=(tl.int32,) * 4, is_pure=True, pack=1)
+    if HAS_MASK:
+        x0 = tl.load(x_ptrs, mask=x_mask, other=0.0)
+        x1 = tl.load(x_ptrs + 4, mask=x_mask, other=0.0)
+        x2 = tl.load(x_ptrs + 8, mask=x_mask, other=0.0)
+        x3 = tl.load(x_ptrs + 12, mask=x_mask, other=0.0)
+        x4 = tl.load(x_ptrs + 16, mask=x_mask, other=0.0)
+        x5 = tl.load(x_ptrs + 20, mask=x_mask, other=0.0)
+        x6 = tl.load(x_ptrs + 24, mask=x_mask, other=0.0)
+        x7 = tl.load(x_ptrs + 28, mask=x_mask, other=0.0)
+    else:
+        x0 = tl.load(x_ptrs)
+        x1 = tl.load(x_ptrs + 4)
+        x2 = tl.load(x_ptrs + 8)
+        x3 = tl.load(x_ptrs + 12)
+        x4 = tl.load(x_ptrs + 16)
+        x5 = tl.load(x_ptrs + 20)
+        x6 = tl.load(x_ptrs + 24)
+        x7 = tl.load(x_ptrs + 28)
+    t = tl.inline_asm_elementwise(
+        _HALF2_DOT_PTX, "=r,r,r,r,r,r,r,r,r",
+        [h0, h1, h2, h3, _fp16_pair(x0, x4), _fp16_pair(x1, x5), _fp16_pair(x2, x6), _fp16_pair(x3, x7)],
+        dtype=tl.float32, is_pure=True, pack=1)  # [M, BLOCK_N, W]
+    t = tl.sum(tl.reshape(t, [t.shape[0], t.shape[1], t.shape[2] // 4, 4]), axis=3)
+    scale16 = factors.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return scale16 * t
+
+
+@triton.jit
 def _load_tile(w_tile, p_tile, c0, KC, offs_w, offs_c, GROUP_CHUNKS: tl.constexpr, EVEN_K: tl.constexpr):
     """The words ``[1, BLOCK_N, 4 * CHUNKS]`` and factors ``[1, BLOCK_N, CHUNKS]`` of the tile at chunk ``c0``."""
     if EVEN_K:
@@ -137,7 +224,7 @@ def _int4_gemv_kernel(
     M, N, KC, G, stride_xm, stride_ym, one_bits,
     M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr, GROUP_CHUNKS: tl.constexpr,
     EVEN_K: tl.constexpr, ONE_TILE: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    USE_PDL: tl.constexpr, HALF2: tl.constexpr,
 ):
     """One program: ``BLOCK_N`` outputs of every row of x (``M``, padded to ``M_PAD``), over all of K
     (``KC`` chunks, ``G`` groups); the nibbles are unpacked once for all rows of x.
@@ -175,7 +262,10 @@ def _int4_gemv_kernel(
         # two of eight in flight at the start; loads are not moved across a barrier.
         tl.debug_barrier()
     if ONE_TILE:  # all of K in one tile (the default launch at K <= 4096): straight-line code
-        acc = _chunk_terms(words, factors, x_tile, (offs_w < KC * 4)[None, None, :], one_bits, not EVEN_K, ASM)
+        if HALF2:
+            acc = _chunk_terms_half2(words, factors, x_tile, (offs_w < KC * 4)[None, None, :], not EVEN_K)
+        else:
+            acc = _chunk_terms(words, factors, x_tile, (offs_w < KC * 4)[None, None, :], one_bits, not EVEN_K, ASM)
     else:
         acc = tl.zeros([M_PAD, BLOCK_N, CHUNKS], dtype=tl.float32)
         for c0 in range(0, KC, CHUNKS):
@@ -183,7 +273,10 @@ def _int4_gemv_kernel(
             c_next = tl.minimum(c0 + CHUNKS, KC - CHUNKS) if EVEN_K else tl.minimum(c0 + CHUNKS, KC - 1)
             words_next, factors_next = _load_tile(w_tile, p_tile, c_next, KC, offs_w, offs_c, GROUP_CHUNKS, EVEN_K)
             x_mask = (c0 * 4 + offs_w < KC * 4)[None, None, :]
-            acc += _chunk_terms(words, factors, x_tile + c0 * 32, x_mask, one_bits, not EVEN_K, ASM)
+            if HALF2:
+                acc += _chunk_terms_half2(words, factors, x_tile + c0 * 32, x_mask, not EVEN_K)
+            else:
+                acc += _chunk_terms(words, factors, x_tile + c0 * 32, x_mask, one_bits, not EVEN_K, ASM)
             words = words_next
             factors = factors_next
     y = tl.sum(acc, axis=2)  # [M_PAD, BLOCK_N]
@@ -292,6 +385,11 @@ def int4_gemv(
         num_warps //= 2
         chunks //= 2
     pdl = pdl_enabled(x.device) if config.pdl is None else bool(config.pdl) and pdl_supported(x.device)
+    if config.math not in ("fp32", "half2"):
+        _checks.fail(f"math must be 'fp32' or 'half2', got {config.math!r}")
+    half2 = config.math == "half2"
+    if half2 and (x.dtype != torch.float16 or interpreter_enabled()):
+        _checks.fail("math='half2' takes fp16 x, compiled (its PTX does not run in the interpreter)")
     block_n = config.block_n or (8 if m <= 2 else 4 if m <= 4 else 2)
     _int4_gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight.words, weight.params, bias if bias is not None else x, out,
@@ -299,6 +397,7 @@ def int4_gemv(
         M_PAD=triton.next_power_of_2(m), BLOCK_N=block_n, CHUNKS=chunks,
         GROUP_CHUNKS=weight.group_size // K_MAJOR_CHUNK,
         EVEN_K=kc % chunks == 0, ONE_TILE=kc <= chunks, HAS_BIAS=bias is not None, ASM=_use_asm(config.unpack),
+        HALF2=half2,
         num_warps=num_warps, num_stages=1, **pdl_launch(pdl), **({"maxnreg": config.maxnreg} if config.maxnreg else {}),
     )
     return out

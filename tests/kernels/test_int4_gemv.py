@@ -101,6 +101,15 @@ def test_rejects_a_config_that_is_not_a_power_of_two() -> None:
         int4_gemv(torch.randn(1, 128).to(DEVICE), packed, config=Int4GemvConfig(block_n=6))
 
 
+def test_half2_math_is_refused_where_it_cannot_run() -> None:
+    """The fp16-pair products are PTX: compiled only, and for fp16 x only."""
+    _, packed = random_layer(128, 16, 32)
+    with pytest.raises(ValueError, match="half2"):
+        int4_gemv(torch.randn(1, 128).to(DEVICE), packed, config=Int4GemvConfig(math="half2"))  # fp32 x
+    with pytest.raises(ValueError, match="math"):
+        int4_gemv(torch.randn(1, 128).to(DEVICE), packed, config=Int4GemvConfig(math="fp64"))
+
+
 def test_repack_rejects_k_that_is_not_whole_chunks() -> None:
     qweight, qzeros, scales = awq_reference.random_awq(48, 8, 16)
     with pytest.raises(ValueError, match="multiples of 32"):
@@ -109,19 +118,22 @@ def test_repack_rejects_k_that_is_not_whole_chunks() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 4])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype,math", [(torch.float16, "fp32"), (torch.bfloat16, "fp32"), (torch.float16, "half2")])
 @pytest.mark.parametrize("unpack", ["asm", "shift"])
 @pytest.mark.parametrize("pdl", [False, True])
-def test_int4_gemv_at_a_7b_mlp_size(m: int, dtype: torch.dtype, unpack: str, pdl: bool) -> None:
+def test_int4_gemv_at_a_7b_mlp_size(m: int, dtype: torch.dtype, math: str, unpack: str, pdl: bool) -> None:
     """Llama-7B's up projection (4096 x 11008, group 128: one tile per program at the default) and its
-    down projection (11008 x 4096: a ragged loop), compiled, both unpackings, PDL off and on."""
+    down projection (11008 x 4096: a ragged loop), compiled, both unpackings (the half2 math has its
+    own), PDL off and on."""
     gen = torch.Generator().manual_seed(m)
     for k, n in ((4096, 11008), (11008, 4096)):
         (qweight, qzeros, scales), packed = random_layer(k, n, 128, seed=m)
         x = torch.randn(m, k, generator=gen).to(DEVICE, dtype)
-        out = int4_gemv(x, packed, config=Int4GemvConfig(unpack=unpack, pdl=pdl))
+        out = int4_gemv(x, packed, config=Int4GemvConfig(unpack=unpack, pdl=pdl, math=math))
         ref = awq_gemm_reference(x.float(), qweight, qzeros, scales, 128)
         torch.testing.assert_close(out.float(), ref, atol=1e-2 * ref.abs().max().item(), rtol=0)
+        # and close as a whole: the output's own rounding is ~3e-4 (fp16) / ~2e-3 (bf16) of its norm
+        assert ((out.float() - ref).norm() / ref.norm()).item() < (2e-3 if dtype == torch.float16 else 8e-3)
 
 
 @pytest.mark.parametrize("k,n,group", [(256, 40, 64), (1152, 24, 128)])  # N and K not whole tiles
