@@ -92,8 +92,9 @@ def random_awq(
 
 # K-major int4: the layout the int4 GEMV (int4_gemv.py) reads, made from AWQ's once at load. Each output
 # row's inputs are contiguous, as in nn.Linear, in chunks of K_MAJOR_CHUNK inputs: four int32 words, one
-# 16-byte vector. Nibble i of word s of chunk c holds input 32c + 4i + s, so that for each nibble position
-# the four inputs a thread multiplies are contiguous in x.
+# 16-byte vector. Nibble j + 4h of word s of chunk c (j < 4, h < 2) holds input 32c + 8j + 2s + h: the
+# unpack yields nibbles j and j + 4 as one pair, and their inputs are then adjacent in x, so the x pairs
+# a thread needs for pair j of its four words are 8 consecutive inputs, one 16-byte load.
 K_MAJOR_CHUNK = 32
 
 
@@ -114,10 +115,11 @@ def repack_k_major(
     if k % K_MAJOR_CHUNK or group_size % K_MAJOR_CHUNK or k % group_size:
         raise ValueError(f"K ({k}) and the group size ({group_size}) must be multiples of {K_MAJOR_CHUNK}, "
                          "K of the group size")
-    q = unpack_awq(qweight).T.reshape(n, k // K_MAJOR_CHUNK, 8, 4)  # [n, chunk c, nibble i, word s]
+    q = unpack_awq(qweight).T.reshape(n, k // K_MAJOR_CHUNK, 4, 4, 2)  # [n, chunk c, pair j, word s, half h]
     words = torch.zeros(n, k // K_MAJOR_CHUNK, 4, dtype=torch.int64, device=qweight.device)
-    for i in range(8):
-        words |= q[:, :, i, :].to(torch.int64) << (4 * i)
+    for j in range(4):
+        for h in range(2):
+            words |= q[:, :, j, :, h].to(torch.int64) << (4 * (j + 4 * h))
     words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).reshape(n, k // 8)
     a = scales.float() * 16
     if not torch.isfinite(a.half()).all():
@@ -132,8 +134,8 @@ def dequantize_k_major(words: torch.Tensor, params: torch.Tensor, group_size: in
     """The dense ``W^T [N, K]`` (output-major) in fp32 from ``repack_k_major``'s tensors."""
     n, k8 = words.shape
     shifts = 4 * torch.arange(8, dtype=torch.int32, device=words.device)
-    nibbles = (words.view(n, k8 // 4, 4, 1) >> shifts) & 0xF  # [n, chunk, word s, nibble i]
-    q = nibbles.transpose(2, 3).reshape(n, k8 * 8).float()  # input 32c + 4i + s
+    nibbles = (words.view(n, k8 // 4, 4, 1) >> shifts) & 0xF  # [n, chunk, word s, nibble j + 4h]
+    q = nibbles.view(n, k8 // 4, 4, 2, 4).permute(0, 1, 4, 2, 3).reshape(n, k8 * 8).float()  # input 32c + 8j + 2s + h
     a = (params & 0xFFFF).to(torch.int16).view(torch.float16).float().repeat_interleave(group_size, dim=1)
     z = (params >> 16).to(torch.int16).view(torch.float16).float().repeat_interleave(group_size, dim=1)
     return (1 + q / 16 - z) * a

@@ -9,8 +9,9 @@ row's inputs contiguous, as ``nn.Linear`` does, and this kernel is shaped like t
 - each program owns ``BLOCK_N`` output rows and walks K in tiles of ``CHUNKS`` chunks (a chunk is 32
   inputs, four words, one 16-byte load). Every thread loads one chunk of every row of the tile, so it
   has ``BLOCK_N`` independent 16-byte loads in flight, and the x it needs (the same chunk for every
-  row) is loaded once, 8 bytes per nibble position (the chunk's nibble order puts those four inputs
-  side by side);
+  row) is loaded once, in four 16-byte loads: the unpack yields nibbles j and j + 4 of a word as one
+  pair, the repack puts their inputs side by side, and pair j of a thread's four words covers 8
+  consecutive inputs;
 - the nibbles become ``1 + q/16`` in registers (``awq_gemm._word_plus_one``: two nibbles per LOP3 when
   compiled). A chunk lies inside one group, so per row and chunk ``t = sum x (1 + q/16)`` and, shared by
   all rows, ``u = sum x``; the chunk adds ``16 s (t - (1 + z/16) u)``, which is ``sum x (q - z) s``. One
@@ -125,36 +126,33 @@ class KMajorInt4:
 
 
 @triton.jit
+def _x_pair_plane(x_ptrs, x_mask, J: tl.constexpr, HAS_MASK: tl.constexpr):
+    """Inputs ``32c + 8J + 2s + h`` as fp32 ``[M, 1, W]`` for h = 0 and h = 1 (nibbles ``J`` and ``J + 4``
+    of word ``s``): one 16-byte load of 8 consecutive inputs per thread (fp16/bf16), split in registers."""
+    if HAS_MASK:
+        v = tl.load(x_ptrs + 8 * J, mask=x_mask, other=0.0).to(tl.float32)
+    else:
+        v = tl.load(x_ptrs + 8 * J).to(tl.float32)
+    return tl.split(tl.reshape(v, [v.shape[0], 1, v.shape[2] // 2, 2]))
+
+
+@triton.jit
 def _chunk_terms(words, factors, x_ptrs, x_mask, one_bits, HAS_MASK: tl.constexpr, ASM: tl.constexpr):
     """``[M_PAD, BLOCK_N, CHUNKS]``: each x row's and output row's ``sum x (q - z) s`` over each chunk of
     the tile.
 
     ``words`` ``[1, BLOCK_N, 4 * CHUNKS]`` (unpacked once for every row of x); ``factors`` ``[1, BLOCK_N,
-    CHUNKS]``, the fp16 pair of each output row's group; ``x_ptrs`` ``[M_PAD, 1, 4 * CHUNKS]`` points at
-    input ``32c + s`` for word ``s`` of chunk ``c`` (nibble ``i`` adds ``4i``): four contiguous inputs
-    per thread and row of x.
+    CHUNKS]``, the fp16 pair of each output row's group; ``x_ptrs`` ``[M_PAD, 1, 8 * CHUNKS]`` points at
+    input ``32c + e`` for the ``e``-th of a chunk's first 8 (pair ``j`` adds ``8j``): 8 consecutive
+    inputs per thread and row of x.
     """
     n0, n1, n2, n3, n4, n5, n6, n7 = _word_plus_one(words, one_bits, ASM)
-    if HAS_MASK:
-        x0 = tl.load(x_ptrs, mask=x_mask, other=0.0).to(tl.float32)
-        x1 = tl.load(x_ptrs + 4, mask=x_mask, other=0.0).to(tl.float32)
-        x2 = tl.load(x_ptrs + 8, mask=x_mask, other=0.0).to(tl.float32)
-        x3 = tl.load(x_ptrs + 12, mask=x_mask, other=0.0).to(tl.float32)
-        x4 = tl.load(x_ptrs + 16, mask=x_mask, other=0.0).to(tl.float32)
-        x5 = tl.load(x_ptrs + 20, mask=x_mask, other=0.0).to(tl.float32)
-        x6 = tl.load(x_ptrs + 24, mask=x_mask, other=0.0).to(tl.float32)
-        x7 = tl.load(x_ptrs + 28, mask=x_mask, other=0.0).to(tl.float32)
-    else:
-        x0 = tl.load(x_ptrs).to(tl.float32)
-        x1 = tl.load(x_ptrs + 4).to(tl.float32)
-        x2 = tl.load(x_ptrs + 8).to(tl.float32)
-        x3 = tl.load(x_ptrs + 12).to(tl.float32)
-        x4 = tl.load(x_ptrs + 16).to(tl.float32)
-        x5 = tl.load(x_ptrs + 20).to(tl.float32)
-        x6 = tl.load(x_ptrs + 24).to(tl.float32)
-        x7 = tl.load(x_ptrs + 28).to(tl.float32)
-    t = x0 * n0 + x1 * n1 + x2 * n2 + x3 * n3 + x4 * n4 + x5 * n5 + x6 * n6 + x7 * n7  # [M, BLOCK_N, W]
-    u = x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7  # [M, 1, W]
+    lo0, hi0 = _x_pair_plane(x_ptrs, x_mask, 0, HAS_MASK)
+    lo1, hi1 = _x_pair_plane(x_ptrs, x_mask, 1, HAS_MASK)
+    lo2, hi2 = _x_pair_plane(x_ptrs, x_mask, 2, HAS_MASK)
+    lo3, hi3 = _x_pair_plane(x_ptrs, x_mask, 3, HAS_MASK)
+    t = lo0 * n0 + lo1 * n1 + lo2 * n2 + lo3 * n3 + hi0 * n4 + hi1 * n5 + hi2 * n6 + hi3 * n7  # [M, BLOCK_N, W]
+    u = lo0 + lo1 + lo2 + lo3 + hi0 + hi1 + hi2 + hi3  # [M, 1, W]
     # A thread's four words are one chunk: these sums stay in registers.
     t = tl.sum(tl.reshape(t, [t.shape[0], t.shape[1], t.shape[2] // 4, 4]), axis=3)
     u = tl.sum(tl.reshape(u, [u.shape[0], 1, u.shape[2] // 4, 4]), axis=3)
@@ -164,44 +162,30 @@ def _chunk_terms(words, factors, x_ptrs, x_mask, one_bits, HAS_MASK: tl.constexp
 
 
 @triton.jit
-def _fp16_pair(lo, hi):
-    """Two fp16 tensors as one b32 tensor of pairs (``lo`` in the low half)."""
-    return tl.inline_asm_elementwise("mov.b32 $0, {$1, $2};", "=r,h,h", [lo, hi], dtype=tl.int32, is_pure=True,
-                                     pack=1)
-
-
-@triton.jit
 def _chunk_terms_half2(words, factors, x_ptrs, x_mask, HAS_MASK: tl.constexpr):
     """``_chunk_terms`` with the products in fp16 pairs (fp16 x; compiled only): the zero point is taken
-    off the nibbles before the products, so no ``sum x`` term is needed."""
-    # Each word's factor pair, the zero point (1 + z/16) copied into both halves: a chunk's four words
-    # share it (the broadcast stays in registers, as in _int4_dequant_kernel).
+    off the nibbles before the products, so no ``sum x`` term is needed. ``x_ptrs`` is an int32 tile
+    ``[M_PAD, 1, 4 * CHUNKS]`` over x's fp16 pairs: pair ``16c + s`` (pair plane ``j`` adds ``4j``) holds
+    inputs ``32c + 8j + 2s`` and ``+ 1``, the partners of word ``s``'s nibbles ``j`` and ``j + 4``."""
+    # Each word's zero point (1 + z/16) copied into both halves: a chunk's four words share it (the
+    # broadcast stays in registers, as in _int4_dequant_kernel).
     zero = ((factors >> 16) & 0xFFFF) | (factors & -65536)
     zero = tl.reshape(tl.broadcast_to(zero[:, :, :, None], [1, words.shape[1], words.shape[2] // 4, 4]),
                       [1, words.shape[1], words.shape[2]])
     h0, h1, h2, h3 = tl.inline_asm_elementwise(
         _HALF2_UNPACK_PTX, "=r,=r,=r,=r,r,r", [words, zero], dtype=(tl.int32,) * 4, is_pure=True, pack=1)
     if HAS_MASK:
-        x0 = tl.load(x_ptrs, mask=x_mask, other=0.0)
-        x1 = tl.load(x_ptrs + 4, mask=x_mask, other=0.0)
-        x2 = tl.load(x_ptrs + 8, mask=x_mask, other=0.0)
-        x3 = tl.load(x_ptrs + 12, mask=x_mask, other=0.0)
-        x4 = tl.load(x_ptrs + 16, mask=x_mask, other=0.0)
-        x5 = tl.load(x_ptrs + 20, mask=x_mask, other=0.0)
-        x6 = tl.load(x_ptrs + 24, mask=x_mask, other=0.0)
-        x7 = tl.load(x_ptrs + 28, mask=x_mask, other=0.0)
+        x0 = tl.load(x_ptrs, mask=x_mask, other=0)
+        x1 = tl.load(x_ptrs + 4, mask=x_mask, other=0)
+        x2 = tl.load(x_ptrs + 8, mask=x_mask, other=0)
+        x3 = tl.load(x_ptrs + 12, mask=x_mask, other=0)
     else:
         x0 = tl.load(x_ptrs)
         x1 = tl.load(x_ptrs + 4)
         x2 = tl.load(x_ptrs + 8)
         x3 = tl.load(x_ptrs + 12)
-        x4 = tl.load(x_ptrs + 16)
-        x5 = tl.load(x_ptrs + 20)
-        x6 = tl.load(x_ptrs + 24)
-        x7 = tl.load(x_ptrs + 28)
     t = tl.inline_asm_elementwise(
-        _HALF2_DOT_PTX, "=r,r,r,r,r,r,r,r,r",
-        [h0, h1, h2, h3, _fp16_pair(x0, x4), _fp16_pair(x1, x5), _fp16_pair(x2, x6), _fp16_pair(x3, x7)],
+        _HALF2_DOT_PTX, "=r,r,r,r,r,r,r,r,r", [h0, h1, h2, h3, x0, x1, x2, x3],
         dtype=tl.float32, is_pure=True, pack=1)  # [M, BLOCK_N, W]
     t = tl.sum(tl.reshape(t, [t.shape[0], t.shape[1], t.shape[2] // 4, 4]), axis=3)
     scale16 = factors.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
@@ -250,7 +234,15 @@ def _int4_gemv_kernel(
     # each thread's words come out; built [BLOCK_N, CHUNKS], the load went through shared memory twice
     # per tile, and ptxas issued it only after the arithmetic.
     p_tile = p_ptr + (offs_c // GROUP_CHUNKS)[:, None] + w_rows[None, :] * G
-    x_tile = x_ptr + x_rows[:, None, None] * stride_xm + ((offs_w // 4) * 32 + offs_w % 4)[None, None, :]
+    if HALF2:  # x's fp16 pairs as int32: 16 pairs a chunk, pair plane j at 4j
+        x_tile = (x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + x_rows[:, None, None] * (stride_xm // 2)
+                  + ((offs_w // 4) * 16 + offs_w % 4)[None, None, :])
+        offs_x = offs_w
+    else:  # 8 consecutive inputs a thread (pair plane j at 8j): x index 32c + e
+        offs_x = tl.arange(0, 2 * WORDS)
+        x_tile = x_ptr + x_rows[:, None, None] * stride_xm + ((offs_x // 8) * 32 + offs_x % 8)[None, None, :]
+    X_CHUNK: tl.constexpr = 32 - 16 * HALF2  # x_tile's step per chunk: 32 inputs, or 16 pairs
+    X_PER_CHUNK: tl.constexpr = 8 - 4 * HALF2  # x_tile's elements per chunk: 8 inputs, or 4 pairs
 
     # The first tile: weights only, so it may stream while the previous kernel drains.
     words, factors = _load_tile(w_tile, p_tile, 0, KC, offs_w, offs_c, GROUP_CHUNKS, EVEN_K)
@@ -262,21 +254,22 @@ def _int4_gemv_kernel(
         # two of eight in flight at the start; loads are not moved across a barrier.
         tl.debug_barrier()
     if ONE_TILE:  # all of K in one tile (the default launch at K <= 4096): straight-line code
+        x_mask = (offs_x < KC * X_PER_CHUNK)[None, None, :]
         if HALF2:
-            acc = _chunk_terms_half2(words, factors, x_tile, (offs_w < KC * 4)[None, None, :], not EVEN_K)
+            acc = _chunk_terms_half2(words, factors, x_tile, x_mask, not EVEN_K)
         else:
-            acc = _chunk_terms(words, factors, x_tile, (offs_w < KC * 4)[None, None, :], one_bits, not EVEN_K, ASM)
+            acc = _chunk_terms(words, factors, x_tile, x_mask, one_bits, not EVEN_K, ASM)
     else:
         acc = tl.zeros([M_PAD, BLOCK_N, CHUNKS], dtype=tl.float32)
         for c0 in range(0, KC, CHUNKS):
             # The next tile is loaded before this one is used (the last iteration reloads its own: L1 hits).
             c_next = tl.minimum(c0 + CHUNKS, KC - CHUNKS) if EVEN_K else tl.minimum(c0 + CHUNKS, KC - 1)
             words_next, factors_next = _load_tile(w_tile, p_tile, c_next, KC, offs_w, offs_c, GROUP_CHUNKS, EVEN_K)
-            x_mask = (c0 * 4 + offs_w < KC * 4)[None, None, :]
+            x_mask = (c0 * X_PER_CHUNK + offs_x < KC * X_PER_CHUNK)[None, None, :]
             if HALF2:
-                acc += _chunk_terms_half2(words, factors, x_tile + c0 * 32, x_mask, not EVEN_K)
+                acc += _chunk_terms_half2(words, factors, x_tile + c0 * X_CHUNK, x_mask, not EVEN_K)
             else:
-                acc += _chunk_terms(words, factors, x_tile + c0 * 32, x_mask, one_bits, not EVEN_K, ASM)
+                acc += _chunk_terms(words, factors, x_tile + c0 * X_CHUNK, x_mask, one_bits, not EVEN_K, ASM)
             words = words_next
             factors = factors_next
     y = tl.sum(acc, axis=2)  # [M_PAD, BLOCK_N]
@@ -290,7 +283,7 @@ def _int4_gemv_kernel(
 def _int4_dequant_kernel(w_ptr, p_ptr, out_ptr, N, KC, G, one_bits, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
                          GROUP_CHUNKS: tl.constexpr, ASM: tl.constexpr):
     """``W^T [N, K]`` (``nn.Linear``'s layout) in ``out``'s dtype from a ``[BLOCK_N, 4 * CHUNKS]`` tile of
-    words: each nibble plane is stored as four contiguous inputs per word run."""
+    words: each pair plane is stored as 8 consecutive inputs per thread."""
     pid_n = tl.program_id(0)
     pid_c = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -308,17 +301,16 @@ def _int4_dequant_kernel(w_ptr, p_ptr, out_ptr, N, KC, G, one_bits, BLOCK_N: tl.
     scale16 = tl.reshape(tl.broadcast_to(scale16[:, :, None], [BLOCK_N, CHUNKS, 4]), [BLOCK_N, CHUNKS * 4])
     zero = tl.reshape(tl.broadcast_to(zero[:, :, None], [BLOCK_N, CHUNKS, 4]), [BLOCK_N, CHUNKS * 4])
     n0, n1, n2, n3, n4, n5, n6, n7 = _word_plus_one(words, one_bits, ASM)
-    out = out_ptr + rows[:, None] * (KC * 32) + ((offs_w // 4) * 32 + offs_w % 4)[None, :]
-    mask = (offs_n < N)[:, None] & w_mask[None, :]
+    # Nibbles j and j + 4 of word s are inputs 8j + 2s and 8j + 2s + 1 of the chunk: interleaved, each pair
+    # plane is 8 consecutive inputs per thread.
+    offs_x = pid_c * CHUNKS * 8 + tl.arange(0, CHUNKS * 8)
+    out = out_ptr + rows[:, None] * (KC * 32) + ((offs_x // 8) * 32 + offs_x % 8)[None, :]
+    mask = (offs_n < N)[:, None] & (offs_x < KC * 8)[None, :]
     ty = out_ptr.dtype.element_ty
-    tl.store(out, ((n0 - zero) * scale16).to(ty), mask=mask)
-    tl.store(out + 4, ((n1 - zero) * scale16).to(ty), mask=mask)
-    tl.store(out + 8, ((n2 - zero) * scale16).to(ty), mask=mask)
-    tl.store(out + 12, ((n3 - zero) * scale16).to(ty), mask=mask)
-    tl.store(out + 16, ((n4 - zero) * scale16).to(ty), mask=mask)
-    tl.store(out + 20, ((n5 - zero) * scale16).to(ty), mask=mask)
-    tl.store(out + 24, ((n6 - zero) * scale16).to(ty), mask=mask)
-    tl.store(out + 28, ((n7 - zero) * scale16).to(ty), mask=mask)
+    tl.store(out, tl.interleave((n0 - zero) * scale16, (n4 - zero) * scale16).to(ty), mask=mask)
+    tl.store(out + 8, tl.interleave((n1 - zero) * scale16, (n5 - zero) * scale16).to(ty), mask=mask)
+    tl.store(out + 16, tl.interleave((n2 - zero) * scale16, (n6 - zero) * scale16).to(ty), mask=mask)
+    tl.store(out + 24, tl.interleave((n3 - zero) * scale16, (n7 - zero) * scale16).to(ty), mask=mask)
 
 
 def dequantize_int4(weight: KMajorInt4, out: torch.Tensor) -> torch.Tensor:
@@ -391,6 +383,8 @@ def int4_gemv(
     if half2 and (x.dtype != torch.float16 or interpreter_enabled()):
         _checks.fail("math='half2' takes fp16 x, compiled (its PTX does not run in the interpreter)")
     block_n = config.block_n or (8 if m <= 2 else 4 if m <= 4 else 2)
+    if config.block_n is None and m > 1 and kc > chunks:
+        block_n //= 2  # the loop's next tile doubles the words held: 8 rows of 2 rows of x spilled on sm_90
     _int4_gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight.words, weight.params, bias if bias is not None else x, out,
         m, n, kc, k // weight.group_size, x.stride(0), out.stride(0), ONE_BITS,

@@ -29,16 +29,17 @@ def test_repack_keeps_every_weight_exactly(k: int, n: int, group: int) -> None:
                        dequantize_awq(qweight, qzeros, scales, group).T)
 
 
-def test_repack_puts_each_chunks_inputs_in_nibble_planes() -> None:
-    """Input 32c + 4i + s sits in nibble i of word 4c + s: one weight set to 15 among zeros shows where."""
+def test_repack_puts_pair_partners_side_by_side() -> None:
+    """Input 32c + 8j + 2s + h sits in nibble j + 4h of word 4c + s (j < 4, h < 2): one weight set to 15
+    among zeros shows where."""
     k, n, group = 64, 8, 32
     q = torch.zeros(k, n, dtype=torch.int64)
-    q[32 + 4 * 5 + 2, 3] = 15  # chunk 1, nibble plane 5, word 2 of the chunk, output 3
+    q[32 + 8 * 2 + 2 * 3 + 1, 3] = 15  # chunk 1, pair 2, word 3 of the chunk, second of the pair; output 3
     z = torch.zeros(k // group, n, dtype=torch.int64)
     words, _ = awq_reference.repack_k_major(awq_reference.pack_awq(q), awq_reference.pack_awq(z),
                                             torch.ones(k // group, n, dtype=torch.float16), group)
     expected = torch.zeros(n, k // 8, dtype=torch.int64)
-    expected[3, 4 * 1 + 2] = 15 << (4 * 5)
+    expected[3, 4 * 1 + 3] = 15 << (4 * (2 + 4 * 1))
     assert torch.equal(words.to(torch.int64) & 0xFFFFFFFF, expected)
 
 
