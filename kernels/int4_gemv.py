@@ -383,6 +383,9 @@ def int4_gemv(
     half2 = config.math == "half2"
     if half2 and (x.dtype != torch.float16 or interpreter_enabled()):
         _checks.fail("math='half2' takes fp16 x, compiled (its PTX does not run in the interpreter)")
+    if half2 and (x.stride(0) % 2 or x.data_ptr() % 4):
+        # its x loads are int32 pairs: rows must start on a 4-byte boundary
+        _checks.fail(f"math='half2' needs x's rows 4-byte aligned, got row stride {x.stride(0)}")
     block_n = config.block_n or (8 if m <= 2 else 4 if m <= 4 else 2)
     if config.block_n is None and m > 1 and kc > chunks:
         block_n //= 2  # the loop's next tile doubles the words held: 8 rows of 2 rows of x spilled on sm_90
