@@ -135,6 +135,26 @@ def profile_eager_step(runner, seqs) -> tuple[int, list[tuple[str, float, int]]]
     return launches, rows[:15]
 
 
+def profile_host_step(runner, seqs, steps: int = 50) -> None:
+    """cProfile over ``steps`` runner steps (graph replay included): the host functions that make the step
+    cost more than its graph (third session: 1.569 against 1.034 ms at batch 1)."""
+    import cProfile
+    import io
+    import pstats
+
+    runner.execute(seqs)
+    torch.cuda.synchronize()
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(steps):
+        runner.execute(seqs)
+    profile.disable()
+    out = io.StringIO()
+    pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(20)
+    print(f"host profile of {steps} batch-1 runner steps (tottime = time in the function itself):")
+    print(out.getvalue())
+
+
 VARIANTS = ("fused", "gemv_pdl", "fused_pdl", "unfused", "rotary_apart", "layer_apart", "persistent")
 # The GEMV config the model's 1-row linears use, per variant (default: gemv's own, PDL on).
 GEMV_CONFIGS = {"persistent": {"pdl": True, "persistent": True}}
@@ -194,6 +214,9 @@ def main() -> int:
     p.add_argument("--batches", default="1,8,32,64")
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
+    p.add_argument("--profile-host", action="store_true",
+                   help="also profile the host side of the first variant's batch-1 runner step (cProfile over 50 "
+                        "steps): where the step's time above the graph replay goes")
     p.add_argument("--matmul-probe", action="store_true",
                    help="only time the projections: cuBLAS vs the Triton GEMV (benchmarks/matmul_probe.py)")
     args = p.parse_args()
@@ -284,6 +307,8 @@ def main() -> int:
         print("top kernels of one eager step at batch 1 (us total, count):")
         for key, us, count in top:
             print(f"  {us:9.1f} {count:5d}  {key}")
+        if args.profile_host and variant == next(iter(variants)):
+            profile_host_step(runner, decode_batch(1, args.context, block_size, config.vocab_size))
         results[variant] = dict(capture_s=capture_s, kernels_per_step=launches, rows=rows, linear=linear, pdl=pdl)
         print(json.dumps({"variant": variant, **results[variant]}))  # kept if a time limit cuts the run
         del runner, graphs, model

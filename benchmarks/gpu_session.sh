@@ -53,7 +53,7 @@ step kernel_tests "${T_TESTS:-150}" $PY -m pytest -q -n 8 --maxfail=20 -p no:cac
 # (DECODE_VARIANTS=... adds fused: cuBLAS without PDL, the first session's figures; unfused: the torch
 # layer ops, 1.988 ms at batch 1 then).
 step decode_step "${T_DECODE:-200}" $PY benchmarks/decode_step.py --iters 30 \
-    --variants "${DECODE_VARIANTS:-gemv_pdl,rotary_apart,layer_apart,persistent,fused_pdl}"
+    --variants "${DECODE_VARIANTS:-gemv_pdl,rotary_apart,layer_apart,persistent,fused_pdl}" --profile-host
 # The AWQ GEMV sweep at M=1 only by default (the bar); AWQ_SWEEP_M=1,16,64,256 adds the tiled shapes.
 step awq_bench "${T_AWQ:-150}" $PY benchmarks/quant.py --gpu-only ${AWQ_SWEEP:---sweep} --sweep-m ${AWQ_SWEEP_M:-1}
 # The decode attention inside a 1.1B model's graph, by the minimum partition length (MIN_PARTITION_TOKENS).
