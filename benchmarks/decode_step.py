@@ -308,7 +308,10 @@ def main() -> int:
         for key, us, count in top:
             print(f"  {us:9.1f} {count:5d}  {key}")
         if args.profile_host and variant == next(iter(variants)):
-            profile_host_step(runner, decode_batch(1, args.context, block_size, config.vocab_size))
+            try:  # a diagnostic: it must not cost the variants after it
+                profile_host_step(runner, decode_batch(1, args.context, block_size, config.vocab_size))
+            except Exception as exc:
+                print(f"host profile failed: {type(exc).__name__}: {exc}")
         results[variant] = dict(capture_s=capture_s, kernels_per_step=launches, rows=rows, linear=linear, pdl=pdl)
         print(json.dumps({"variant": variant, **results[variant]}))  # kept if a time limit cuts the run
         del runner, graphs, model
