@@ -207,10 +207,13 @@ class ModelRunner:
             offset += s.num_new
         sample_rows = [i for i, s in enumerate(ordered) if s.sample is not None]
         if sample_rows:
-            last = torch.tensor(
-                [offsets[i] + ordered[i].num_new - 1 for i in sample_rows], device=self.device
-            )
-            logits = self.model.compute_logits(hidden.index_select(0, last))
+            last = [offsets[i] + ordered[i].num_new - 1 for i in sample_rows]
+            if last == list(range(last[0], last[0] + len(last))):
+                # Decode-only steps: the rows are already in place (no index copy to the device, no gather).
+                rows = hidden[last[0] : last[0] + len(last)]
+            else:
+                rows = hidden.index_select(0, torch.tensor(last, device=self.device))
+            logits = self.model.compute_logits(rows)
             out = self.sampler(logits, [ordered[i].sample for i in sample_rows])
             for j, i in enumerate(sample_rows):
                 results[i].token_id = out.token_ids[j]
