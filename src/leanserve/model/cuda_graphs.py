@@ -70,11 +70,18 @@ class DecodeGraphs:
         self.buckets = decode_buckets(max_batch)
         self.max_blocks = -(-max_model_len // block_size)
         size = self.buckets[-1]
-        self.input_ids = torch.zeros(size, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(size, dtype=torch.int64, device=device)
-        self.slots = torch.full((size,), -1, dtype=torch.int64, device=device)
-        self.block_tables = torch.zeros((size, self.max_blocks), dtype=torch.int32, device=device)
-        self.context_lens = torch.zeros(size, dtype=torch.int32, device=device)
+        # The step's inputs live in two device buffers, one per dtype, each filled by one copy from a
+        # host staging buffer (pinned on CUDA, so the copy is asynchronous): token ids, positions and
+        # slots as int64 rows; context lengths then block tables as int32.
+        self._int64 = torch.zeros((3, size), dtype=torch.int64, device=device)
+        self._int32 = torch.zeros(size + size * self.max_blocks, dtype=torch.int32, device=device)
+        self.input_ids, self.positions, self.slots = self._int64
+        self.slots.fill_(-1)
+        self.context_lens = self._int32[:size]
+        self.block_tables = self._int32[size:].view(size, self.max_blocks)
+        pin = device.type == "cuda"
+        self._host_int64 = torch.zeros((3, size), dtype=torch.int64, pin_memory=pin)
+        self._host_int32 = torch.zeros(size + size * self.max_blocks, dtype=torch.int32, pin_memory=pin)
         self._empty_tables = torch.zeros((0, self.max_blocks), dtype=torch.int32, device=device)
         self._empty_cu = torch.zeros(1, dtype=torch.int32, device=device)
         self._empty_lens = torch.zeros(0, dtype=torch.int32, device=device)
@@ -124,23 +131,26 @@ class DecodeGraphs:
         logger.info("captured %d decode CUDA graphs, batch sizes %s", len(self.graphs), self.buckets)
 
     def run(self, inputs: DecodeInputs) -> torch.Tensor:
-        """Final hidden states ``[n, hidden]`` of the step's ``n`` decodes (valid until the next run)."""
+        """Final hidden states ``[n, hidden]`` of the step's ``n`` decodes (valid until the next run).
+
+        The host buffers are rewritten every step: the step before has finished with them, since its
+        sampled tokens were read back (a sync) before this step was scheduled."""
         n = len(inputs.token_ids)
         size = self.bucket_for(n)
-        pad = size - n
-        width = max(len(t) for t in inputs.block_tables)
+        big = self._host_int64.numpy()
         # Padding rows ride along in the same copies: token 0 at position 0, slot -1, context 0.
-        host = torch.tensor(
-            [inputs.token_ids + [0] * pad, inputs.positions + [0] * pad, inputs.slots + [-1] * pad],
-            dtype=torch.int64,
-        )
-        rows = [t + [0] * (width - len(t)) for t in inputs.block_tables]
-        self.input_ids[:size].copy_(host[0], non_blocking=True)
-        self.positions[:size].copy_(host[1], non_blocking=True)
-        self.slots[:size].copy_(host[2], non_blocking=True)
-        lens = torch.tensor(inputs.context_lens + [0] * pad, dtype=torch.int32)
-        self.context_lens[:size].copy_(lens, non_blocking=True)
-        self.block_tables[:n, :width].copy_(torch.tensor(rows, dtype=torch.int32), non_blocking=True)
+        big[0, :n], big[1, :n], big[2, :n] = inputs.token_ids, inputs.positions, inputs.slots
+        big[:2, n:size], big[2, n:size] = 0, -1
+        small = self._host_int32.numpy()
+        max_size = self.buckets[-1]
+        small[:n], small[n:size] = inputs.context_lens, 0
+        tables = small[max_size:].reshape(max_size, self.max_blocks)
+        # Entries past a table's own length keep what earlier steps left: no kernel reads past a context.
+        for row, table in enumerate(inputs.block_tables):
+            tables[row, : len(table)] = table
+        self._int64.copy_(self._host_int64, non_blocking=True)
+        used = max_size + n * self.max_blocks
+        self._int32[:used].copy_(self._host_int32[:used], non_blocking=True)
         if not self.use_graphs:
             return self._forward(size)[:n]
         self.graphs[size].replay()
