@@ -165,6 +165,39 @@ def bench_write(ops, num_tokens, kv_heads, head_dim, warmup, iters, copy_gbps):
     return _result("write_kv", config, t_ms, b_ms, moved, 0, copy_gbps, 0.0)
 
 
+def bench_rotary_write(ops, num_tokens, heads, kv_heads, head_dim, warmup, iters, copy_gbps):
+    """``write_kv_cache_rotary`` (one launch) against ``apply_rotary`` then ``write_kv_cache`` (the two it
+    replaced), each call's share of a CUDA graph of 22 calls, a 1.1B model's layers: at decode sizes the
+    launches, not the bytes, are the cost."""
+    from leanserve.kernels.fused_layers import apply_rotary
+
+    gen = torch.Generator(device=DEVICE).manual_seed(3)
+    num_blocks = 4 * max(num_tokens, BLOCK_SIZE) // BLOCK_SIZE
+    shape = (num_blocks, BLOCK_SIZE, kv_heads, head_dim)
+    k_cache = torch.zeros(shape, dtype=DTYPE, device=DEVICE)
+    v_cache = torch.zeros_like(k_cache)
+    q = torch.randn(num_tokens, heads, head_dim, dtype=DTYPE, device=DEVICE, generator=gen)
+    key = torch.randn(num_tokens, kv_heads, head_dim, dtype=DTYPE, device=DEVICE, generator=gen)
+    value = torch.randn_like(key)
+    slots = torch.randperm(num_blocks * BLOCK_SIZE, device=DEVICE, generator=gen)[:num_tokens]
+    positions = torch.randint(0, 2048, (num_tokens,), device=DEVICE, generator=gen)
+    cos = torch.rand(2048, head_dim // 2, device=DEVICE, generator=gen)
+    sin = torch.rand(2048, head_dim // 2, device=DEVICE, generator=gen)
+
+    def fused():
+        ops.write_kv_cache_rotary(q, key, value, positions, cos, sin, k_cache, v_cache, slots)
+
+    def apart():
+        apply_rotary(q, key, positions, cos, sin)
+        ops.write_kv_cache(key, value, k_cache, v_cache, slots)
+
+    t_ms = graph_us([fused] * 22, iters) / 1000
+    b_ms = graph_us([apart] * 22, iters) / 1000
+    moved = (2 * q.numel() + 4 * key.numel()) * DTYPE.itemsize  # q and k read and written, k and v cached
+    config = f"{num_tokens} tokens H{heads}/KV{kv_heads} D{head_dim} (vs rotary + write, in a graph)"
+    return _result("rotary_write_kv", config, t_ms, b_ms, moved, 0, copy_gbps, 0.0)
+
+
 def _result(kernel, config, t_ms, b_ms, nbytes, flops, copy_gbps, err) -> Result:
     gbps = nbytes / t_ms / 1e6
     return Result(
@@ -199,6 +232,9 @@ def all_kernels(ops, w: int, n: int, copy_gbps: float) -> list[Result]:
         bench_prefill(ops, 4, 512, 4096, 32, 8, 128, w, n, copy_gbps),
         bench_write(ops, 8192, 8, 128, w, n, copy_gbps),
         bench_write(ops, 64, 8, 128, w, n, copy_gbps),
+        # the decode step's rotary + KV write at TinyLlama's heads, batch 1 and 64
+        bench_rotary_write(ops, 1, 32, 4, 64, w, n, copy_gbps),
+        bench_rotary_write(ops, 64, 32, 4, 64, w, n, copy_gbps),
     ]
 
 
