@@ -1,5 +1,6 @@
 """The kernels worth a hardware-counter look, each launched once inside a profiler range, for Nsight
-Compute: the AWQ GEMV and its load-only twin (benchmarks/awq_probe.py), fp16 matmul at the same shape,
+Compute: the AWQ GEMV and its load-only twin (benchmarks/awq_probe.py), the K-major int4 GEMV (fp32 and
+half2 math), fp16 matmul at the same shape,
 the batch-1 decode attention of a 1.1B model's graph (512 keys in a 2048-token table), and the Triton
 GEMV on its qkv projection.
 
@@ -29,10 +30,12 @@ def main() -> int:
     from leanserve.kernels import backend
     from leanserve.kernels.awq_gemm import awq_gemm
     from leanserve.kernels.gemv import GemvConfig, gemv
+    from leanserve.kernels.int4_gemv import Int4GemvConfig, KMajorInt4, int4_gemv
     from quant import random_awq_layers
 
     k, n, group = 4096, 11008, 128
     (q, z, s), = random_awq_layers(k, n, group, 1)
+    kmajor = KMajorInt4.from_awq(q, z, s, group)
     x = torch.randn(1, k, dtype=torch.float16, device="cuda")
     dense = torch.randn(k, n, dtype=torch.float16, device="cuda")
     out = torch.empty(1 << 16, dtype=torch.int32, device="cuda")
@@ -49,6 +52,8 @@ def main() -> int:
 
     targets = {
         "awq_gemv": lambda: awq_gemm(x, q, z, s, group),
+        "kmajor_gemv": lambda: int4_gemv(x, kmajor, config=Int4GemvConfig(pdl=False)),
+        "kmajor_gemv_half2": lambda: int4_gemv(x, kmajor, config=Int4GemvConfig(pdl=False, math="half2")),
         "load_only": lambda: load_only(q, out, group, **DEFAULT_TWIN),
         "fp16_matmul": lambda: torch.matmul(x, dense),
         "decode_attention_b1": lambda: ops.paged_decode_attention(query, k_cache, v_cache, table, lens, 0.125, 2048),
