@@ -63,13 +63,12 @@ def reference_attention_ops() -> AttentionOps:
 @dataclass(frozen=True)
 class LayerOps:
     rms_norm: Callable[..., object]
-    apply_rotary: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     silu_and_mul: Callable[[torch.Tensor], torch.Tensor]
     name: str
 
 
 def reference_layer_ops() -> LayerOps:
-    return LayerOps(reference.rms_norm, reference.apply_rotary, reference.silu_and_mul, "reference")
+    return LayerOps(reference.rms_norm, reference.silu_and_mul, "reference")
 
 
 @dataclass(frozen=True)
@@ -109,10 +108,10 @@ def get_model_ops(device: torch.device | str) -> ModelOps:
     batches the decoder takes its fused layer path (``DecodeOps``)."""
     device = torch.device(device)
     if device.type == "cuda" and triton_available():
-        from .fused_layers import apply_rotary, rms_norm, silu_and_mul
+        from .fused_layers import rms_norm, silu_and_mul
         from .gemv import decode_fusion_rows, linear, linear_residual, norm_gated_linear, norm_linear
 
-        layers = LayerOps(rms_norm, apply_rotary, silu_and_mul, "triton")
+        layers = LayerOps(rms_norm, silu_and_mul, "triton")
         decode = DecodeOps(norm_linear, norm_gated_linear, linear_residual, decode_fusion_rows)
         return ModelOps(get_attention_ops(device), layers, linear, decode)
     return ModelOps(reference_attention_ops(), reference_layer_ops())

@@ -9,6 +9,7 @@ triton = pytest.importorskip("triton")
 
 from leanserve.kernels import backend, reference  # noqa: E402
 from leanserve.kernels.fused_layers import apply_rotary, rms_norm, silu_and_mul  # noqa: E402
+from leanserve.kernels.kv_cache import write_kv_cache_rotary  # noqa: E402
 
 from tests.kernels.kernel_cases import DEVICE, TOLERANCES, generator, randn, rotary_tables  # noqa: E402
 
@@ -85,7 +86,7 @@ def test_model_ops_by_device(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(backend, "triton_available", lambda: True)
     cuda = backend.get_model_ops("cuda")
     assert (cuda.attention.name, cuda.layers.name) == ("triton", "triton")
-    assert cuda.layers.rms_norm is rms_norm and cuda.layers.apply_rotary is apply_rotary
+    assert cuda.layers.rms_norm is rms_norm and cuda.attention.write_kv_cache_rotary is write_kv_cache_rotary
 
 
 @pytest.mark.parametrize("rows,cols", [(1, 64), (5, 1536), (3, 100)])  # 1536: two column blocks

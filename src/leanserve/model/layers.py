@@ -166,7 +166,10 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.T
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotary position embedding in the "rotate half" layout Hugging Face Llama checkpoints use."""
+    """The tables of the rotary position embedding in the "rotate half" layout Hugging Face Llama
+    checkpoints use. The decoder applies them in its attention's cache write
+    (``AttentionOps.write_kv_cache_rotary``: on CUDA the same launch), with the semantics of
+    ``reference.apply_rotary``."""
 
     def __init__(
         self,
@@ -174,10 +177,8 @@ class RotaryEmbedding(nn.Module):
         max_position: int,
         base: float,
         scaling: dict[str, Any] | None = None,
-        ops: LayerOps | None = None,
     ) -> None:
         super().__init__()
-        self.ops = ops or reference_layer_ops()  # chosen once by device (backend.get_model_ops)
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
         kind = None if scaling is None else scaling.get("rope_type", scaling.get("type"))
         if kind == "linear":
@@ -191,10 +192,3 @@ class RotaryEmbedding(nn.Module):
         # cos/sin kept as [max_position, head_dim // 2]; the halves share them.
         self.register_buffer("cos", freqs.cos().float(), persistent=False)
         self.register_buffer("sin", freqs.sin().float(), persistent=False)
-
-    def forward(
-        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate ``query [T, H, D]`` and ``key [T, KVH, D]`` by their token positions ``[T]`` (on CUDA
-        in place: they are views of the QKV projection's output, used once)."""
-        return self.ops.apply_rotary(query, key, positions, self.cos, self.sin)

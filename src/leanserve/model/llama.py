@@ -194,7 +194,6 @@ class LlamaForCausalLM(nn.Module):
         """``ops``: the kernels for the device the model will run on (``backend.get_model_ops``)."""
         super().__init__()
         self.config = config
-        self.layer_ops = ops.layers
         self.linear_op = ops.linear  # the LM head's matmul (the linear factory gives the Linears theirs)
         self.decode_ops = ops.decode
         self.model = LlamaModel(config, linear, ops)
@@ -206,7 +205,7 @@ class LlamaForCausalLM(nn.Module):
         c = self.config
         with torch.device("cpu"):
             return RotaryEmbedding(
-                c.head_dim, c.max_position_embeddings, c.rope_theta, c.rope_scaling, self.layer_ops
+                c.head_dim, c.max_position_embeddings, c.rope_theta, c.rope_scaling
             )
 
     def reset_buffers(self, device: torch.device) -> None:

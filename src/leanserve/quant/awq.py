@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from leanserve.kernels import reference
 from leanserve.model.layers import RotaryEmbedding
 from leanserve.model.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
 from leanserve.quant.awq_format import QuantizedWeight, fake_quantize, fake_quantize_groups, quantize_weight
@@ -49,10 +50,12 @@ def attention_forward(
     b, s, _ = x.shape
     q, k, v = attn.qkv_proj(x).split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
     positions = torch.arange(s, device=x.device).repeat(b)
-    q, k = rotary(
-        positions,
+    q, k = reference.apply_rotary(
         q.reshape(b * s, attn.num_heads, attn.head_dim),
         k.reshape(b * s, attn.num_kv_heads, attn.head_dim),
+        positions,
+        rotary.cos,
+        rotary.sin,
     )
     q = q.view(b, s, attn.num_heads, attn.head_dim).transpose(1, 2)
     k = k.view(b, s, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
