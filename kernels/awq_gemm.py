@@ -206,19 +206,22 @@ def _group_products(x_row, qw_ptr, qz_ptr, s_ptr, g0, N, n8, offs_c, c_mask, one
         offs_k = g0 + tl.arange(0, GROUP)
         words = tl.load(qw_ptr + offs_k[:, None] * n8 + offs_c[None, :], mask=c_mask[None, :], other=0)
         zw, s0, s1, s2, s3, s4, s5, s6, s7 = _group_params(qz_ptr, s_ptr, g0 // GROUP, N, n8, offs_c, c_mask)
-        x_group = tl.load(x_row + offs_k)
-        a0, a1, a2, a3, a4, a5, a6, a7 = _accumulate(a0, a1, a2, a3, a4, a5, a6, a7, x_group.to(tl.float32)[:, None],
-                                                     words, one_bits, ASM, ACC_K)
+        x_sum = tl.load(x_row + offs_k).to(tl.float32)
+        a0, a1, a2, a3, a4, a5, a6, a7 = _accumulate(a0, a1, a2, a3, a4, a5, a6, a7, x_sum[:, None], words, one_bits,
+                                                     ASM, ACC_K)
     else:
         zw, s0, s1, s2, s3, s4, s5, s6, s7 = _group_params(qz_ptr, s_ptr, g0 // GROUP, N, n8, offs_c, c_mask)
-        x_group = tl.load(x_row + g0 + tl.arange(0, GROUP))
+        # x's tiles summed elementwise (in registers: the tiles share a layout), reduced once after the loop;
+        # GROUP need not be a power of two (a group of 384, or a whole row of K with group size -1).
+        x_sum = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for k0 in tl.range(g0, g0 + GROUP, BLOCK_K, num_stages=NUM_STAGES):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             words = tl.load(qw_ptr + offs_k[:, None] * n8 + offs_c[None, :], mask=c_mask[None, :], other=0)
-            x = tl.load(x_row + offs_k).to(tl.float32)[:, None]
-            a0, a1, a2, a3, a4, a5, a6, a7 = _accumulate(a0, a1, a2, a3, a4, a5, a6, a7, x, words, one_bits, ASM,
-                                                         ACC_K)
-    xs = tl.sum(x_group.to(tl.float32))
+            x = tl.load(x_row + offs_k).to(tl.float32)
+            x_sum += x
+            a0, a1, a2, a3, a4, a5, a6, a7 = _accumulate(a0, a1, a2, a3, a4, a5, a6, a7, x[:, None], words, one_bits,
+                                                         ASM, ACC_K)
+    xs = tl.sum(x_sum)
     return a0, a1, a2, a3, a4, a5, a6, a7, xs, zw, s0, s1, s2, s3, s4, s5, s6, s7
 
 
@@ -563,16 +566,16 @@ def _gemv(
     maxnreg: int | None = None,
 ) -> torch.Tensor:
     """Defaults from the H200 sweeps at M=1 on 4096x11008 (``quant.py --gemv-configs``, RESULTS.md): one
-    warp per program, a ``[128, 32]`` word tile (a whole group, ``block_k`` defaults to the group size up
-    to 128) loaded straight to registers (``num_stages`` 1), its rows folded into 4 accumulator rows per
-    nibble (``acc_k``), one group per K slice: 16.1-16.7 us. The ring of ``[8, 128]`` tiles at 4 warps
-    that was the default before took 21.3; every config sat near ten warps per SM (Nsight Compute: 16%
-    occupancy, 0.67 waves) with most cycles issuing nothing. Those times are from before
-    ``_group_products`` loaded the words ahead of the scales and x (not yet timed). ``maxnreg`` caps
-    ptxas's registers."""
+    warp per program, a ``[128, 32]`` word tile (a whole group of 128; ``block_k`` defaults to the
+    largest power of two up to 128 dividing the group) loaded straight to registers (``num_stages`` 1),
+    its rows folded into 4 accumulator rows per nibble (``acc_k``), one group per K slice: 16.1-16.7 us.
+    The ring of ``[8, 128]`` tiles at 4 warps that was the default before took 21.3; every config sat
+    near ten warps per SM (Nsight Compute: 16% occupancy, 0.67 waves) with most cycles issuing nothing.
+    Those times are from before ``_group_products`` loaded the words ahead of the scales and x (not
+    yet timed). ``maxnreg`` caps ptxas's registers."""
     m, k = x.shape
     n = scales.shape[1]
-    block_k = block_k or min(group_size, 128)
+    block_k = block_k or _block_k(group_size, 128)
     if group_size % block_k:
         raise ValueError(f"block_k {block_k} must divide the group size {group_size}")
     asm = _use_asm(unpack)

@@ -24,6 +24,8 @@ def random_awq(k: int, n: int, group: int, seed: int = 0) -> tuple[torch.Tensor,
         (1, 128, 64, 32, "gemv"),
         (3, 256, 72, 64, "gemv"),  # N not a multiple of the output block
         (5, 384, 64, 128, "gemv"),  # 3 groups: the K split leaves a short last slice
+        (1, 384, 64, 384, "gemv"),  # a group of 384 (not a power of two): three 128-row tiles
+        (2, 576, 64, 576, "gemv"),  # one group of the whole row (group size -1), 9 tiles of 64
         (17, 128, 64, 32, "tiled"),
         (40, 256, 80, 128, "tiled"),
         (9, 256, 264, 64, "dequant"),  # N not a multiple of the 256-column store tile
