@@ -2,8 +2,8 @@
 
 The runner describes each step with an ``AttentionMetadata``: the step's tokens are laid out with all
 single-token decodes first (batched into one paged-decode call) and then the prefill chunks back to
-back (one variable-length paged-prefill call). The backend writes the step's K/V into the cache, then
-attends. On CUDA the ops are Triton kernels; elsewhere the plain-torch references.
+back (one variable-length paged-prefill call). The backend rotates the step's queries and keys and writes
+its K/V into the cache, then attends. On CUDA the ops are Triton kernels; elsewhere the plain-torch references.
 """
 
 from __future__ import annotations
@@ -64,15 +64,12 @@ class PagedAttention:
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
-        rotary: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        rotary: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
-        """``query [T, H, D]``, ``key``/``value [T, KVH, D]`` -> ``[T, H, D]``. With ``rotary``, the
-        ``(positions, cos, sin)`` of ``apply_rotary``, query and key are rotated first, in the same op
+        """``query [T, H, D]``, ``key``/``value [T, KVH, D]`` -> ``[T, H, D]``. Query and key are first
+        rotated by ``rotary``, the ``(positions, cos, sin)`` of ``reference.apply_rotary``, in the same op
         (one launch on CUDA) that writes the keys and values into the cache."""
-        if rotary is None:
-            self.ops.write_kv_cache(key, value, k_cache, v_cache, meta.slot_mapping)
-        else:
-            query, key = self.ops.write_kv_cache_rotary(query, key, value, *rotary, k_cache, v_cache, meta.slot_mapping)
+        query, key = self.ops.write_kv_cache_rotary(query, key, value, *rotary, k_cache, v_cache, meta.slot_mapping)
         n_dec = meta.num_decode_tokens
         if n_dec == query.shape[0]:
             return self._decode(query, k_cache, v_cache, meta)

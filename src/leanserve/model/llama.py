@@ -99,7 +99,7 @@ class LlamaAttention(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        out = self.attn(q, k, v, kv_cache[0], kv_cache[1], meta, rotary=(positions, rotary.cos, rotary.sin))
+        out = self.attn(q, k, v, kv_cache[0], kv_cache[1], meta, (positions, rotary.cos, rotary.sin))
         return out.view(num_tokens, self.q_size)
 
 
