@@ -43,6 +43,11 @@ class StepResult:
     prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
 
+def consecutive_run(ids: list[int]) -> slice | None:
+    """``ids`` as a slice when they are one consecutive ascending run (then a view replaces a gather)."""
+    return slice(ids[0], ids[0] + len(ids)) if ids == list(range(ids[0], ids[0] + len(ids))) else None
+
+
 def allocate_kv_cache(
     config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
 ) -> list[KVCache]:
@@ -179,8 +184,9 @@ class ModelRunner:
             flat = [b for s in members for b in s.block_table + [0] * (width - len(s.block_table))]
             real = torch.tensor(lens[start:end])
             mask = (torch.arange(width * bs)[None, :] < real[:, None])[:, None, None, :]
-            if flat == list(range(flat[0], flat[0] + len(flat))):
-                groups.append(DecodeGroup(start, end, slice(flat[0], flat[0] + len(flat)), mask))
+            run = consecutive_run(flat)
+            if run is not None:
+                groups.append(DecodeGroup(start, end, run, mask))
             else:
                 groups.append(DecodeGroup(start, end, torch.tensor(flat), mask, self._gather_buffer(len(flat))))
             start = end
@@ -208,11 +214,9 @@ class ModelRunner:
         sample_rows = [i for i, s in enumerate(ordered) if s.sample is not None]
         if sample_rows:
             last = [offsets[i] + ordered[i].num_new - 1 for i in sample_rows]
-            if last == list(range(last[0], last[0] + len(last))):
-                # Decode-only steps: the rows are already in place (no index copy to the device, no gather).
-                rows = hidden[last[0] : last[0] + len(last)]
-            else:
-                rows = hidden.index_select(0, torch.tensor(last, device=self.device))
+            run = consecutive_run(last)
+            # Decode-only steps: the rows are already in place (no index copy to the device, no gather).
+            rows = hidden[run] if run is not None else hidden.index_select(0, torch.tensor(last, device=self.device))
             logits = self.model.compute_logits(rows)
             out = self.sampler(logits, [ordered[i].sample for i in sample_rows])
             for j, i in enumerate(sample_rows):
