@@ -82,6 +82,10 @@ class DecodeGraphs:
         pin = device.type == "cuda"
         self._host_int64 = torch.zeros((3, size), dtype=torch.int64, pin_memory=pin)
         self._host_int32 = torch.zeros(size + size * self.max_blocks, dtype=torch.int32, pin_memory=pin)
+        # numpy views of them, which take Python lists in one assignment
+        self._host_rows = self._host_int64.numpy()
+        self._host_lens = self._host_int32[:size].numpy()
+        self._host_tables = self._host_int32[size:].view(size, self.max_blocks).numpy()
         self._empty_tables = torch.zeros((0, self.max_blocks), dtype=torch.int32, device=device)
         self._empty_cu = torch.zeros(1, dtype=torch.int32, device=device)
         self._empty_lens = torch.zeros(0, dtype=torch.int32, device=device)
@@ -137,19 +141,16 @@ class DecodeGraphs:
         sampled tokens were read back (a sync) before this step was scheduled."""
         n = len(inputs.token_ids)
         size = self.bucket_for(n)
-        big = self._host_int64.numpy()
+        rows, lens, tables = self._host_rows, self._host_lens, self._host_tables
         # Padding rows ride along in the same copies: token 0 at position 0, slot -1, context 0.
-        big[0, :n], big[1, :n], big[2, :n] = inputs.token_ids, inputs.positions, inputs.slots
-        big[:2, n:size], big[2, n:size] = 0, -1
-        small = self._host_int32.numpy()
-        max_size = self.buckets[-1]
-        small[:n], small[n:size] = inputs.context_lens, 0
-        tables = small[max_size:].reshape(max_size, self.max_blocks)
+        rows[0, :n], rows[1, :n], rows[2, :n] = inputs.token_ids, inputs.positions, inputs.slots
+        rows[:2, n:size], rows[2, n:size] = 0, -1
+        lens[:n], lens[n:size] = inputs.context_lens, 0
         # Entries past a table's own length keep what earlier steps left: no kernel reads past a context.
         for row, table in enumerate(inputs.block_tables):
             tables[row, : len(table)] = table
         self._int64.copy_(self._host_int64, non_blocking=True)
-        used = max_size + n * self.max_blocks
+        used = self.max_batch + n * self.max_blocks  # the lengths, then the tables' first n rows
         self._int32[:used].copy_(self._host_int32[:used], non_blocking=True)
         if not self.use_graphs:
             return self._forward(size)[:n]
