@@ -221,48 +221,49 @@ def random_awq_layers(k: int, n: int, group: int, copies: int, seed: int = 0) ->
 
 def gpu_kernel_bench(sweep: bool = False, sweep_m: Sequence[int] = (1, 16, 64, 256)) -> dict[str, float]:
     """AWQ GEMM against fp16 ``torch.matmul`` on a Llama-7B MLP layer (in 4096, out 11008)."""
-    from leanserve.kernels.awq_gemm import awq_gemm, launch_for
+    from leanserve.kernels.awq_gemm import launch_for
     from leanserve.kernels.awq_reference import awq_gemm_reference
 
     k, n, group, copies = 4096, 11008, 128, 8
     layers = random_awq_layers(k, n, group, copies)
     packed = repacked(layers, group)
-    kmajor = launch("kmajor", {}, group, packed)
     dense = [torch.randn(k, n, dtype=torch.float16, device="cuda") * 0.01 for _ in range(copies)]
     results: dict[str, float] = {"gemm_k": k, "gemm_n": n}
     say("GPU", f"{torch.cuda.get_device_name()}, AWQ GEMM {k}x{n} group {group}, {copies} weight copies")
     for m in (1, 2, 4, 8, 16, 32, 64, 256):
         x = torch.randn(m, k, dtype=torch.float16, device="cuda")
-        q, z, s = layers[0]
-        err = (awq_gemm(x, q, z, s, group).float() - awq_gemm_reference(x.float(), q, z, s, group)).abs().max().item()
+        ref = awq_gemm_reference(x.float(), *layers[0], group)
         t_fp16 = graph_us([lambda x=x, w=w: torch.matmul(x, w) for w in dense])
         # The launches side by side where there is a choice (where GEMV_MAX_M and DEQUANT_MIN_M should
-        # sit); the default is whichever of them launch_for picks, not timed again.
+        # sit), and the K-major GEMV (not routed yet) up to 8 rows; the default is whichever launch_for
+        # picks, not timed again.
         kinds = ("gemv",) if m == 1 else ("gemv", "tiled", "dequant") if m <= 8 else ("tiled", "dequant")
-        times = {kind: graph_us([lambda x=x, w=w, kind=kind: awq_gemm(x, *w, group, force=kind) for w in layers])
-                 for kind in kinds}
-        if m <= 8:  # the K-major GEMV beside them (not routed yet), checked like the default
-            err_k = relative_error(kmajor(x, layers[0], 0), awq_gemm_reference(x.float(), q, z, s, group))
-            times["kmajor"] = graph_us([lambda x=x, w=w, i=i: kmajor(x, w, i) for i, w in enumerate(layers)])
-            say(f"  M={m} kmajor relative error", f"{err_k:.1e}")
-        t_awq = times[launch_for(m)]
+        kinds += ("kmajor",) if m <= 8 else ()
+        times, errors = {}, {}
+        for kind in kinds:
+            fn = launch(kind, {}, group, packed)
+            errors[kind] = relative_error(fn(x, layers[0], 0), ref)
+            times[kind] = graph_us([lambda x=x, w=w, i=i, fn=fn: fn(x, w, i) for i, w in enumerate(layers)])
+        default = launch_for(m)
+        t_awq = times[default]
         say(f"GEMM M={m}: awq / fp16 (us), speedup", f"{t_awq:.1f} / {t_fp16:.1f}, {t_fp16 / t_awq:.2f}x "
-            f"(awq {launch_for(m)}, {k * n / 2 / t_awq / 1e3:.0f} GB/s of int4 weights; max err {err:.1e})")
+            f"(awq {default}, {k * n / 2 / t_awq / 1e3:.0f} GB/s of int4 weights; rel err {errors[default]:.1e})")
         results[f"gemm_us_awq_m{m}"], results[f"gemm_us_fp16_m{m}"] = t_awq, t_fp16
         results[f"gemm_speedup_m{m}"] = t_fp16 / t_awq
-        for kind, t in times.items() if m > 1 or len(times) > 1 else ():
-            say(f"  M={m} {kind} (us), speed vs fp16", f"{t:.1f}, {t_fp16 / t:.2f}x")
+        for kind, t in times.items():
+            say(f"  M={m} {kind} (us), speed vs fp16, rel err", f"{t:.1f}, {t_fp16 / t:.2f}x, {errors[kind]:.1e}")
             results[f"gemm_us_{kind}_m{m}"] = t
     # A second shape, Llama-7B's attention projections (4096 -> 4096): whether the default launch, tuned on
     # the MLP shape, carries over.
     n2 = 4096
     square = random_awq_layers(k, n2, group, copies)
+    square_packed = repacked(square, group)
     dense2 = [torch.randn(k, n2, dtype=torch.float16, device="cuda") * 0.01 for _ in range(copies)]
     x = torch.randn(1, k, dtype=torch.float16, device="cuda")
-    t_awq = graph_us([lambda w=w: awq_gemm(x, *w, group) for w in square])
+    square_fns = [launch(kind, {}, group, square_packed) for kind in (launch_for(1), "kmajor")]
+    t_awq, t_kmajor = (graph_us([lambda w=w, i=i, fn=fn: fn(x, w, i) for i, w in enumerate(square)])
+                       for fn in square_fns)
     t_fp16 = graph_us([lambda w=w: torch.matmul(x, w) for w in dense2])
-    square_kmajor = launch("kmajor", {}, group, repacked(square, group))
-    t_kmajor = graph_us([lambda w=w, i=i: square_kmajor(x, w, i) for i, w in enumerate(square)])
     say(f"GEMM {k}x{n2} M=1: awq / kmajor / fp16 (us), speedups",
         f"{t_awq:.1f} / {t_kmajor:.1f} / {t_fp16:.1f}, {t_fp16 / t_awq:.2f}x / {t_fp16 / t_kmajor:.2f}x")
     results["square_us_awq_m1"], results["square_us_fp16_m1"] = t_awq, t_fp16
