@@ -167,32 +167,35 @@ def bench_write(ops, num_tokens, kv_heads, head_dim, warmup, iters, copy_gbps):
 
 def bench_rotary_write(ops, num_tokens, heads, kv_heads, head_dim, warmup, iters, copy_gbps):
     """``write_kv_cache_rotary`` (one launch) against ``apply_rotary`` then ``write_kv_cache`` (the two it
-    replaced), each call's share of a CUDA graph of 22 calls, a 1.1B model's layers: at decode sizes the
-    launches, not the bytes, are the cost."""
+    replaced), each call's share of a CUDA graph of ``GRAPH_LAYERS`` calls, each on its own tensors as a
+    model's layers are: at decode sizes the launches, not the bytes, are the cost."""
     from leanserve.kernels.fused_layers import apply_rotary
 
     gen = torch.Generator(device=DEVICE).manual_seed(3)
     num_blocks = 4 * max(num_tokens, BLOCK_SIZE) // BLOCK_SIZE
-    shape = (num_blocks, BLOCK_SIZE, kv_heads, head_dim)
-    k_cache = torch.zeros(shape, dtype=DTYPE, device=DEVICE)
-    v_cache = torch.zeros_like(k_cache)
-    q = torch.randn(num_tokens, heads, head_dim, dtype=DTYPE, device=DEVICE, generator=gen)
-    key = torch.randn(num_tokens, kv_heads, head_dim, dtype=DTYPE, device=DEVICE, generator=gen)
-    value = torch.randn_like(key)
-    slots = torch.randperm(num_blocks * BLOCK_SIZE, device=DEVICE, generator=gen)[:num_tokens]
     positions = torch.randint(0, 2048, (num_tokens,), device=DEVICE, generator=gen)
     cos = torch.rand(2048, head_dim // 2, device=DEVICE, generator=gen)
     sin = torch.rand(2048, head_dim // 2, device=DEVICE, generator=gen)
 
-    def fused():
+    def layer():
+        k_cache = torch.zeros((num_blocks, BLOCK_SIZE, kv_heads, head_dim), dtype=DTYPE, device=DEVICE)
+        q = torch.randn(num_tokens, heads, head_dim, dtype=DTYPE, device=DEVICE, generator=gen)
+        key = torch.randn(num_tokens, kv_heads, head_dim, dtype=DTYPE, device=DEVICE, generator=gen)
+        slots = torch.randperm(num_blocks * BLOCK_SIZE, device=DEVICE, generator=gen)[:num_tokens]
+        return q, key, torch.randn_like(key), k_cache, torch.zeros_like(k_cache), slots
+
+    layers = [layer() for _ in range(GRAPH_LAYERS)]
+
+    def fused(q, key, value, k_cache, v_cache, slots):
         ops.write_kv_cache_rotary(q, key, value, positions, cos, sin, k_cache, v_cache, slots)
 
-    def apart():
+    def apart(q, key, value, k_cache, v_cache, slots):
         apply_rotary(q, key, positions, cos, sin)
         ops.write_kv_cache(key, value, k_cache, v_cache, slots)
 
-    t_ms = graph_us([fused] * 22, iters) / 1000
-    b_ms = graph_us([apart] * 22, iters) / 1000
+    t_ms = graph_us([lambda a=a: fused(*a) for a in layers], iters) / 1000
+    b_ms = graph_us([lambda a=a: apart(*a) for a in layers], iters) / 1000
+    q, key = layers[0][:2]
     moved = (2 * q.numel() + 4 * key.numel()) * DTYPE.itemsize  # q and k read and written, k and v cached
     config = f"{num_tokens} tokens H{heads}/KV{kv_heads} D{head_dim} (vs rotary + write, in a graph)"
     return _result("rotary_write_kv", config, t_ms, b_ms, moved, 0, copy_gbps, 0.0)
