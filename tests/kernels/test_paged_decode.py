@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from leanserve.kernels import paged_attention, reference
@@ -33,7 +35,7 @@ def _run(case, num_partitions):
 
 @pytest.fixture(autouse=True)
 def poisoned_partials(monkeypatch):
-    # Split-KV partials start as NaN too: every (sequence, head, partition) must be written.
+    # Split-KV partials start as NaN too: a partition a kernel should have written and did not shows.
     monkeypatch.setattr(
         paged_attention, "_scratch", lambda shape, device: torch.full(shape, float("nan"), device=device)
     )
@@ -57,34 +59,55 @@ def test_strided_query_and_max_context_len():
     assert_close(out, reference.paged_decode_attention(*args), torch.float32)
 
 
-def test_split_decode_gives_the_same_result_twice():
-    """Partials are scratch: a second call (as a CUDA graph replays) must not depend on the first's."""
+def test_split_decode_ignores_partials_left_by_an_earlier_call(monkeypatch):
+    """A CUDA graph replays into the same partials buffers: a call whose contexts are now shorter must
+    merge only its own live partitions, not the stale ones an earlier, longer call left behind."""
+    buffers: list[torch.Tensor] = []  # a launch's three (partials, maxes, sums), handed out again in order
+    served = itertools.count()
+
+    def replayed(shape, device):
+        i = next(served) % 3
+        if len(buffers) <= i:
+            buffers.append(torch.full(shape, float("nan"), device=device))
+        assert buffers[i].shape == tuple(shape)
+        return buffers[i]
+
+    monkeypatch.setattr(paged_attention, "_scratch", replayed)
     gen = generator(18)
     kv = make_paged_kv(gen, [300, 45, 0, 129], 2, 64, 16, torch.float32)
     query = randn(gen, 4, 6, 64)
-    args = (query, kv.k_cache, kv.v_cache, kv.block_tables, kv.context_lens, 0.125)
-    first = paged_attention.paged_decode_attention(*args, num_partitions=4, out=nan_like(query))
-    assert_close(first, reference.paged_decode_attention(*args), torch.float32)
-    again = paged_attention.paged_decode_attention(*args, num_partitions=4, out=nan_like(query))
-    assert torch.equal(first, again)
+    for lens in ([300, 45, 0, 129], [100, 45, 0, 20]):  # the second call: seq 0 and 3 shrink
+        context_lens = torch.tensor(lens, dtype=kv.context_lens.dtype, device=kv.context_lens.device)
+        args = (query, kv.k_cache, kv.v_cache, kv.block_tables, context_lens, 0.125)
+        out = paged_attention.paged_decode_attention(*args, num_partitions=4, out=nan_like(query))
+        assert_close(out, reference.paged_decode_attention(*args), torch.float32)
+    assert len(buffers) == 3 and not buffers[0][0, :, 2].isnan().any()  # seq 0's 3rd partition: stale data
 
 
-def test_graph_sized_launch_splits_each_context_by_its_own_length():
+def test_graph_sized_launch_splits_each_context_by_its_own_length(monkeypatch):
     """A CUDA graph launches for the longest context (a wide table): each sequence then uses only the
-    partitions its own context needs. Here 8 partitions of at least 128 keys: 700 keys use six and
-    merge, 100 keys fit in one, written directly, an empty context gets zeros; the others do nothing."""
+    partitions its own context needs. Here a 2048-key table gives 11 partitions of at least 128 keys:
+    1400 keys are cut into all 11 (128 each; cut by the table's width they would fill 8 of 192), 100
+    keys fit in one, written directly with no partials, an empty context gets zeros the same way."""
+    made: list[torch.Tensor] = []
+    monkeypatch.setattr(paged_attention, "_scratch", lambda shape, device: made.append(
+        torch.full(shape, float("nan"), device=device)) or made[-1])
     gen = generator(21)
-    lens = [700, 100, 0]
+    lens = [1400, 100, 0]
     kv = make_paged_kv(gen, lens, 1, 64, 16, torch.float32)
-    wide = torch.full((len(lens), 64), 10**6, dtype=kv.block_tables.dtype, device=kv.block_tables.device)
+    wide = torch.full((len(lens), 128), 10**6, dtype=kv.block_tables.dtype, device=kv.block_tables.device)
     wide[:, : kv.block_tables.shape[1]] = kv.block_tables  # junk past each context
     query = randn(gen, len(lens), 4, 64)
     args = (query, kv.k_cache, kv.v_cache, wide, kv.context_lens, 0.125)
     assert paged_attention.MIN_PARTITION_TOKENS == 128
-    assert paged_attention.choose_num_partitions(len(lens), 1, 64 * 16, 8) == 8  # 1024 // 128, by length
+    assert paged_attention.choose_num_partitions(len(lens), 1, 128 * 16, 8) == 11  # the interpreter's 8 "SMs"
     out = paged_attention.paged_decode_attention(*args, out=nan_like(query))
     assert_close(out, reference.paged_decode_attention(*args), torch.float32)
     assert torch.equal(out[2], torch.zeros_like(out[2]))
+    partial = made[0]  # [seqs, heads, partitions, head_dim]: the unnormalised accumulators
+    assert partial.shape[2] == 11
+    assert not partial[0].isnan().any()  # every one of the long context's partitions written
+    assert partial[1:].isnan().all()  # the short and the empty context wrote none
 
 
 def test_batch_invariance():
