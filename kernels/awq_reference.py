@@ -101,10 +101,10 @@ K_MAJOR_CHUNK = 32
 def repack_k_major(
     qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """AWQ's ``(qweight, qzeros, scales)`` for ``W [K, N]`` -> ``(words, params)``:
+    """AWQ's ``(qweight, qzeros, scales)`` for ``W [K, N]`` -> ``(words, factors)``:
 
     - ``words`` int32 ``[N, K / 8]`` in the chunk order above;
-    - ``params`` int32 ``[N, K / group]``: per output and group, fp16 ``16 * scale`` in the low half and
+    - ``factors`` int32 ``[N, K / group]``: per output and group, fp16 ``16 * scale`` in the low half and
       fp16 ``1 + zero / 16`` in the high half (both exact), what the kernel needs to turn its unpacked
       ``1 + q / 16`` into ``(q - zero) * scale``.
 
@@ -130,12 +130,12 @@ def repack_k_major(
     return words, (low | high).T.contiguous()
 
 
-def dequantize_k_major(words: torch.Tensor, params: torch.Tensor, group_size: int) -> torch.Tensor:
+def dequantize_k_major(words: torch.Tensor, factors: torch.Tensor, group_size: int) -> torch.Tensor:
     """The dense ``W^T [N, K]`` (output-major) in fp32 from ``repack_k_major``'s tensors."""
     n, k8 = words.shape
     shifts = 4 * torch.arange(8, dtype=torch.int32, device=words.device)
     nibbles = (words.view(n, k8 // 4, 4, 1) >> shifts) & 0xF  # [n, chunk, word s, nibble j + 4h]
     q = nibbles.view(n, k8 // 4, 4, 2, 4).permute(0, 1, 4, 2, 3).reshape(n, k8 * 8).float()  # input 32c + 8j + 2s + h
-    a = (params & 0xFFFF).to(torch.int16).view(torch.float16).float().repeat_interleave(group_size, dim=1)
-    z = (params >> 16).to(torch.int16).view(torch.float16).float().repeat_interleave(group_size, dim=1)
+    a = (factors & 0xFFFF).to(torch.int16).view(torch.float16).float().repeat_interleave(group_size, dim=1)
+    z = (factors >> 16).to(torch.int16).view(torch.float16).float().repeat_interleave(group_size, dim=1)
     return (1 + q / 16 - z) * a

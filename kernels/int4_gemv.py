@@ -107,7 +107,7 @@ class KMajorInt4:
     """A linear's int4 weight in the K-major layout (``awq_reference.repack_k_major``)."""
 
     words: torch.Tensor  # int32 [N, K / 8]
-    params: torch.Tensor  # int32 [N, K / group]: fp16 16*scale | fp16 (1 + zero/16) << 16
+    factors: torch.Tensor  # int32 [N, K / group]: fp16 16*scale | fp16 (1 + zero/16) << 16
     group_size: int
 
     @classmethod
@@ -194,18 +194,18 @@ def _chunk_terms_half2(words, factors, x_ptrs, x_mask, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(w_tile, p_tile, c0, KC, offs_w, offs_c, GROUP_CHUNKS: tl.constexpr, EVEN_K: tl.constexpr):
+def _load_tile(w_tile, f_tile, c0, KC, offs_w, offs_c, GROUP_CHUNKS: tl.constexpr, EVEN_K: tl.constexpr):
     """The words ``[1, BLOCK_N, 4 * CHUNKS]`` and factors ``[1, BLOCK_N, CHUNKS]`` of the tile at chunk ``c0``."""
     if EVEN_K:
-        return tl.load(w_tile + c0 * 4), tl.trans(tl.load(p_tile + c0 // GROUP_CHUNKS))[None, :, :]
+        return tl.load(w_tile + c0 * 4), tl.trans(tl.load(f_tile + c0 // GROUP_CHUNKS))[None, :, :]
     words = tl.load(w_tile + c0 * 4, mask=(c0 * 4 + offs_w < KC * 4)[None, None, :], other=0)
-    factors = tl.load(p_tile + c0 // GROUP_CHUNKS, mask=(c0 + offs_c < KC)[:, None], other=0)
+    factors = tl.load(f_tile + c0 // GROUP_CHUNKS, mask=(c0 + offs_c < KC)[:, None], other=0)
     return words, tl.trans(factors)[None, :, :]
 
 
 @triton.jit
 def _int4_gemv_kernel(
-    x_ptr, w_ptr, p_ptr, bias_ptr, y_ptr,
+    x_ptr, w_ptr, f_ptr, bias_ptr, y_ptr,
     M, N, KC, G, stride_xm, stride_ym, one_bits,
     M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr, GROUP_CHUNKS: tl.constexpr,
     EVEN_K: tl.constexpr, ONE_TILE: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
@@ -234,7 +234,7 @@ def _int4_gemv_kernel(
     # to order by, puts the threads along the first dim, here the chunks, which is how the sums over
     # each thread's words come out; built [BLOCK_N, CHUNKS], the load went through shared memory twice
     # per tile, and ptxas issued it only after the arithmetic.
-    p_tile = p_ptr + (offs_c // GROUP_CHUNKS)[:, None] + w_rows[None, :] * G
+    f_tile = f_ptr + (offs_c // GROUP_CHUNKS)[:, None] + w_rows[None, :] * G
     if HALF2:  # x's fp16 pairs as int32: 16 pairs a chunk, pair plane j at 4j
         x_tile = (x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + x_rows[:, None, None] * (stride_xm // 2)
                   + ((offs_w // 4) * 16 + offs_w % 4)[None, None, :])
@@ -246,7 +246,7 @@ def _int4_gemv_kernel(
     X_PER_CHUNK: tl.constexpr = 8 - 4 * HALF2  # x_tile's elements per chunk: 8 inputs, or 4 pairs
 
     # The first tile: weights only, so it may stream while the previous kernel drains.
-    words, factors = _load_tile(w_tile, p_tile, 0, KC, offs_w, offs_c, GROUP_CHUNKS, EVEN_K)
+    words, factors = _load_tile(w_tile, f_tile, 0, KC, offs_w, offs_c, GROUP_CHUNKS, EVEN_K)
     if USE_PDL:
         pdl_wait(USE_PDL)
         pdl_launch_dependents(USE_PDL)
@@ -265,7 +265,7 @@ def _int4_gemv_kernel(
         for c0 in range(0, KC, CHUNKS):
             # The next tile is loaded before this one is used (the last iteration reloads its own: L1 hits).
             c_next = tl.minimum(c0 + CHUNKS, KC - CHUNKS) if EVEN_K else tl.minimum(c0 + CHUNKS, KC - 1)
-            words_next, factors_next = _load_tile(w_tile, p_tile, c_next, KC, offs_w, offs_c, GROUP_CHUNKS, EVEN_K)
+            words_next, factors_next = _load_tile(w_tile, f_tile, c_next, KC, offs_w, offs_c, GROUP_CHUNKS, EVEN_K)
             x_mask = (c0 * X_PER_CHUNK + offs_x < KC * X_PER_CHUNK)[None, None, :]
             if HALF2:
                 acc += _chunk_terms_half2(words, factors, x_tile + c0 * X_CHUNK, x_mask, not EVEN_K)
@@ -281,7 +281,7 @@ def _int4_gemv_kernel(
 
 
 @triton.jit
-def _int4_dequant_kernel(w_ptr, p_ptr, out_ptr, N, KC, G, one_bits, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
+def _int4_dequant_kernel(w_ptr, f_ptr, out_ptr, N, KC, G, one_bits, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
                          GROUP_CHUNKS: tl.constexpr, ASM: tl.constexpr):
     """``W^T [N, K]`` (``nn.Linear``'s layout) in ``out``'s dtype from a ``[BLOCK_N, 4 * CHUNKS]`` tile of
     words: each pair plane is stored as 8 consecutive inputs per thread."""
@@ -294,7 +294,7 @@ def _int4_dequant_kernel(w_ptr, p_ptr, out_ptr, N, KC, G, one_bits, BLOCK_N: tl.
     w_mask = offs_w < KC * 4
     words = tl.load(w_ptr + rows[:, None] * (KC * 4) + offs_w[None, :], mask=w_mask[None, :], other=0)
     # [CHUNKS, BLOCK_N], transposed: see _int4_gemv_kernel.
-    factors = tl.trans(tl.load(p_ptr + (offs_c // GROUP_CHUNKS)[:, None] + rows[None, :] * G,
+    factors = tl.trans(tl.load(f_ptr + (offs_c // GROUP_CHUNKS)[:, None] + rows[None, :] * G,
                                mask=(offs_c < KC)[:, None], other=0))
     scale16 = factors.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     zero = (factors >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
@@ -324,7 +324,7 @@ def dequantize_int4(weight: KMajorInt4, out: torch.Tensor) -> torch.Tensor:
     block_n, chunks = 16, 32
     kc = k // K_MAJOR_CHUNK
     _int4_dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(kc, chunks))](
-        weight.words, weight.params, out, n, kc, k // weight.group_size, ONE_BITS,
+        weight.words, weight.factors, out, n, kc, k // weight.group_size, ONE_BITS,
         BLOCK_N=block_n, CHUNKS=chunks, GROUP_CHUNKS=weight.group_size // K_MAJOR_CHUNK, ASM=_use_asm(None),
         num_warps=4,
     )
@@ -338,15 +338,15 @@ def _check(x: torch.Tensor, weight: KMajorInt4, bias: torch.Tensor | None) -> No
     n, k8 = weight.words.shape
     k = k8 * 8
     group = weight.group_size
-    if weight.words.dtype != torch.int32 or weight.params.dtype != torch.int32:
-        _checks.fail("K-major words and params must be int32")
+    if weight.words.dtype != torch.int32 or weight.factors.dtype != torch.int32:
+        _checks.fail("K-major words and factors must be int32")
     if x.shape[1] != k or k % K_MAJOR_CHUNK or group % K_MAJOR_CHUNK or k % group:
         _checks.fail(f"x has K={x.shape[1]}, the weight K={k} (a multiple of {K_MAJOR_CHUNK}) in groups of {group}")
-    if tuple(weight.params.shape) != (n, k // group):
-        _checks.fail(f"params {tuple(weight.params.shape)} must be [{n}, {k // group}]")
-    if not (weight.words.is_contiguous() and weight.params.is_contiguous()):
-        _checks.fail("K-major words and params must be contiguous")
-    tensors = {"x": x, "words": weight.words, "params": weight.params}
+    if tuple(weight.factors.shape) != (n, k // group):
+        _checks.fail(f"factors {tuple(weight.factors.shape)} must be [{n}, {k // group}]")
+    if not (weight.words.is_contiguous() and weight.factors.is_contiguous()):
+        _checks.fail("K-major words and factors must be contiguous")
+    tensors = {"x": x, "words": weight.words, "factors": weight.factors}
     if bias is not None:
         _checks.check_float("bias", bias, 1)
         if bias.shape[0] != n:
@@ -390,7 +390,7 @@ def int4_gemv(
     if config.block_n is None and m > 1 and kc > chunks:
         block_n //= 2  # the loop's next tile doubles the words held: 8 rows of 2 rows of x spilled on sm_90
     _int4_gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, weight.words, weight.params, bias if bias is not None else x, out,
+        x, weight.words, weight.factors, bias if bias is not None else x, out,
         m, n, kc, k // weight.group_size, x.stride(0), out.stride(0), ONE_BITS,
         M_PAD=triton.next_power_of_2(m), BLOCK_N=block_n, CHUNKS=chunks,
         GROUP_CHUNKS=weight.group_size // K_MAJOR_CHUNK,

@@ -24,8 +24,8 @@ def test_repack_keeps_every_weight_exactly(k: int, n: int, group: int) -> None:
     """The K-major words and fp16 factor pairs give back AWQ's dense weight bit for bit (zero points of
     15 and the nibble in the sign bit included: random_awq draws all of 0..15)."""
     (qweight, qzeros, scales), packed = random_layer(k, n, group, seed=k + n)
-    assert packed.words.shape == (n, k // 8) and packed.params.shape == (n, k // group)
-    assert torch.equal(dequantize_k_major(packed.words, packed.params, group),
+    assert packed.words.shape == (n, k // 8) and packed.factors.shape == (n, k // group)
+    assert torch.equal(dequantize_k_major(packed.words, packed.factors, group),
                        dequantize_awq(qweight, qzeros, scales, group).T)
 
 
@@ -84,8 +84,8 @@ def test_rows_of_x_are_independent() -> None:
     [
         (lambda x, w: (x[:, :64], w), "K=64"),
         (lambda x, w: (x.expand(9, -1), w), "at most 8"),
-        (lambda x, w: (x, KMajorInt4(w.words, w.params[:, :1].contiguous(), w.group_size)), "params"),
-        (lambda x, w: (x, KMajorInt4(w.words, w.params, 48)), "groups of 48"),
+        (lambda x, w: (x, KMajorInt4(w.words, w.factors[:, :1].contiguous(), w.group_size)), "factors"),
+        (lambda x, w: (x, KMajorInt4(w.words, w.factors, 48)), "groups of 48"),
         (lambda x, w: (x.int(), w), "float16, bfloat16 or float32"),
     ],
 )

@@ -133,11 +133,11 @@ class AWQLinear(nn.Module):
     def finalize(self) -> None:
         """Repack for the backend once every shard is in; drops the AWQ tensors it no longer needs."""
         if self.backend == "kmajor":
-            from leanserve.kernels.awq_reference import repack_k_major
+            from leanserve.kernels.int4_gemv import KMajorInt4
 
-            words, factors = repack_k_major(self.qweight, self.qzeros, self.scales, self.group_size)
+            packed = KMajorInt4.from_awq(self.qweight, self.qzeros, self.scales, self.group_size)
             del self.qweight, self.qzeros, self.scales
-            self.words, self.factors = words, factors
+            self.words, self.factors = packed.words, packed.factors  # buffers: they follow the module's .to()
             return
         if self.backend != "int4pack":
             return
