@@ -99,35 +99,23 @@ def _nibble_plus_one(words, J: tl.constexpr, one_bits):
     return (((words << (19 - 4 * (J % 4))) & 0x00780000) | one_bits).to(tl.float32, bitcast=True)
 
 
-# PTX for all eight ``1 + q/16`` of a word at once (sm_90; see ``_word_plus_one``). Four shifts put a pair
-# of nibbles (i, i + 4) at bits 6-9 and 22-25, one LOP3 each masks them and ors in two fp16 1.0s, so
-# each 32-bit result holds two fp16 ``1 + q/16``; eight conversions widen them to fp32.
-_UNPACK_PTX = tl.constexpr("""
-{
-.reg .b32 t<4>;
-.reg .b16 h<8>;
-shl.b32 t0, $8, 6;
-shl.b32 t1, $8, 2;
-shr.u32 t2, $8, 2;
-shr.u32 t3, $8, 6;
-lop3.b32 t0, t0, 0x03C003C0, 0x3C003C00, 0xEA;
-lop3.b32 t1, t1, 0x03C003C0, 0x3C003C00, 0xEA;
-lop3.b32 t2, t2, 0x03C003C0, 0x3C003C00, 0xEA;
-lop3.b32 t3, t3, 0x03C003C0, 0x3C003C00, 0xEA;
-mov.b32 {h0, h4}, t0;
-mov.b32 {h1, h5}, t1;
-mov.b32 {h2, h6}, t2;
-mov.b32 {h3, h7}, t3;
-cvt.f32.f16 $0, h0;
-cvt.f32.f16 $1, h1;
-cvt.f32.f16 $2, h2;
-cvt.f32.f16 $3, h3;
-cvt.f32.f16 $4, h4;
-cvt.f32.f16 $5, h5;
-cvt.f32.f16 $6, h6;
-cvt.f32.f16 $7, h7;
-}
-""")
+def nibble_pairs_ptx(word: str) -> str:
+    """PTX (sm_90) leaving in registers ``t0..t3`` (``.b32``, to be declared by the caller) the eight
+    nibbles of the 32-bit operand ``word`` as four fp16 pairs ``(1 + q_j/16, 1 + q_j+4/16)``, j < 4. Four
+    shifts put nibbles j and j + 4 at bits 6-9 and 22-25, one LOP3 each masks them and ors in two fp16
+    1.0s: one logic op per two nibbles."""
+    shifts = ("shl.b32 t0, {w}, 6;", "shl.b32 t1, {w}, 2;", "shr.u32 t2, {w}, 2;", "shr.u32 t3, {w}, 6;")
+    masks = (f"lop3.b32 t{j}, t{j}, 0x03C003C0, 0x3C003C00, 0xEA;" for j in range(4))
+    return "\n".join([*(line.format(w=word) for line in shifts), *masks]) + "\n"
+
+
+# PTX for all eight ``1 + q/16`` of a word at once (sm_90; see ``_word_plus_one``): the nibble pairs, then
+# eight conversions widen them to fp32.
+_UNPACK_PTX = tl.constexpr(
+    "{\n.reg .b32 t<4>;\n.reg .b16 h<8>;\n" + nibble_pairs_ptx("$8")
+    + "".join(f"mov.b32 {{h{j}, h{j + 4}}}, t{j};\n" for j in range(4))
+    + "".join(f"cvt.f32.f16 ${i}, h{i};\n" for i in range(8)) + "}\n"
+)
 
 
 @triton.jit

@@ -39,7 +39,7 @@ from . import _checks
 from ._device import interpreter_enabled, pdl_enabled, pdl_supported
 from ._pdl import pdl_launch, pdl_launch_dependents, pdl_wait
 from ._workspace import scratch
-from .awq_gemm import ONE_BITS, _use_asm, _word_plus_one
+from .awq_gemm import ONE_BITS, _use_asm, _word_plus_one, nibble_pairs_ptx
 from .awq_reference import K_MAJOR_CHUNK
 
 INT4_GEMV_MAX_M = 8  # rows of x, all in each program
@@ -64,25 +64,12 @@ class Int4GemvConfig:
 
 
 # PTX (sm_90) of the "half2" math, in two steps so that a word is unpacked once for every row of x:
-# a word's eight nibbles as four fp16 pairs (q_j - z) / 16, (q_j+4 - z) / 16 (the shifts and LOP3 of
-# awq_gemm's unpack give 1 + q/16 pairs; one packed subtraction of the zero pair leaves exact values) ...
-_HALF2_UNPACK_PTX = tl.constexpr("""
-{
-.reg .b32 t<4>;
-shl.b32 t0, $4, 6;
-shl.b32 t1, $4, 2;
-shr.u32 t2, $4, 2;
-shr.u32 t3, $4, 6;
-lop3.b32 t0, t0, 0x03C003C0, 0x3C003C00, 0xEA;
-lop3.b32 t1, t1, 0x03C003C0, 0x3C003C00, 0xEA;
-lop3.b32 t2, t2, 0x03C003C0, 0x3C003C00, 0xEA;
-lop3.b32 t3, t3, 0x03C003C0, 0x3C003C00, 0xEA;
-sub.f16x2 $0, t0, $5;
-sub.f16x2 $1, t1, $5;
-sub.f16x2 $2, t2, $5;
-sub.f16x2 $3, t3, $5;
-}
-""")
+# a word's eight nibbles as four fp16 pairs (q_j - z) / 16, (q_j+4 - z) / 16 (awq_gemm's nibble pairs
+# 1 + q/16, then one packed subtraction of the zero pair leaves exact values) ...
+_HALF2_UNPACK_PTX = tl.constexpr(
+    "{\n.reg .b32 t<4>;\n" + nibble_pairs_ptx("$4") + "".join(f"sub.f16x2 ${j}, t{j}, $5;\n" for j in range(4))
+    + "}\n"
+)
 # ... then, per row of x, the word's eight products with x's matching fp16 pairs summed in one fp16x2
 # chain (four terms per half: the two halves' errors stay near fp16 rounding) and the halves added in fp32.
 _HALF2_DOT_PTX = tl.constexpr("""
