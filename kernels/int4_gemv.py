@@ -114,13 +114,18 @@ class KMajorInt4:
 
 
 @triton.jit
+def _load(ptrs, mask, HAS_MASK: tl.constexpr):
+    """``ptrs``, masked (zeros where ``mask`` fails) only if ``HAS_MASK``: unmasked loads for a whole tile."""
+    if HAS_MASK:
+        return tl.load(ptrs, mask=mask, other=0)
+    return tl.load(ptrs)
+
+
+@triton.jit
 def _x_pair_plane(x_ptrs, x_mask, J: tl.constexpr, HAS_MASK: tl.constexpr):
     """Inputs ``32c + 8J + 2s + h`` as fp32 ``[M, 1, W]`` for h = 0 and h = 1 (nibbles ``J`` and ``J + 4``
     of word ``s``): one 16-byte load of 8 consecutive inputs per thread (fp16/bf16), split in registers."""
-    if HAS_MASK:
-        v = tl.load(x_ptrs + 8 * J, mask=x_mask, other=0.0).to(tl.float32)
-    else:
-        v = tl.load(x_ptrs + 8 * J).to(tl.float32)
+    v = _load(x_ptrs + 8 * J, x_mask, HAS_MASK).to(tl.float32)
     return tl.split(tl.reshape(v, [v.shape[0], 1, v.shape[2] // 2, 2]))
 
 
@@ -162,16 +167,8 @@ def _chunk_terms_half2(words, factors, x_ptrs, x_mask, HAS_MASK: tl.constexpr):
                       [1, words.shape[1], words.shape[2]])
     h0, h1, h2, h3 = tl.inline_asm_elementwise(
         _HALF2_UNPACK_PTX, "=r,=r,=r,=r,r,r", [words, zero], dtype=(tl.int32,) * 4, is_pure=True, pack=1)
-    if HAS_MASK:
-        x0 = tl.load(x_ptrs, mask=x_mask, other=0)
-        x1 = tl.load(x_ptrs + 4, mask=x_mask, other=0)
-        x2 = tl.load(x_ptrs + 8, mask=x_mask, other=0)
-        x3 = tl.load(x_ptrs + 12, mask=x_mask, other=0)
-    else:
-        x0 = tl.load(x_ptrs)
-        x1 = tl.load(x_ptrs + 4)
-        x2 = tl.load(x_ptrs + 8)
-        x3 = tl.load(x_ptrs + 12)
+    x0, x1 = _load(x_ptrs, x_mask, HAS_MASK), _load(x_ptrs + 4, x_mask, HAS_MASK)
+    x2, x3 = _load(x_ptrs + 8, x_mask, HAS_MASK), _load(x_ptrs + 12, x_mask, HAS_MASK)
     t = tl.inline_asm_elementwise(
         _HALF2_DOT_PTX, "=r,r,r,r,r,r,r,r,r", [h0, h1, h2, h3, x0, x1, x2, x3],
         dtype=tl.float32, is_pure=True, pack=1)  # [M, BLOCK_N, W]
@@ -183,10 +180,8 @@ def _chunk_terms_half2(words, factors, x_ptrs, x_mask, HAS_MASK: tl.constexpr):
 @triton.jit
 def _load_tile(w_tile, f_tile, c0, KC, offs_w, offs_c, GROUP_CHUNKS: tl.constexpr, EVEN_K: tl.constexpr):
     """The words ``[1, BLOCK_N, 4 * CHUNKS]`` and factors ``[1, BLOCK_N, CHUNKS]`` of the tile at chunk ``c0``."""
-    if EVEN_K:
-        return tl.load(w_tile + c0 * 4), tl.trans(tl.load(f_tile + c0 // GROUP_CHUNKS))[None, :, :]
-    words = tl.load(w_tile + c0 * 4, mask=(c0 * 4 + offs_w < KC * 4)[None, None, :], other=0)
-    factors = tl.load(f_tile + c0 // GROUP_CHUNKS, mask=(c0 + offs_c < KC)[:, None], other=0)
+    words = _load(w_tile + c0 * 4, (c0 * 4 + offs_w < KC * 4)[None, None, :], not EVEN_K)
+    factors = _load(f_tile + c0 // GROUP_CHUNKS, (c0 + offs_c < KC)[:, None], not EVEN_K)
     return words, tl.trans(factors)[None, :, :]
 
 
