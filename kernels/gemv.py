@@ -272,18 +272,12 @@ def _gemv_persistent_kernel(
         rows_next = tl.minimum(b_next * BLOCK_N + offs_b, N - 1).to(tl.int64)
         k_next = tl.minimum((t_next % n_k) * BLOCK_K, K - BLOCK_K)
         w_next = tl.load(w_ptr + rows_next[None, :, None] * stride_wn + k_next + offs_k)
-        if EVEN_K:
-            acc += _tile_sum(w, x_tile + k0, None, g_tile + k0, False, NORM, M_PAD, BLOCK_N, CHUNKS, VEC)
-        else:
-            keep = k0 + offs_k >= kt * BLOCK_K  # the ragged tile's already-counted part drops out
-            acc += _tile_sum(w, x_tile + k0, keep, g_tile + k0, True, NORM, M_PAD, BLOCK_N, CHUNKS, VEC)
+        keep = k0 + offs_k >= kt * BLOCK_K  # a ragged tile's already-counted part drops out (not EVEN_K)
+        acc += _tile_sum(w, x_tile + k0, keep, g_tile + k0, not EVEN_K, NORM, M_PAD, BLOCK_N, CHUNKS, VEC)
         w = w_next
         if GATED:
             w_up_next = tl.load(w_ptr + (rows_next + N_UP)[None, :, None] * stride_wn + k_next + offs_k)
-            if EVEN_K:
-                acc_up += _tile_sum(w_up, x_tile + k0, None, g_tile + k0, False, NORM, M_PAD, BLOCK_N, CHUNKS, VEC)
-            else:
-                acc_up += _tile_sum(w_up, x_tile + k0, keep, g_tile + k0, True, NORM, M_PAD, BLOCK_N, CHUNKS, VEC)
+            acc_up += _tile_sum(w_up, x_tile + k0, keep, g_tile + k0, not EVEN_K, NORM, M_PAD, BLOCK_N, CHUNKS, VEC)
             w_up = w_up_next
         if kt == n_k - 1:  # the block is done: store it
             offs_n = (pid + (t // n_k) * grid) * BLOCK_N + offs_b
