@@ -196,7 +196,7 @@ def use_gemv_config(variant: str) -> None:
     """The 1-row GEMV launch the model's linears (and decode fusions) take for ``variant`` from now on."""
     from leanserve.kernels import gemv
 
-    gemv._WITH_PDL = gemv.GemvConfig(**GEMV_CONFIGS.get(variant, {"pdl": True}))
+    gemv.MODEL_LAUNCH = gemv.GemvConfig(**GEMV_CONFIGS.get(variant, {"pdl": True}))
 
 
 def set_pdl(on: bool, device: torch.device) -> bool:
