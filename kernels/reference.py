@@ -24,16 +24,22 @@ def write_kv_cache(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    padded: bool = True,
 ) -> None:
-    """Scatter ``key``/``value`` ``[num_tokens, num_kv_heads, head_dim]`` into their cache slots."""
+    """Scatter ``key``/``value`` ``[num_tokens, num_kv_heads, head_dim]`` into their cache slots.
+
+    ``padded=False``: the caller knows no slot is -1, and the check for them (a host sync) is skipped.
+    """
     num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
-    valid = slot_mapping >= 0
-    if not bool(valid.all()):
+    valid = slot_mapping >= 0 if padded else None
+    if valid is not None and not bool(valid.all()):
         key, value, slot_mapping = key[valid], value[valid], slot_mapping[valid]
     flat_k = k_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
     flat_v = v_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
-    flat_k.index_copy_(0, slot_mapping, key.to(k_cache.dtype))
-    flat_v.index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+    if key.dtype != k_cache.dtype:  # (a no-op .to() still costs a dispatch, per layer of a CPU step)
+        key, value = key.to(k_cache.dtype), value.to(v_cache.dtype)
+    flat_k.index_copy_(0, slot_mapping, key)
+    flat_v.index_copy_(0, slot_mapping, value)
 
 
 def gather_kv(
@@ -156,15 +162,30 @@ def apply_rotary(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary embedding in the "rotate half" layout: ``query [T, H, D]``, ``key [T, KVH, D]`` rotated by
     their token ``positions [T]``; ``cos``/``sin [max_position, D // 2]`` fp32. Computed in fp32."""
-    # Query and key rotate together as ``x * (c, c) + roll(x, D/2) * (-s, s)``: 9 ops instead of ~20, which
-    # is what a decode step on CPU pays for (28 -> 18 us per layer for the embedded model on the 2-core
-    # host), with the same roundings as the two halves written out.
-    c, s = cos[positions], sin[positions]
-    factors = torch.cat((c, c, -s, s), dim=-1).view(-1, 2, 1, 2 * c.shape[-1])  # [T, 2, 1, D]
-    both = torch.cat((query, key), dim=1).float()
-    out = both * factors[:, 0] + both.roll(both.shape[-1] // 2, -1) * factors[:, 1]
-    q, k = out.to(query.dtype).split((query.shape[1], key.shape[1]), dim=1)
+    both = rotate(torch.cat((query, key), dim=1), rotary_factors(positions, cos, sin))
+    q, k = both.split((query.shape[1], key.shape[1]), dim=1)
     return q, k
+
+
+def rotary_factors(
+    positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's ``(c, c)`` and ``(-s, s)`` rows for ``rotate``, ``[T, 1, D]`` fp32 each. The same for
+    every layer of a step, so a caller may build them once."""
+    c, s = cos[positions], sin[positions]
+    factors = torch.cat((c, c, -s, s), dim=-1).view(-1, 2, 1, 2 * c.shape[-1])
+    return factors[:, 0], factors[:, 1]
+
+
+def rotate(heads: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate ``heads [T, N, D]`` (queries and keys alike) by ``rotary_factors``; fp32 inside, the
+    input's dtype out."""
+    # ``x * (c, c) + roll(x, D/2) * (-s, s)``: a handful of ops instead of ~20 for the two halves written
+    # out, with the same roundings; a CPU decode step pays per op (28 -> 18 us per layer for the embedded
+    # model on the 2-core host).
+    x = heads if heads.dtype == torch.float32 else heads.float()
+    out = x * factors[0] + x.roll(x.shape[-1] // 2, -1) * factors[1]
+    return out if heads.dtype == torch.float32 else out.to(heads.dtype)
 
 
 def write_kv_cache_rotary(

@@ -72,10 +72,10 @@ class PagedAttention:
         query, key = self.ops.write_kv_cache_rotary(query, key, value, *rotary, k_cache, v_cache, meta.slot_mapping)
         n_dec = meta.num_decode_tokens
         if n_dec == query.shape[0]:
-            return self._decode(query, k_cache, v_cache, meta)
+            return self.decode(query, k_cache, v_cache, meta)
         out = torch.empty_like(query)
         if n_dec:
-            out[:n_dec] = self._decode(query[:n_dec], k_cache, v_cache, meta)
+            out[:n_dec] = self.decode(query[:n_dec], k_cache, v_cache, meta)
         if meta.prefill_is_fresh and query.device.type == "cpu":
             # No cached prefix: attend to the chunk's own K/V and skip gathering it back from the cache.
             out[n_dec:] = self._fresh_prefill(query[n_dec:], key[n_dec:], value[n_dec:], meta)
@@ -86,9 +86,11 @@ class PagedAttention:
             )
         return out
 
-    def _decode(
+    def decode(
         self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
+        """Attention of the step's decodes, ``query [num_decodes, H, D]``, whose K/V are already in the
+        cache."""
         if meta.decode_groups is None:
             return self.ops.paged_decode_attention(
                 query, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens,
@@ -97,16 +99,17 @@ class PagedAttention:
         # CPU: whole blocks via index_select (3x faster than token-level advanced indexing), then
         # SDPA with a mask over the positions past each context. Cache slots are always finite
         # (zero-initialised, then overwritten), so masked positions contribute exactly zero.
-        out = torch.empty_like(query)
         gqa = self.num_heads != self.num_kv_heads
-        for group in meta.decode_groups:
+        groups = meta.decode_groups
+        out = torch.empty_like(query) if len(groups) > 1 else None  # one group: its result is the output
+        for group in groups:
             shape = (group.end - group.start, -1, self.num_kv_heads, self.head_dim)
             if group.buffers is None:
                 keys, values = k_cache[group.blocks].view(shape), v_cache[group.blocks].view(shape)
             else:
                 keys = torch.index_select(k_cache, 0, group.blocks, out=group.buffers[0]).view(shape)
                 values = torch.index_select(v_cache, 0, group.blocks, out=group.buffers[1]).view(shape)
-            out[group.start : group.end] = torch.nn.functional.scaled_dot_product_attention(
+            attn = torch.nn.functional.scaled_dot_product_attention(
                 query[group.start : group.end].unsqueeze(2),
                 keys.transpose(1, 2),
                 values.transpose(1, 2),
@@ -114,6 +117,10 @@ class PagedAttention:
                 scale=self.scale,
                 enable_gqa=gqa,
             ).squeeze(2)
+            if out is None:
+                return attn
+            out[group.start : group.end] = attn
+        assert out is not None
         return out
 
     def _fresh_prefill(

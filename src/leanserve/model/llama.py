@@ -15,6 +15,7 @@ from torch import nn
 from leanserve.kernels.backend import DecodeOps, LayerOps, ModelOps
 from leanserve.model.attention import AttentionMetadata, PagedAttention
 from leanserve.model.config import ModelConfig
+from leanserve.model.cpu_decode import CpuDecoder
 from leanserve.model.layers import (
     Linear,
     LinearFactory,
@@ -220,12 +221,30 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         """Final hidden states ``[T, hidden]`` (normed) for the step's tokens."""
-        hidden = self.model.embed_tokens(input_ids)
         rows = input_ids.shape[0]
-        if 0 < rows <= self.decode_ops.max_rows(hidden.device) and self._dense_layers():
+        if 0 < rows <= self.decode_ops.max_rows(input_ids.device) and self._dense_layers():
+            hidden = self.model.embed_tokens(input_ids)
             for layer, kv_cache in zip(self.model.layers, kv_caches, strict=False):
                 hidden = layer.forward_decode(positions, hidden, kv_cache, meta, self.rotary, self.decode_ops)
             return self.model.norm(hidden)
+        if meta.decode_groups is not None and 0 < rows == meta.num_decode_tokens:
+            # Only decodes, laid out by the CPU runner: the flat loop of cpu_decode.py, same result.
+            if self._cpu_decoder is None:
+                self._cpu_decoder = CpuDecoder(self)
+            return self._cpu_decoder(input_ids, positions, kv_caches, meta)
+        return self.forward_layers(input_ids, positions, kv_caches, meta)
+
+    _cpu_decoder: CpuDecoder | None = None  # built at the first CPU decode step, after loading and packing
+
+    def forward_layers(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """``forward`` through the decoder layer modules, whatever the step."""
+        hidden = self.model.embed_tokens(input_ids)
         residual = None
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=False):
             hidden, residual = layer(positions, hidden, residual, kv_cache, meta, self.rotary)
@@ -259,6 +278,7 @@ class LlamaForCausalLM(nn.Module):
         """
         if not cpu_packing_available() or self.lm_head_weight().dtype != torch.float32:
             return False
+        self._cpu_decoder = None  # it holds the projections as they were
         for module in self.modules():
             if hasattr(module, "pack_for_cpu") and module is not self:
                 module.pack_for_cpu()
