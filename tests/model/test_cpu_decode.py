@@ -2,7 +2,7 @@
 
 It claims the same ops in the same order, so every decode step's hidden states must equal
 ``forward_layers``' bit for bit: over llama and qwen2 (biased q/k/v), packed and plain fp32 weights, the
-real AutoAWQ fixture through the int4 kernel, lone sequences (the cache read as a view) and batches
+real AutoAWQ fixture through the int4 kernel, a bf16 model, lone sequences (the cache read as a view) and batches
 whose block tables need a gather.
 """
 
@@ -29,7 +29,8 @@ AWQ_FIXTURE = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures"
 def decode_steps(model, prompts: list[list[int]], tables: list[list[int]], steps: int) -> list[list[int]]:
     """Prefill every prompt in one step, then ``steps`` greedy decode steps of all of them, then
     ``steps`` of the first alone; returns each sequence's tokens."""
-    runner = ModelRunner(model, allocate_kv_cache(model.config, 64, BLOCK, torch.float32, CPU), BLOCK, CPU)
+    dtype = model.model.embed_tokens.weight.dtype
+    runner = ModelRunner(model, allocate_kv_cache(model.config, 64, BLOCK, dtype, CPU), BLOCK, CPU)
     params = SamplingParams(temperature=0, max_tokens=4 * steps)
     tokens = [list(p) for p in prompts]
 
@@ -72,12 +73,14 @@ TABLES = [list(range(0, 8)), [19, 11, 15, 9, 30, 8, 25, 14], [40, 33, 47, 36, 45
 
 
 @pytest.mark.parametrize(
-    ("arch", "packed"), [("llama", True), ("llama", False), ("qwen2", True), ("qwen2", False)]
+    ("arch", "packed", "dtype"),
+    [("llama", True, torch.float32), ("llama", False, torch.float32), ("qwen2", True, torch.float32),
+     ("qwen2", False, torch.float32), ("llama", False, torch.bfloat16)],
 )
 def test_flat_decode_equals_the_layers(
-    arch: str, packed: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    arch: str, packed: bool, dtype: torch.dtype, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model = load_model(build_tiny_checkpoint(tmp_path, arch, adjust=random_norms), CPU, torch.float32,
+    model = load_model(build_tiny_checkpoint(tmp_path, arch, adjust=random_norms), CPU, dtype,
                        pack_weights=packed)
     seen = spy_both_paths(monkeypatch)
     decode_steps(model, PROMPTS, TABLES, steps=5)
