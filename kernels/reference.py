@@ -36,8 +36,11 @@ def write_kv_cache(
         key, value, slot_mapping = key[valid], value[valid], slot_mapping[valid]
     flat_k = k_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
     flat_v = v_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
-    if key.dtype != k_cache.dtype:  # (a no-op .to() still costs a dispatch, per layer of a CPU step)
-        key, value = key.to(k_cache.dtype), value.to(v_cache.dtype)
+    # (Converted only when needed: a no-op .to() still costs a dispatch, per layer of a CPU step.)
+    if key.dtype != k_cache.dtype:
+        key = key.to(k_cache.dtype)
+    if value.dtype != v_cache.dtype:
+        value = value.to(v_cache.dtype)
     flat_k.index_copy_(0, slot_mapping, key)
     flat_v.index_copy_(0, slot_mapping, value)
 
