@@ -60,6 +60,9 @@ def add_serve_subcommand(subparsers: argparse._SubParsersAction) -> argparse.Arg
     e.add_argument("--num-threads", type=int, help="torch threads on CPU")
     e.add_argument("--cache-dir", help="where converted GGUF checkpoints are kept")
     e.add_argument("--seed", type=int)
+    e.add_argument("--cpu-matmul-dtype", choices=["auto", "float32", "bfloat16"],
+                   help="CPU: the dtype of the decoder's packed linear weights (auto: bf16 where the CPU has "
+                        "bf16 instructions; float32: exact fp32)")
     e.add_argument("--enforce-eager", action="store_true", default=None, help="CUDA: no decode CUDA graphs")
     c = p.add_argument_group("cost")
     c.add_argument("--usd-per-gpu-hour", type=float, help="on CPU: the host's price per hour")
@@ -72,7 +75,7 @@ def add_serve_subcommand(subparsers: argparse._SubParsersAction) -> argparse.Arg
 
 _ENGINE = ("device", "dtype", "block_size", "kv_cache_memory", "max_num_seqs", "max_num_batched_tokens",
            "max_model_len", "enable_prefix_caching", "enable_chunked_prefill", "num_threads", "cache_dir",
-           "seed", "enforce_eager")
+           "seed", "cpu_matmul_dtype", "enforce_eager")
 _TOP = ("model", "config", "host", "port", "api_key", "served_model_name", "max_queued_requests",
         "max_request_body_bytes", "drain_timeout_s", "log_level")
 

@@ -42,6 +42,7 @@ class EngineSettings(BaseModel):
     num_threads: int | None = Field(None, gt=0)
     cache_dir: str | None = None
     seed: int = 0
+    cpu_matmul_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # see EngineConfig
     enforce_eager: bool = False  # CUDA: no decode CUDA graphs
     max_cuda_graph_batch: int = Field(256, gt=0)
 

@@ -84,10 +84,11 @@ def test_cli_serve_flags_become_overrides() -> None:
     args = build_parser().parse_args([
         "serve", "--model", "/m/tiny", "--port", "1234", "--api-key", "k", "--max-num-seqs", "4",
         "--kv-cache-memory", "0.5", "--no-prefix-caching", "--usd-per-gpu-hour", "1.5",
-        "--max-batch-wait-ms", "3", "--drain-timeout", "2",
+        "--max-batch-wait-ms", "3", "--drain-timeout", "2", "--cpu-matmul-dtype", "float32",
     ])
     s = load_settings(**serve_overrides(args))
     assert (s.model, s.port, s.api_key, s.drain_timeout_s) == ("/m/tiny", 1234, "k", 2.0)
+    assert s.engine.cpu_matmul_dtype == "float32" and s.engine_config().cpu_matmul_dtype == "float32"
     assert s.engine.max_num_seqs == 4 and s.engine.kv_cache_memory == 0.5
     assert s.engine.enable_prefix_caching is False and s.engine.enable_chunked_prefill is True
     assert s.cost.usd_per_gpu_hour == 1.5 and s.scheduler.max_batch_wait_ms == 3

@@ -1,9 +1,9 @@
 """The flat CPU decode loop (``model/cpu_decode.py``) against the decoder layer modules.
 
 It claims the same ops in the same order, so every decode step's hidden states must equal
-``forward_layers``' bit for bit: over llama and qwen2 (biased q/k/v), packed and plain fp32 weights, the
-real AutoAWQ fixture through the int4 kernel, a bf16 model, lone sequences (the cache read as a view) and batches
-whose block tables need a gather.
+``forward_layers``' bit for bit. Covered: llama and qwen2 (biased q/k/v); packed and plain fp32 weights,
+bf16 matmul weights under fp32, a bf16 model, and the real AutoAWQ fixture through the int4 kernel; lone
+sequences (the cache read as a view) and batches whose block tables need a gather.
 """
 
 from __future__ import annotations
@@ -72,16 +72,20 @@ PROMPTS = [[5, 17, 42, 8, 99], [3, 250, 7, 7, 19, 64, 2, 11, 30], [120, 44, 9, 1
 TABLES = [list(range(0, 8)), [19, 11, 15, 9, 30, 8, 25, 14], [40, 33, 47, 36, 45, 50, 34, 41, 60, 38]]
 
 
+FP32, BF16 = torch.float32, torch.bfloat16
+
+
 @pytest.mark.parametrize(
-    ("arch", "packed", "dtype"),
-    [("llama", True, torch.float32), ("llama", False, torch.float32), ("qwen2", True, torch.float32),
-     ("qwen2", False, torch.float32), ("llama", False, torch.bfloat16)],
+    ("arch", "packed", "dtype", "matmul_dtype"),
+    [("llama", True, FP32, FP32), ("llama", False, FP32, FP32), ("qwen2", True, FP32, FP32),
+     ("qwen2", False, FP32, FP32), ("llama", False, BF16, BF16), ("qwen2", True, FP32, BF16)],
 )
 def test_flat_decode_equals_the_layers(
-    arch: str, packed: bool, dtype: torch.dtype, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    arch: str, packed: bool, dtype: torch.dtype, matmul_dtype: torch.dtype, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     model = load_model(build_tiny_checkpoint(tmp_path, arch, adjust=random_norms), CPU, dtype,
-                       pack_weights=packed)
+                       pack_weights=packed, cpu_matmul_dtype=matmul_dtype)
     seen = spy_both_paths(monkeypatch)
     decode_steps(model, PROMPTS, TABLES, steps=5)
     # The prefill took the layers; each decode step the flat loop (3 rows, then seq 0 alone).

@@ -119,3 +119,38 @@ def test_model_routes_every_linear_and_the_lm_head_through_ops_linear(tmp_path) 
     logits = model.compute_logits(x)
     assert shapes == [tuple(qkv.weight.shape), (config.vocab_size, config.hidden_size)]
     assert logits.shape == (2, config.vocab_size) and logits.dtype == torch.float32
+
+
+@pytest.mark.skipif(not cpu_packing_available(), reason="this torch build has no oneDNN")
+@pytest.mark.parametrize("rows", [1, 16, 130])
+def test_bf16_packed_linear_is_one_bf16_rounding_from_the_emulation(rows: int) -> None:
+    """An fp32 layer packed in bf16: x and the weight rounded to bf16, fp32 accumulation, the output
+    rounded to bf16, then the fp32 bias. Equal to that emulation within one bf16 step of the output
+    (the accumulation order differs), and within bf16's error of the exact fp32 layer."""
+    torch.manual_seed(rows)
+    layer = Linear(96, [64, 32], bias=True)
+    with torch.no_grad():
+        layer.bias.normal_()
+    x = torch.randn(rows, 96)
+    exact = layer(x)
+    emulated = torch.nn.functional.linear(x.bfloat16().float(), layer.weight.bfloat16().float())
+    emulated = emulated.bfloat16().float() + layer.bias
+    layer.pack_for_cpu(dtype=torch.bfloat16)
+    assert layer.packed is not None and layer.packed.dtype == torch.bfloat16 and layer.weight.numel() == 0
+    got = layer(x)
+    assert got.dtype == torch.float32 and got.shape == exact.shape
+    step = (emulated - layer.bias).abs() * 2**-7 + 1e-6  # one bf16 ulp of the rounded product, at most
+    assert ((got - emulated).abs() <= step).all()
+    assert (got - exact).abs().max() <= 0.02 * exact.abs().max()
+    assert not torch.equal(got, exact)  # it did run in bf16
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path) -> None:
+    from leanserve.model.layers import cpu_has_native_bf16
+
+    for flags, want in [("fpu avx512f avx512_bf16 sse", True), ("fpu amx_tile amx_bf16", True),
+                        ("fpu avx512f avx512bw avx512_vnni", False)]:
+        info = tmp_path / "cpuinfo"
+        info.write_text(f"processor\t: 0\nmodel name\t: x\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
+        assert cpu_has_native_bf16(str(info)) is want
+    assert cpu_has_native_bf16(str(tmp_path / "missing")) is False

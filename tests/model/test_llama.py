@@ -135,3 +135,25 @@ def test_quantized_engine_greedy_output_unchanged_by_int8_head(tied_dir: Path, t
     with_int8 = greedy("int8")
     engine.model.int8_lm_head = None
     assert greedy("fp32") == with_int8
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_bf16_matmul_weights_leave_the_lm_head_fp32(tied: bool, tied_dir: Path, untied_dir: Path) -> None:
+    """``cpu_matmul_dtype=bf16`` packs every decoder linear in bf16 and nothing else: the head's logits
+    are the fp32 head's, bit for bit, and the model's within bf16's error of the fp32 model's."""
+    from leanserve.model.layers import Linear
+    from leanserve.quant.awq import dense_logits
+
+    folder = tied_dir if tied else untied_dir
+    exact = load_model(folder, CPU, torch.float32)
+    model = load_model(folder, CPU, torch.float32, cpu_matmul_dtype=torch.bfloat16)
+    linears = [m for m in model.model.layers.modules() if isinstance(m, Linear)]
+    assert linears and all(m.packed is not None and m.packed.dtype == torch.bfloat16 for m in linears)
+    assert model.packed_lm_head is not None and model.packed_lm_head.dtype == torch.float32
+    h = _hidden(INT8_HEAD_MAX_ROWS + 3, 3)
+    assert torch.equal(model.compute_logits(h), exact.compute_logits(h))
+    ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        got, want = dense_logits(model, ids), dense_logits(exact, ids)
+    assert not torch.equal(got, want)
+    assert (got - want).abs().max() <= 0.05 * want.abs().max()

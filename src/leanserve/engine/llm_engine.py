@@ -108,7 +108,10 @@ class LLMEngine:
         self.model_dir = Path(resolve_model_path(config.model, config.cache_dir))
         self.model_config = ModelConfig.from_pretrained(self.model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        self.model = load_model(self.model_dir, self.device, self.dtype, progress=progress)
+        self.cpu_matmul_dtype = config.resolve_cpu_matmul_dtype(self.device, self.dtype)
+        self.model = load_model(
+            self.model_dir, self.device, self.dtype, progress=progress, cpu_matmul_dtype=self.cpu_matmul_dtype
+        )
         self.weight_bytes: int = self.model.weight_bytes
         self.eos_token_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:

@@ -271,17 +271,20 @@ class LlamaForCausalLM(nn.Module):
     int8_lm_head: tuple[torch.Tensor, torch.Tensor] | None = None  # (int8 [vocab, hidden], bf16 [vocab])
     weight_bytes: int = 0  # of the checkpoint's tensors as loaded (set by the loader)
 
-    def pack_for_cpu(self) -> bool:
+    def pack_for_cpu(self, matmul_dtype: torch.dtype = torch.float32) -> bool:
         """Move fp32 matmul weights into oneDNN's blocked layout (CPU only); False if unavailable.
 
-        The LM head of a tied model gets its own packed copy: the embedding lookup needs the plain one.
+        ``matmul_dtype``: the decoder's linears are packed in it (bf16: half the bytes, and twice the
+        arithmetic where the CPU has bf16 instructions; ``EngineConfig.cpu_matmul_dtype`` says why it is
+        safe). The LM head stays fp32: its logits are what sampling and logprobs see. A tied model's head
+        gets its own packed copy: the embedding lookup needs the plain one.
         """
         if not cpu_packing_available() or self.lm_head_weight().dtype != torch.float32:
             return False
         self._cpu_decoder = None  # it holds the projections as they were
         for module in self.modules():
             if hasattr(module, "pack_for_cpu") and module is not self:
-                module.pack_for_cpu()
+                module.pack_for_cpu(dtype=matmul_dtype)
         self.packed_lm_head = pack_cpu_weight(self.lm_head_weight().detach())
         if not self.config.tie_word_embeddings:
             self.lm_head.weight.data = torch.empty(0)

@@ -65,9 +65,11 @@ def load_model(
     dtype: torch.dtype,
     progress: bool = False,
     pack_weights: bool = True,
+    cpu_matmul_dtype: torch.dtype = torch.float32,
 ) -> LlamaForCausalLM:
     """Load a checkpoint for inference. ``pack_weights=False`` keeps plain ``weight`` tensors on CPU,
-    for code that reads or rewrites them (quantization); serving wants the packed, faster layout."""
+    for code that reads or rewrites them (quantization); serving wants the packed, faster layout, with
+    the decoder's float linears in ``cpu_matmul_dtype`` (``LlamaForCausalLM.pack_for_cpu``)."""
     model_dir = Path(model_dir)
     config = ModelConfig.from_pretrained(model_dir)
     ops = get_model_ops(device)
@@ -93,10 +95,10 @@ def load_model(
         pack_weights and device.type == "cpu" and config.quantization is not None
         and model.quantize_lm_head_int8()
     )
-    packed = pack_weights and device.type == "cpu" and model.pack_for_cpu()
+    packed = pack_weights and device.type == "cpu" and model.pack_for_cpu(cpu_matmul_dtype)
     logger.info(
         "loaded %s: %.1f MB of weights on %s (%s%s%s)", model_dir.name, model.weight_bytes / 1e6, device,
-        dtype, ", oneDNN-packed matmul weights" if packed else "",
+        dtype, f", oneDNN-packed matmul weights ({str(cpu_matmul_dtype).removeprefix('torch.')})" if packed else "",
         ", int8 LM head for decode-sized calls" if int8_head else "",
     )
     return model
