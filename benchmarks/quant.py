@@ -6,7 +6,8 @@ Quantizes the embedded SmolLM2-135M twice (AWQ calibrated on the first 80% of Pr
 plain RTN with the same group size) into --work-dir (reused when already there), then measures:
 
 - weight memory as loaded (the int4 linears' bytes over the same linears at fp16);
-- decode tokens/s through our engine, greedy with ignore_eos, at batch 1 and 32 (decode steps only);
+- decode tokens/s through our engine, greedy with ignore_eos, at batch 1 and 32 (decode steps only), for
+  the FP32 model (exact fp32), the same with its decoder linears in bf16 (``cpu_matmul_dtype``), and INT4;
 - perplexity on the held-out last 20% of Pride and Prejudice and on Shakespeare (out of domain);
 - with CUDA only: the Triton AWQ GEMM against an fp16 matmul at M = 1, 16, 64, 256 on a 4096x11008
   layer, with the K-major int4 GEMV (``int4_gemv``, not yet routed) beside the default launch up to M = 8
@@ -76,17 +77,19 @@ def quantize(
 
 
 def decode_speed(
-    model_dir: Path, batch: int, new_tokens: int, threads: int, prompt_len: int = 32
+    model_dir: Path, batch: int, new_tokens: int, threads: int, prompt_len: int = 32, matmul_dtype: str = "float32"
 ) -> tuple[float, float]:
     """(decode tokens/s, ms per decode step) through the engine; prefill steps are not counted.
 
     Threads are pinned (which turns the engine's thread tuner off) so both models run alike.
+    ``matmul_dtype``: the engine's ``cpu_matmul_dtype`` (float32: the exact FP32 model; bfloat16: its
+    decoder linears in bf16, the server's default on CPUs with bf16 instructions).
     """
     from leanserve.model.config import ModelConfig
 
     kv_bytes = ModelConfig.from_pretrained(model_dir).kv_bytes_per_token(4) * batch * (prompt_len + new_tokens + 32)
     engine = LLMEngine(EngineConfig(model=str(model_dir), kv_cache_memory=kv_bytes, max_num_seqs=batch,
-                                    device="cpu", num_threads=threads))
+                                    device="cpu", num_threads=threads, cpu_matmul_dtype=matmul_dtype))
     g = torch.Generator().manual_seed(0)
     vocab = engine.model_config.vocab_size
 
@@ -348,9 +351,9 @@ def main() -> None:
 
     new_tokens = 32 if args.quick else 128
     speed = {}
-    for name, d in (("fp32", src), ("int4", awq_dir)):
+    for name, d, matmul in (("fp32", src, "float32"), ("bf16", src, "bfloat16"), ("int4", awq_dir, "float32")):
         for batch in (1, 32):
-            tok_s, ms = decode_speed(d, batch, new_tokens, args.threads)
+            tok_s, ms = decode_speed(d, batch, new_tokens, args.threads, matmul_dtype=matmul)
             speed[(name, batch)] = tok_s
             say(f"decode {name.upper()} batch {batch}", f"{tok_s:.1f} tok/s ({ms:.1f} ms/step)")
     head = lm_head_ms(src)
@@ -368,6 +371,8 @@ def main() -> None:
         "tok_s_fp32_batch32": speed[("fp32", 32)], "tok_s_int4_batch32": speed[("int4", 32)],
         "int4_vs_fp32_tok_s_batch1": speed[("int4", 1)] / speed[("fp32", 1)],
         "int4_vs_fp32_tok_s_batch32": speed[("int4", 32)] / speed[("fp32", 32)],
+        "tok_s_bf16_batch1": speed[("bf16", 1)], "tok_s_bf16_batch32": speed[("bf16", 32)],
+        "int4_vs_bf16_tok_s_batch1": speed[("int4", 1)] / speed[("bf16", 1)],
         "int4_ms_per_token_batch1": 1000 / speed[("int4", 1)], "lm_head_ms_batch1": head,
         "lm_head_ms_int4_batch1": head_int4,
         "group_size": group, "threads": args.threads, "quick": args.quick, "loadavg": os.getloadavg()[0], **gpu,

@@ -150,7 +150,8 @@ def run_engine(
     from leanserve.engine.llm_engine import LLMEngine
     from leanserve.sampling_params import SamplingParams
 
-    config = EngineConfig(model=model, num_threads=threads)
+    # Exact fp32, as transformers runs it here: the ratios measure the engine, not bf16 weights.
+    config = EngineConfig(model=model, num_threads=threads, cpu_matmul_dtype="float32")
     if kv_cache_memory is not None:
         config.kv_cache_memory = kv_cache_memory
     engine = LLMEngine(config)
