@@ -12,6 +12,17 @@ import torch
 TINY_VOCAB = 300
 
 
+def _onednn_bf16() -> bool:
+    from leanserve.model.layers import cpu_bf16_matmul_supported
+
+    return cpu_bf16_matmul_supported()
+
+
+# Tests that force bf16 CPU matmul weights (engine.cpu_matmul_dtype=bfloat16): oneDNN must be able to run
+# them, natively or emulated; where it cannot, the engine refuses that setting.
+needs_onednn_bf16 = pytest.mark.skipif(not _onednn_bf16(), reason="oneDNN cannot run bf16 matmuls here")
+
+
 # ChatML-ish, word-level: role and content are separate words so they tokenize to known ids.
 CHAT_SPECIAL = ["<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>", "system", "user", "assistant"]
 CHAT_TEMPLATE = (

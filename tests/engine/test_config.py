@@ -13,6 +13,7 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 @pytest.mark.parametrize("native", [True, False])
 def test_cpu_matmul_dtype_auto_follows_the_cpu(native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("leanserve.model.layers.cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr("leanserve.model.layers.cpu_bf16_matmul_supported", lambda: True)
     want = torch.bfloat16 if native else torch.float32
     assert EngineConfig().resolve_cpu_matmul_dtype(CPU, torch.float32) == want
     # Set explicitly, it wins over the CPU either way.
@@ -30,3 +31,12 @@ def test_cpu_matmul_dtype_touches_only_fp32_models_on_the_cpu() -> None:
 def test_cpu_matmul_dtype_rejects_other_names() -> None:
     with pytest.raises(ValueError, match="cpu_matmul_dtype"):
         EngineConfig(cpu_matmul_dtype="int8").resolve_cpu_matmul_dtype(CPU, torch.float32)
+
+
+def test_cpu_matmul_dtype_needs_onednn_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where oneDNN cannot multiply bf16 at all, auto keeps fp32 and an explicit bfloat16 is an error."""
+    monkeypatch.setattr("leanserve.model.layers.cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr("leanserve.model.layers.cpu_bf16_matmul_supported", lambda: False)
+    assert EngineConfig().resolve_cpu_matmul_dtype(CPU, torch.float32) == torch.float32
+    with pytest.raises(ValueError, match="cannot run bf16"):
+        EngineConfig(cpu_matmul_dtype="bfloat16").resolve_cpu_matmul_dtype(CPU, torch.float32)

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 from leanserve.engine.config import EngineConfig
 from leanserve.engine.llm_engine import LLMEngine
 from leanserve.sampling_params import SamplingParams
-from tests.conftest import TINY_VOCAB, build_tiny_checkpoint
+from tests.conftest import TINY_VOCAB, build_tiny_checkpoint, needs_onednn_bf16
 
 EXACT = {"cpu_matmul_dtype": "float32"}
 
@@ -139,6 +139,7 @@ def test_prompt_logprobs_match_transformers(tiny_llama_dir: Path) -> None:
             assert top_ids == ref[pos - 1].topk(3).indices.tolist()
 
 
+@needs_onednn_bf16
 def test_bf16_matmul_weights_stay_near_transformers(tiny_llama_dir: Path) -> None:
     """The other CPU mode, bf16 decoder weights (what ``auto`` picks on CPUs with bf16 instructions):
     every prompt logprob within 0.01 of transformers' fp32 one. That is a stated bound, against a

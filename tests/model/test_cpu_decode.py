@@ -18,7 +18,7 @@ from leanserve.model.loader import load_model
 from leanserve.model.runner import ModelRunner, StepSeq, allocate_kv_cache
 from leanserve.model.sampler import SampleRequest
 from leanserve.sampling_params import SamplingParams
-from tests.conftest import build_tiny_checkpoint
+from tests.conftest import build_tiny_checkpoint, needs_onednn_bf16
 from tests.model.test_llama_fused_decode import random_norms
 
 CPU = torch.device("cpu")
@@ -78,7 +78,8 @@ FP32, BF16 = torch.float32, torch.bfloat16
 @pytest.mark.parametrize(
     ("arch", "packed", "dtype", "matmul_dtype"),
     [("llama", True, FP32, FP32), ("llama", False, FP32, FP32), ("qwen2", True, FP32, FP32),
-     ("qwen2", False, FP32, FP32), ("llama", False, BF16, BF16), ("qwen2", True, FP32, BF16)],
+     ("qwen2", False, FP32, FP32), ("llama", False, BF16, BF16),
+     pytest.param("qwen2", True, FP32, BF16, marks=needs_onednn_bf16)],
 )
 def test_flat_decode_equals_the_layers(
     arch: str, packed: bool, dtype: torch.dtype, matmul_dtype: torch.dtype, tmp_path: Path,

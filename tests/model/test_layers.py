@@ -12,6 +12,7 @@ from leanserve.model.layers import (
     int8_mm_supported,
     quantize_int8_per_channel,
 )
+from tests.conftest import needs_onednn_bf16
 
 
 @pytest.mark.skipif(not cpu_packing_available(), reason="this torch build has no oneDNN")
@@ -121,7 +122,7 @@ def test_model_routes_every_linear_and_the_lm_head_through_ops_linear(tmp_path) 
     assert logits.shape == (2, config.vocab_size) and logits.dtype == torch.float32
 
 
-@pytest.mark.skipif(not cpu_packing_available(), reason="this torch build has no oneDNN")
+@needs_onednn_bf16
 @pytest.mark.parametrize("rows", [1, 16, 130])
 def test_bf16_packed_linear_is_one_bf16_rounding_from_the_emulation(rows: int) -> None:
     """An fp32 layer packed in bf16: x and the weight rounded to bf16, fp32 accumulation, the output

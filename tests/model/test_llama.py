@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from leanserve.model.layers import cpu_packing_available, int8_mm_supported, packed_linear
 from leanserve.model.llama import INT8_HEAD_CANDIDATES, INT8_HEAD_MAX_ROWS
 from leanserve.model.loader import load_model
-from tests.conftest import build_tiny_checkpoint
+from tests.conftest import build_tiny_checkpoint, needs_onednn_bf16
 
 CPU = torch.device("cpu")
 VOCAB = 2048
@@ -137,6 +137,7 @@ def test_quantized_engine_greedy_output_unchanged_by_int8_head(tied_dir: Path, t
     assert greedy("fp32") == with_int8
 
 
+@needs_onednn_bf16
 @pytest.mark.parametrize("tied", [True, False])
 def test_bf16_matmul_weights_leave_the_lm_head_fp32(tied: bool, tied_dir: Path, untied_dir: Path) -> None:
     """``cpu_matmul_dtype=bf16`` packs every decoder linear in bf16 and nothing else: the head's logits

@@ -64,12 +64,15 @@ class EngineConfig:
     def resolve_cpu_matmul_dtype(self, device: torch.device, dtype: torch.dtype) -> torch.dtype:
         """What ``cpu_matmul_dtype`` means for a model of ``dtype`` on ``device`` (only fp32 models on the
         CPU are repacked; anything else keeps its own dtype)."""
+        from leanserve.model import layers
+
         if device.type != "cpu" or dtype != torch.float32:
             return dtype
         if self.cpu_matmul_dtype == "auto":
-            from leanserve.model.layers import cpu_has_native_bf16
-
-            return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+            native = layers.cpu_has_native_bf16() and layers.cpu_bf16_matmul_supported()
+            return torch.bfloat16 if native else torch.float32
         if self.cpu_matmul_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"cpu_matmul_dtype must be auto, float32 or bfloat16, not {self.cpu_matmul_dtype!r}")
+        if self.cpu_matmul_dtype == "bfloat16" and not layers.cpu_bf16_matmul_supported():
+            raise ValueError("cpu_matmul_dtype=bfloat16: this torch build's oneDNN cannot run bf16 matmuls here")
         return getattr(torch, self.cpu_matmul_dtype)

@@ -79,6 +79,11 @@ def cpu_packing_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
+def cpu_bf16_matmul_supported() -> bool:
+    """Whether this torch build's oneDNN can run bf16 matmuls on this CPU at all (natively or not)."""
+    return cpu_packing_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Whether this CPU multiplies bf16 in hardware: AVX512-BF16 or AMX-BF16 among ``cpuinfo``'s flags
     (False where it cannot be read: not Linux).
