@@ -13,7 +13,8 @@ Then:
   windows), with greedy top-1 agreement and mean KL(fp32 || bf16) on the same positions.
 
 It says whether this CPU has bf16 instructions (what ``auto`` reads); without them the bf16 figures are
-oneDNN's emulation. The load average is printed beside every figure; the last line is one JSON object.
+oneDNN's emulation. The load average is printed beside every figure; the step times and the perplexities
+are drawn in ``--plot`` (default ``benchmarks/results/cpu_bf16.png``); the last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -70,6 +71,40 @@ def mixed_inputs(engine: LLMEngine, decodes: int, context: int, prompt_len: int)
     return captured[0]
 
 
+def plot(speed: dict, quality: dict, native: bool, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), gridspec_kw={"width_ratios": [3, 2]})
+    names = list(speed)
+    xs = range(len(names))
+    for offset, (key, label) in zip((-0.2, 0.2), (("fp32_ms", "fp32 weights"), ("bf16_ms", "bf16 weights")),
+                                    strict=True):
+        bars = left.bar([x + offset for x in xs], [speed[n][key] for n in names], width=0.4, label=label)
+        left.bar_label(bars, fmt="%.1f", fontsize=8)
+    left.set_xticks(list(xs), [n.replace("_", " ") for n in names], fontsize=8)
+    left.set_ylabel("forward of one step (ms)")
+    left.set_yscale("log")
+    left.set_title(f"step time, 2 threads (bf16 instructions: {native})")
+    left.legend()
+    texts = list(quality)
+    for offset, (key, label) in zip((-0.2, 0.2), (("ppl_fp32", "fp32 weights"), ("ppl_bf16", "bf16 weights")),
+                                    strict=True):
+        bars = right.bar([x + offset for x in range(len(texts))], [quality[t][key] for t in texts], width=0.4,
+                         label=label)
+        right.bar_label(bars, fmt="%.2f", fontsize=8)
+    right.set_xticks(range(len(texts)), [f"{t}\n(KL {quality[t]['mean_kl']:.5f})" for t in texts], fontsize=8)
+    right.set_ylabel("held-out perplexity")
+    right.set_title("quality")
+    fig.suptitle("Decoder linears in bf16 against fp32 on the CPU (benchmarks/cpu_bf16.py)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="checkpoint folder (default: the embedded model)")
@@ -77,6 +112,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=20, help="timed calls per engine, step and round")
     p.add_argument("--eval-tokens", type=int, default=4096, help="tokens scored per text")
     p.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
+    p.add_argument("--plot", type=Path, default=REPO / "benchmarks" / "results" / "cpu_bf16.png")
     args = p.parse_args()
 
     native = cpu_has_native_bf16()
@@ -120,6 +156,7 @@ def main() -> None:
         print(f"{path.stem}: ppl fp32 {q['ppl_fp32']}, bf16 {q['ppl_bf16']}, top-1 agreement "
               f"{q['top1_agreement']:.2%}, mean KL {q['mean_kl']} over {count} tokens ({load()})", flush=True)
 
+    plot(speed, quality, native, args.plot)
     print(json.dumps({"model": args.model or "embedded", "native_bf16": native, "threads": torch.get_num_threads(),
                       "load_avg": round(os.getloadavg()[0], 2), "speed": speed, "quality": quality}))
 
