@@ -14,6 +14,7 @@ from leanserve.quant.awq import AWQSettings, calibration_from_text, dense_logits
 from leanserve.quant.awq_format import dequantize_checkpoint_linear, write_checkpoint
 from leanserve.quant.awq_linear import AWQLinear
 from leanserve.quant.cli import main
+from tests.conftest import needs_onednn_bf16
 
 GROUP = 32
 CPU = torch.device("cpu")
@@ -156,3 +157,16 @@ def test_eval_cli_reports_json(tiny_llama: Path, word_text: Path, capsys) -> Non
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["baseline"] is None and report["datasets"]["words"]["ppl"] > 1
     assert report["linear_bytes_ratio_vs_fp16"] == pytest.approx(2.0)  # fp32 linears: twice fp16
+
+
+@needs_onednn_bf16
+def test_eval_cli_scores_bf16_matmul_weights_against_fp32(tiny_llama: Path, word_text: Path, capsys) -> None:
+    """``eval --cpu-matmul-dtype bfloat16`` against the same folder as baseline: the quality cost of the
+    bf16 decoder weights the server runs on CPUs with bf16 instructions."""
+    assert main(["eval", "--model", str(tiny_llama), "--baseline", str(tiny_llama), "--data", str(word_text),
+                 "--eval-tokens", "256", "--window", "128", "--cpu-matmul-dtype", "bfloat16"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    words = report["datasets"]["words"]
+    assert report["linear_bytes_ratio_vs_fp16"] == pytest.approx(1.0)  # bf16 linears: fp16's bytes
+    assert words["top1_agreement"] >= 0.9 and 0 < words["mean_kl"] < 0.01
+    assert abs(words["ppl_increase_pct"]) < 1

@@ -84,6 +84,9 @@ def add_quant_subcommands(subparsers: argparse._SubParsersAction) -> None:
     e = subparsers.add_parser("eval", help="perplexity / agreement / memory of a model against a baseline")
     e.add_argument("--model", required=True, help="model folder to evaluate")
     e.add_argument("--baseline", default=None, help="reference model folder (e.g. the unquantized one)")
+    e.add_argument("--cpu-matmul-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="CPU: the evaluated model's decoder linears (bfloat16: what the server runs where the CPU "
+                        "has bf16 instructions, see engine.cpu_matmul_dtype); the baseline stays exact fp32")
     _add_eval_options(e)
     e.set_defaults(func=run_eval)
 
@@ -159,7 +162,7 @@ def run_eval(args: argparse.Namespace) -> int:
     model = resolve_model_path(args.model)
     baseline = resolve_model_path(args.baseline) if args.baseline else None
     result = evaluate(model, args.data or DEFAULT_EVAL, baseline, args.eval_tokens, args.window,
-                      args.eval_fraction, resolve_device(args.device))
+                      args.eval_fraction, resolve_device(args.device), getattr(torch, args.cpu_matmul_dtype))
     print(format_table(result))
     print(result.to_json())
     return 0

@@ -129,11 +129,15 @@ def evaluate(
     window: int = 512,
     eval_fraction: float = 0.2,
     device: str | torch.device = "cpu",
+    cpu_matmul_dtype: torch.dtype = torch.float32,
 ) -> EvalResult:
+    """``cpu_matmul_dtype``: the evaluated model's decoder linears on the CPU (bf16: what the server's
+    ``engine.cpu_matmul_dtype=auto`` runs on CPUs with bf16 instructions); the baseline is exact fp32."""
     start = time.perf_counter()
     device = torch.device(device)
     dtype = torch.float32  # quality is judged against fp32 on every device
-    model = load_model(model_path, device, dtype)  # as served (fp32 weights oneDNN-packed on CPU)
+    # As served: oneDNN-packed weights on the CPU, in cpu_matmul_dtype.
+    model = load_model(model_path, device, dtype, cpu_matmul_dtype=cpu_matmul_dtype)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     baseline = load_model(baseline_path, device, dtype) if baseline_path is not None else None
     result = EvalResult(
