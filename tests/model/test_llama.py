@@ -140,8 +140,9 @@ def test_quantized_engine_greedy_output_unchanged_by_int8_head(tied_dir: Path, t
 @needs_onednn_bf16
 @pytest.mark.parametrize("tied", [True, False])
 def test_bf16_matmul_weights_leave_the_lm_head_fp32(tied: bool, tied_dir: Path, untied_dir: Path) -> None:
-    """``cpu_matmul_dtype=bf16`` packs every decoder linear in bf16 and nothing else: the head's logits
-    are the fp32 head's, bit for bit, and the model's within bf16's error of the fp32 model's."""
+    """``cpu_matmul_dtype=bf16`` packs every decoder linear in bf16, and adds the int8 head for up to
+    ``INT8_HEAD_MAX_ROWS`` rows; larger calls get the fp32 head's logits bit for bit, and the model's
+    logits stay within bf16's error of the fp32 model's."""
     from leanserve.model.layers import Linear
     from leanserve.quant.awq import dense_logits
 
@@ -151,6 +152,8 @@ def test_bf16_matmul_weights_leave_the_lm_head_fp32(tied: bool, tied_dir: Path, 
     linears = [m for m in model.model.layers.modules() if isinstance(m, Linear)]
     assert linears and all(m.packed is not None and m.packed.dtype == torch.bfloat16 for m in linears)
     assert model.packed_lm_head is not None and model.packed_lm_head.dtype == torch.float32
+    # Approximate already, it takes the int8 head for decode-sized calls; exact fp32 never does.
+    assert model.int8_lm_head is not None and exact.int8_lm_head is None
     h = _hidden(INT8_HEAD_MAX_ROWS + 3, 3)
     assert torch.equal(model.compute_logits(h), exact.compute_logits(h))
     ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(5))

@@ -31,7 +31,8 @@ class EngineConfig:
     # hardware, else float32. On the 2-core host bf16 weights cut the forward of a batch-1 decode step by
     # 24%, of a batch-16 one by 25% and of a 256-token mixed step by 33%, at a held-out perplexity of
     # 26.044 against fp32's 26.058 (top-1 agreement 99.2%, mean KL 0.0002; benchmarks/cpu_bf16.py).
-    # "float32" is exact fp32: the mode held to transformers' outputs token for token.
+    # bf16 also gives the model the int8 LM head for small calls (model/loader.py). "float32" is exact fp32:
+    # the mode held to transformers' outputs token for token.
     cpu_matmul_dtype: str = "auto"
     # CUDA only: decode-only steps of up to this many sequences replay captured CUDA graphs (see
     # model/cuda_graphs.py); enforce_eager turns them off.

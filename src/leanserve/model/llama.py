@@ -31,7 +31,8 @@ from leanserve.model.layers import (
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
-# Quantized models get an int8 copy of the LM head for decode-sized calls (see quantize_lm_head_int8).
+# Quantized models, and fp32 ones served with bf16 decoder weights, get an int8 copy of the LM head for
+# decode-sized calls (see quantize_lm_head_int8 and the loader).
 # torch's int8 kernel works 4 rows at a time, so its cost steps at 4, 8, 12 rows. ms per call for
 # SmolLM2's 49152x576 head on the 2-core host, load ~1 (int8 including the fp32 re-scoring below, against
 # the oneDNN-packed fp32 head):

@@ -87,14 +87,13 @@ def load_model(
         linear.finalize(model)
     model.eval().requires_grad_(False)
     model.weight_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    # The int8 LM head (llama.py, INT8_HEAD_MAX_ROWS) is for quantized checkpoints only. Outside the 32
-    # logits per row it re-scores, it moves logits by up to ~0.8, which shows in sampling at temperature > 0
-    # and in logprobs: ~1% of an INT4 model's own distance from fp32 (mean KL 0.0012 against AWQ's 0.105 on
-    # SmolLM2), but the fp32 model is the reference we hold to transformers' outputs, so it stays exact.
-    int8_head = (
-        pack_weights and device.type == "cpu" and config.quantization is not None
-        and model.quantize_lm_head_int8()
-    )
+    # The int8 LM head (llama.py, INT8_HEAD_MAX_ROWS) is for models that are already approximate: quantized
+    # checkpoints, and fp32 ones served with bf16 decoder weights. Outside the 32 logits per row it re-scores,
+    # it moves logits by up to ~0.8, which shows in sampling at temperature > 0 and in logprobs: mean KL
+    # 0.0012 on SmolLM2, against AWQ's own 0.105. Exact fp32 (cpu_matmul_dtype float32) is the reference we
+    # hold to transformers' outputs, so there the head stays exact.
+    approximate = config.quantization is not None or cpu_matmul_dtype != torch.float32
+    int8_head = pack_weights and device.type == "cpu" and approximate and model.quantize_lm_head_int8()
     packed = pack_weights and device.type == "cpu" and model.pack_for_cpu(cpu_matmul_dtype)
     logger.info(
         "loaded %s: %.1f MB of weights on %s (%s%s%s)", model_dir.name, model.weight_bytes / 1e6, device,
