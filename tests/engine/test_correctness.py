@@ -61,6 +61,25 @@ def run_staggered(engine: LLMEngine, prompts: list[list[int]], params: SamplingP
     return outputs
 
 
+def prompt_logprobs(engine: LLMEngine, prompts: list[list[int]], top: int) -> dict[str, list]:
+    """Each prompt's prompt logprobs (with ``top`` alternatives) from the engine, keyed by its index."""
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=top)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, params)
+    got = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.prompt_logprobs is not None:
+                got[out.request_id] = out.prompt_logprobs
+    return got
+
+
+def hf_logprobs(hf, prompt: list[int]) -> torch.Tensor:
+    """transformers' next-token log-probabilities ``[len(prompt), vocab]`` for ``prompt``, in fp32."""
+    with torch.no_grad():
+        return torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), dim=-1)
+
+
 def random_prompts(vocab: int, lengths: list[int], seed: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
@@ -118,17 +137,9 @@ def test_prompt_logprobs_match_transformers(tiny_llama_dir: Path) -> None:
     engine = LLMEngine(
         EngineConfig(model=str(tiny_llama_dir), kv_cache_memory=1 << 20, max_num_batched_tokens=32, **EXACT)
     )
-    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=3)
+    got = prompt_logprobs(engine, prompts, top=3)
     for i, prompt in enumerate(prompts):
-        engine.add_request(str(i), prompt, params)
-    got = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.prompt_logprobs is not None:
-                got[out.request_id] = out.prompt_logprobs
-    for i, prompt in enumerate(prompts):
-        with torch.no_grad():
-            ref = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), dim=-1)
+        ref = hf_logprobs(hf, prompt)
         entries = got[str(i)]
         assert len(entries) == len(prompt) and entries[0] is None
         for pos in range(1, len(prompt)):
@@ -148,18 +159,10 @@ def test_bf16_matmul_weights_stay_near_transformers(tiny_llama_dir: Path) -> Non
     prompts = random_prompts(hf.config.vocab_size, [19, 40], seed=3)
     engine = LLMEngine(EngineConfig(model=str(tiny_llama_dir), kv_cache_memory=1 << 20, cpu_matmul_dtype="bfloat16"))
     assert engine.cpu_matmul_dtype == torch.bfloat16
-    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1)
-    for i, prompt in enumerate(prompts):
-        engine.add_request(str(i), prompt, params)
-    got = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.prompt_logprobs is not None:
-                got[out.request_id] = out.prompt_logprobs
+    got = prompt_logprobs(engine, prompts, top=1)
     diffs = []
     for i, prompt in enumerate(prompts):
-        with torch.no_grad():
-            ref = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), dim=-1)
+        ref = hf_logprobs(hf, prompt)
         diffs += [abs(got[str(i)][pos].logprob - float(ref[pos - 1, prompt[pos]])) for pos in range(1, len(prompt))]
     assert max(diffs) < 0.01
     assert max(diffs) > 1e-5  # it did run in bf16
