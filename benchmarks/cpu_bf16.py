@@ -33,7 +33,8 @@ sys.path.insert(0, str(REPO / "src"))
 
 import leanserve  # noqa: E402, F401, I001  (before torch: the OpenMP settings the server runs with)
 import torch  # noqa: E402
-from cpu_decode import decode_inputs, load, median_ms  # noqa: E402
+from cpu_decode import capture_forward_inputs, decode_inputs, load, median_ms  # noqa: E402
+from decode_step import decode_batch  # noqa: E402
 
 from leanserve.engine.config import EngineConfig  # noqa: E402
 from leanserve.engine.llm_engine import LLMEngine  # noqa: E402
@@ -48,27 +49,14 @@ DTYPES = ("float32", "bfloat16")
 
 def mixed_inputs(engine: LLMEngine, decodes: int, context: int, prompt_len: int) -> tuple:
     """The model inputs of a step with ``decodes`` decodes at ``context`` beside a fresh prompt."""
-    runner, bs = engine.runner, engine.config.block_size
-    gen = torch.Generator().manual_seed(7)
+    bs, vocab = engine.config.block_size, engine.model_config.vocab_size
+    seqs = decode_batch(decodes, context + 1, bs, vocab)  # blocks 0 .. decodes * per_seq - 1
+    first = decodes * -(-(context + 1) // bs)
+    prompt = torch.randint(0, vocab, (prompt_len,), generator=torch.Generator().manual_seed(7)).tolist()
+    table = list(range(first, first + prompt_len // bs + 1))
     params = SamplingParams(temperature=0, max_tokens=2)
-    per_seq = context // bs + 2
-    seqs = []
-    for i in range(decodes):
-        tokens = torch.randint(0, engine.model_config.vocab_size, (context + 1,), generator=gen).tolist()
-        table = list(range(i * per_seq, (i + 1) * per_seq))
-        seqs.append(StepSeq(tokens, context, 1, table, context, SampleRequest(params, tokens, context)))
-    prompt = torch.randint(0, engine.model_config.vocab_size, (prompt_len,), generator=gen).tolist()
-    table = list(range(decodes * per_seq, decodes * per_seq + prompt_len // bs + 1))
     seqs.append(StepSeq(prompt, 0, prompt_len, table, prompt_len, SampleRequest(params, prompt, prompt_len)))
-    captured: list[tuple] = []
-    model = runner.model
-    real = model.forward
-    model.forward = lambda *a: captured.append(a) or real(*a)
-    try:
-        runner.execute(seqs)
-    finally:
-        del model.forward
-    return captured[0]
+    return capture_forward_inputs(engine.runner, seqs)
 
 
 def plot(speed: dict, quality: dict, native: bool, path: Path) -> None:

@@ -2,13 +2,14 @@
 
     python benchmarks/cpu_decode.py [--model DIR] [--context 100] [--batches 1,16] [--rounds 5]
 
-Loads the model as the server does (the embedded one by default; pass an AWQ folder for INT4), prefills
-``batch`` random prompts of ``--context`` tokens, and captures one decode-only step's inputs. Then, in
+Loads the model as the server does (the embedded one by default; pass an AWQ folder for INT4) and
+captures the inputs of one decode-only step of ``batch`` sequences with ``--context`` tokens cached
+(``decode_step.decode_batch``: a lone sequence's blocks in order, a batch's shuffled). Then, in
 ``--rounds`` alternating rounds, it times ``model.forward`` (which takes the flat loop) and
 ``model.forward_layers`` on those same inputs, and checks the two give equal hidden states. The floor
-is the step's weight bytes (the decoder layers', not the embedding table or the LM head) over the host's
-read bandwidth, measured here with a sum over 512 MB. The load average is printed beside every figure; the last
-line is one JSON object.
+is the decoder's linear weights as served (``weight_memory``) over the host's read bandwidth, measured
+here with a sum over 512 MB. The load average is printed beside every figure; the last line is one JSON
+object.
 """
 
 from __future__ import annotations
@@ -26,13 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import leanserve  # noqa: E402, F401, I001  (before torch: the OpenMP settings the server runs with)
 import torch  # noqa: E402
+from decode_step import decode_batch  # noqa: E402
 
 from leanserve.engine.config import EngineConfig  # noqa: E402
 from leanserve.engine.llm_engine import LLMEngine  # noqa: E402
-from leanserve.model.layers import Linear  # noqa: E402
-from leanserve.model.runner import StepSeq  # noqa: E402
-from leanserve.model.sampler import SampleRequest  # noqa: E402
-from leanserve.sampling_params import SamplingParams  # noqa: E402
+from leanserve.model.runner import ModelRunner, StepSeq  # noqa: E402
+from leanserve.quant.evaluate import weight_memory  # noqa: E402
 
 
 def load() -> str:
@@ -56,29 +56,8 @@ def read_gbps() -> float:
     return data.numel() * data.element_size() / ms / 1e6
 
 
-def linear_bytes(model: torch.nn.Module) -> int:
-    """Bytes of every decoder layer's weights as they are served (oneDNN-packed fp32 weights are kept
-    outside the parameters): what one forward must read from memory."""
-    layers = model.model.layers
-    tensors = [*layers.parameters(), *layers.buffers()]
-    tensors += [m.packed for m in layers.modules() if isinstance(m, Linear) and m.packed is not None]
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def decode_inputs(engine: LLMEngine, batch: int, context: int) -> tuple:
-    """Prefill ``batch`` random prompts, then capture the model inputs of their first decode step."""
-    runner, bs = engine.runner, engine.config.block_size
-    gen = torch.Generator().manual_seed(batch)
-    params = SamplingParams(temperature=0, max_tokens=2)
-    blocks_each = (context + 1) // bs + 1
-    seqs = []
-    for i in range(batch):
-        tokens = torch.randint(0, engine.model_config.vocab_size, (context,), generator=gen).tolist()
-        table = list(range(i * blocks_each, (i + 1) * blocks_each))
-        seqs.append(StepSeq(tokens, 0, context, table, context, SampleRequest(params, tokens, context)))
-    for seq, result in zip(seqs, runner.execute(seqs), strict=True):
-        seq.token_ids.append(result.token_id)
-        seq.num_computed, seq.num_new = context, 1
+def capture_forward_inputs(runner: ModelRunner, seqs: list[StepSeq]) -> tuple:
+    """Run one step of ``seqs`` through ``runner`` and return the arguments it gave ``model.forward``."""
     captured: list[tuple] = []
     model = runner.model
     real = model.forward
@@ -88,6 +67,15 @@ def decode_inputs(engine: LLMEngine, batch: int, context: int) -> tuple:
     finally:
         del model.forward
     return captured[0]
+
+
+def decode_inputs(engine: LLMEngine, batch: int, context: int) -> tuple:
+    """The forward inputs of a decode step of ``batch`` sequences with ``context`` tokens cached. A lone
+    sequence's blocks are in order (the attention reads a view), a batch's shuffled (it gathers), as in
+    serving."""
+    seqs = decode_batch(batch, context + 1, engine.config.block_size, engine.model_config.vocab_size,
+                        shuffle=batch > 1)
+    return capture_forward_inputs(engine.runner, seqs)
 
 
 def main() -> None:
@@ -102,11 +90,12 @@ def main() -> None:
     print(f"loading {args.model or 'the embedded model'} ... ({load()})", flush=True)
     engine = LLMEngine(EngineConfig(model=args.model, device="cpu", enable_prefix_caching=False))
     model = engine.runner.model
-    weights = linear_bytes(model)
+    weights = weight_memory(model).linear_bytes
     gbps = read_gbps()
     floor_ms = weights / gbps / 1e6
-    print(f"decoder weights {weights / 1e6:.1f} MB, read {gbps:.1f} GB/s -> floor {floor_ms:.2f} ms a step "
-          f"({torch.get_num_threads()} threads, {load()})", flush=True)
+    matmul = str(engine.cpu_matmul_dtype).removeprefix("torch.")
+    print(f"decoder linears {weights / 1e6:.1f} MB ({matmul} where not quantized), read {gbps:.1f} GB/s -> floor "
+          f"{floor_ms:.2f} ms a step ({torch.get_num_threads()} threads, {load()})", flush=True)
     results = {}
     for batch in [int(b) for b in args.batches.split(",")]:
         inputs = decode_inputs(engine, batch, args.context)
@@ -125,8 +114,8 @@ def main() -> None:
               f"floor/flat {floor_ms / f:.2f}, equal hidden states: {equal} ({load()})", flush=True)
         results[f"batch{batch}"] = {"flat_ms": round(f, 3), "layers_ms": round(lay, 3),
                                     "ratio": round(f / lay, 3), "equal": equal}
-    print(json.dumps({"model": args.model or "embedded", "context": args.context, "floor_ms": round(floor_ms, 3),
-                      "read_gbps": round(gbps, 1), "threads": torch.get_num_threads(),
+    print(json.dumps({"model": args.model or "embedded", "cpu_matmul_dtype": matmul, "context": args.context,
+                      "floor_ms": round(floor_ms, 3), "read_gbps": round(gbps, 1), "threads": torch.get_num_threads(),
                       "load_avg": round(os.getloadavg()[0], 2), **results}))
 
 

@@ -89,7 +89,10 @@ def build_model(config, device: torch.device, dtype: torch.dtype, ops):
     return model.eval().requires_grad_(False)
 
 
-def decode_batch(batch: int, context: int, block_size: int, vocab: int):
+def decode_batch(batch: int, context: int, block_size: int, vocab: int, shuffle: bool = True):
+    """``batch`` sequences of ``context`` random tokens, each decoding its last one. Their blocks are
+    disjoint and shuffled, as after real traffic; ``shuffle=False`` hands them out in order, as the block
+    manager does for a lone sequence (the CPU attention then reads a view of the cache)."""
     from leanserve.model.runner import StepSeq
     from leanserve.model.sampler import SampleRequest
     from leanserve.sampling_params import SamplingParams
@@ -97,7 +100,7 @@ def decode_batch(batch: int, context: int, block_size: int, vocab: int):
     params = SamplingParams(max_tokens=1 << 20, temperature=0.0, ignore_eos=True)
     blocks = -(-context // block_size)
     gen = torch.Generator().manual_seed(batch)
-    perm = torch.randperm(batch * blocks, generator=gen).tolist()  # shuffled, as after real traffic
+    perm = torch.randperm(batch * blocks, generator=gen).tolist() if shuffle else list(range(batch * blocks))
     seqs = []
     for i in range(batch):
         tokens = torch.randint(0, vocab, (context,), generator=gen).tolist()
