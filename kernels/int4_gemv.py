@@ -181,7 +181,9 @@ def _chunk_terms_half2(words, factors, x_ptrs, x_mask, HAS_MASK: tl.constexpr):
 def _load_tile(w_tile, f_tile, c0, KC, offs_w, offs_c, GROUP_CHUNKS: tl.constexpr, EVEN_K: tl.constexpr):
     """The words ``[1, BLOCK_N, 4 * CHUNKS]`` and factors ``[1, BLOCK_N, CHUNKS]`` of the tile at chunk ``c0``."""
     words = _load(w_tile + c0 * 4, (c0 * 4 + offs_w < KC * 4)[None, None, :], not EVEN_K)
-    factors = _load(f_tile + c0 // GROUP_CHUNKS, (c0 + offs_c < KC)[:, None], not EVEN_K)
+    # The group of each chunk of the tile, (c0 + c) // GROUP_CHUNKS: a tile need not start on a group
+    # boundary (a 384-wide group is 12 chunks, a tile a power of two).
+    factors = _load(f_tile + ((c0 + offs_c) // GROUP_CHUNKS)[:, None], (c0 + offs_c < KC)[:, None], not EVEN_K)
     return words, tl.trans(factors)[None, :, :]
 
 
@@ -216,7 +218,7 @@ def _int4_gemv_kernel(
     # to order by, puts the threads along the first dim, here the chunks, which is how the sums over
     # each thread's words come out; built [BLOCK_N, CHUNKS], the load went through shared memory twice
     # per tile, and ptxas issued it only after the arithmetic.
-    f_tile = f_ptr + (offs_c // GROUP_CHUNKS)[:, None] + w_rows[None, :] * G
+    f_tile = f_ptr + w_rows[None, :] * G
     if HALF2:  # x's fp16 pairs as int32: 16 pairs a chunk, pair plane j at 4j
         x_tile = (x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + x_rows[:, None, None] * (stride_xm // 2)
                   + ((offs_w // 4) * 16 + offs_w % 4)[None, None, :])

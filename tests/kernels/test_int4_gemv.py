@@ -46,7 +46,10 @@ def test_repack_puts_pair_partners_side_by_side() -> None:
 @pytest.mark.parametrize(
     "m,k,n,group,config",
     [
-        (1, 256, 72, 64, Int4GemvConfig()),  # one tile, fewer warps for the short K; N ragged
+        (1, 256, 72, 64, Int4GemvConfig()),  # one tile, fewer warps for the short K
+        (1, 256, 24, 64, Int4GemvConfig(block_n=16)),  # N ragged: the second program's last 8 rows not stored
+        (1, 1536, 8, 384, Int4GemvConfig(num_warps=1)),  # 12-chunk groups: the second tile starts mid-group
+        (2, 1536, 8, 96, Int4GemvConfig(num_warps=1)),  # 3-chunk groups, likewise
         (3, 384, 40, 128, Int4GemvConfig(block_n=4)),  # K not a whole tile: masked
         (2, 2048, 16, 32, Int4GemvConfig(block_n=4, num_warps=1)),  # K in 2 tiles: the prefetching loop
         (1, 1152, 24, 128, Int4GemvConfig(num_warps=1)),  # 36 chunks: a ragged last tile in the loop
