@@ -37,6 +37,11 @@ def fail(message: str) -> None:
     raise ValueError(message)
 
 
+def check_power_of_two(name: str, value: int) -> None:
+    if value < 1 or value & (value - 1):
+        fail(f"{name} must be a power of two, got {value}")
+
+
 def check_float(name: str, t: torch.Tensor, ndim: int) -> None:
     if t.dim() != ndim:
         fail(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")

@@ -55,6 +55,12 @@ def pdl_supported(device: torch.device) -> bool:
     return _cuda_capability(index) >= (9, 0)
 
 
+def resolve_pdl(device: torch.device, requested: bool | None) -> bool:
+    """A launch config's ``pdl`` setting on ``device``: None follows ``pdl_enabled``; True asks for PDL
+    where it is supported; False turns it off."""
+    return pdl_enabled(device) if requested is None else bool(requested) and pdl_supported(device)
+
+
 def pdl_enabled(device: torch.device) -> bool:
     """Whether the launchers use PDL on ``device``: wherever it is supported, unless ``LEANSERVE_PDL=0``
     (read at each launch, so a benchmark can compare). On an H200 it took the 1.1B decode graph from

@@ -23,9 +23,9 @@ class AttentionOps:
     write_kv_cache: Callable[..., None]
     paged_decode_attention: Callable[..., torch.Tensor]
     paged_prefill_attention: Callable[..., torch.Tensor]
-    name: str  # "triton" or "reference", for logs
     # The rotary embedding and the cache write as one op (a decoder's step before attention)
-    write_kv_cache_rotary: Callable[..., tuple[torch.Tensor, torch.Tensor]] = reference.write_kv_cache_rotary
+    write_kv_cache_rotary: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    name: str  # "triton" or "reference", for logs
 
 
 def triton_available() -> bool:
@@ -46,8 +46,8 @@ def get_attention_ops(device: torch.device | str) -> AttentionOps:
         from .kv_cache import write_kv_cache, write_kv_cache_rotary
         from .paged_attention import paged_decode_attention, paged_prefill_attention
 
-        return AttentionOps(write_kv_cache, paged_decode_attention, paged_prefill_attention, "triton",
-                            write_kv_cache_rotary)
+        return AttentionOps(write_kv_cache, paged_decode_attention, paged_prefill_attention, write_kv_cache_rotary,
+                            "triton")
     return reference_attention_ops()
 
 
@@ -56,6 +56,7 @@ def reference_attention_ops() -> AttentionOps:
         reference.write_kv_cache,
         reference.paged_decode_attention,
         reference.paged_prefill_attention,
+        reference.write_kv_cache_rotary,
         "reference",
     )
 
@@ -105,7 +106,8 @@ def get_model_ops(device: torch.device | str) -> ModelOps:
     """Triton kernels for a model on CUDA; the torch references on any other device (the interpreter is
     for the kernel tests, never for a model). On CUDA, linears go through ``gemv.linear``: the Triton GEMV
     where it was measured faster (one row, with PDL), ``F.linear`` otherwise; for those same one-row
-    batches the decoder takes its fused layer path (``DecodeOps``)."""
+    batches the decoder takes its fused layer path (``DecodeOps``; not yet timed, see
+    ``gemv.decode_fusion_rows``)."""
     device = torch.device(device)
     if device.type == "cuda" and triton_available():
         from .fused_layers import rms_norm, silu_and_mul

@@ -35,9 +35,10 @@ import triton
 import triton.language as tl
 
 from . import _checks
-from ._device import num_sms, pdl_enabled, pdl_supported
+from ._device import num_sms, pdl_enabled, resolve_pdl
 from ._pdl import pdl_launch, pdl_launch_dependents, pdl_wait
 from ._workspace import scratch
+from .fused_layers import rms_norm, silu_and_mul
 
 GEMV_MAX_M = 8  # rows of x this kernel takes (decode batches); above it the matmul is compute-shaped
 # Rows up to which ``linear`` prefers this kernel to cuBLAS, with PDL only. On an H200 (1.1B projections,
@@ -194,9 +195,6 @@ def _gemv_kernel(
             acc_up += _tile_sum(w_up, x_tile + last, keep, g_tile + last, True, NORM, M_PAD, BLOCK_N, CHUNKS, VEC)
     y = tl.sum(acc, axis=2)  # [M_PAD, BLOCK_N]
     up = tl.sum(acc_up, axis=2)
-    rstd = y  # NORM only
-    if NORM:
-        rstd = _row_rstd(x_tile, offs_k, K, eps, M_PAD, BLOCK_N, BLOCK_K)
 
     out_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
@@ -215,11 +213,14 @@ def _gemv_kernel(
             y = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
             for s in range(n_splits):
                 y += tl.load(parts + s * mn, mask=out_mask, other=0.0, cache_modifier=".cg")
+            # 1/rms of the row only here, in the one program that finishes the outputs.
+            rstd = _row_rstd(x_tile, offs_k, K, eps, M_PAD, BLOCK_N, BLOCK_K) if NORM else y
             y = _epilogue(y, up, rstd, bias_ptr, res_ptr, w_rows, offs_m, offs_n, N_UP, stride_rm, out_mask,
                           out_ty, HAS_BIAS, NORM, RESIDUAL, False)
             tl.store(y_ptrs, y.to(out_ty), mask=out_mask)
             tl.store(count_ptr + pid_n, 0)
     else:
+        rstd = _row_rstd(x_tile, offs_k, K, eps, M_PAD, BLOCK_N, BLOCK_K) if NORM else y
         y = _epilogue(y, up, rstd, bias_ptr, res_ptr, w_rows, offs_m, offs_n, N_UP, stride_rm, out_mask,
                       out_ty, HAS_BIAS, NORM, RESIDUAL, GATED)
         tl.store(y_ptrs, y.to(out_ty), mask=out_mask)
@@ -316,8 +317,7 @@ class _Launch:
 
 
 def _plan(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device, config: GemvConfig) -> _Launch:
-    pdl = pdl_enabled(device) if config.pdl is None else bool(config.pdl) and pdl_supported(device)
-    return _shape_plan(m, n, k, dtype, device, config, pdl)
+    return _shape_plan(m, n, k, dtype, device, config, resolve_pdl(device, config.pdl))
 
 
 @functools.lru_cache(maxsize=1024)  # a model has a handful of shapes; an eager step calls this ~100 times
@@ -332,8 +332,7 @@ def _shape_plan(
     # Triton 3.6: 70-95 at M = 1, 96-128 at M = 2, 126-157 at M = 8).
     block_n = config.block_n or (8 if m <= 2 else 4)
     for name, value in (("block_k", block_k), ("block_n", block_n), ("num_warps", num_warps)):
-        if value < 1 or value & (value - 1):
-            _checks.fail(f"{name} must be a power of two, got {value}")
+        _checks.check_power_of_two(name, value)
     # BLOCK_K <= K keeps the first tile in bounds (see the kernel); a short K takes fewer warps so that
     # the tile still spans them all along K.
     block_k = max(min(block_k, _prev_power_of_2(k)), vec)
@@ -351,9 +350,12 @@ def _shape_plan(
                    num_warps, pdl)
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None) -> None:
+def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None,
+           gated: bool = False) -> None:
+    """Metadata of x, the weight, the bias and ``out`` (``[M, N]``, or ``[M, N / 2]`` when ``gated``)."""
     _checks.check_float("x", x, 2)
     _checks.check_float("weight", weight, 2)
+    n_out = weight.shape[0] // 2 if gated else weight.shape[0]
     if x.shape[0] > GEMV_MAX_M:
         _checks.fail(f"x has {x.shape[0]} rows; the GEMV takes at most {GEMV_MAX_M} (use a matmul)")
     if weight.shape[1] != x.shape[1]:
@@ -367,7 +369,7 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out
             _checks.fail(f"bias must be [{weight.shape[0]}] {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
         tensors["bias"] = bias
     if out is not None:
-        expected = (x.shape[0], weight.shape[0])
+        expected = (x.shape[0], n_out)
         if tuple(out.shape) != expected or out.dtype != x.dtype or (out.numel() and out.stride(-1) != 1):
             _checks.fail(f"out must be {expected} {x.dtype} contiguous in its last dim, got "
                          f"{tuple(out.shape)} {out.dtype} strides {out.stride()}")
@@ -422,14 +424,12 @@ def gemv(
     launched just before this one, so ``weight`` must not be that kernel's output (model weights never
     are).
     """
-    _check(x, weight, bias, out if not gated else None)
+    _check(x, weight, bias, out, gated)
     _check_fusions(x, weight, norm, residual, gated)
     m, k = x.shape
     n = weight.shape[0] // 2 if gated else weight.shape[0]
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    elif gated and (tuple(out.shape) != (m, n) or out.dtype != x.dtype or out.stride(-1) != 1):
-        _checks.fail(f"out must be {(m, n)} {x.dtype} contiguous in its last dim, got {tuple(out.shape)} {out.dtype}")
     if m == 0 or n == 0:
         return out
     if k == 0 and not (norm or residual is not None or gated):  # an empty sum: the bias or zeros, as F.linear gives
@@ -507,33 +507,38 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def decode_fusion_rows(device: torch.device) -> int:
-    """Rows up to which the decoder's fused layer path pays (0: never)."""
+    """Rows up to which the decoder takes its fused layer path (0: never): the batches the GEMV takes,
+    where each fusion removes a launch. Not yet timed on a GPU (RESULTS.md, "Prepared without a GPU
+    (fifth session ...)"): ``decode_step.py``'s ``layer_apart`` variant is the comparison to run."""
     return LINEAR_MAX_ROWS if pdl_enabled(device) else 0
+
+
+def _fuses(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *others: torch.Tensor) -> bool:
+    """Whether a decode fusion takes the fused GEMV: where ``linear`` would take the GEMV for a 2-d ``x``,
+    with its other tensors (norm weight, residual) in x's dtype and contiguous along the row."""
+    return (x.dim() == 2 and _takes_gemv(x, weight, bias)
+            and all(t.dtype == x.dtype and t.stride(-1) == 1 for t in others))
 
 
 def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """``linear(rms_norm(x, norm_weight, eps), weight, bias)``."""
-    if x.dim() == 2 and _takes_gemv(x, weight, bias) and norm_weight.dtype == x.dtype:
+    if _fuses(x, weight, bias, norm_weight):
         return gemv(x, weight, bias, config=MODEL_LAUNCH, norm=(norm_weight, eps))
-    from .fused_layers import rms_norm
-
     return linear(rms_norm(x, norm_weight, eps), weight, bias)
 
 
 def norm_gated_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
                       bias: torch.Tensor | None = None) -> torch.Tensor:
     """``silu_and_mul(linear(rms_norm(x, norm_weight, eps), weight, bias))``: ``weight`` stacks gate and up."""
-    if x.dim() == 2 and _takes_gemv(x, weight, bias) and norm_weight.dtype == x.dtype:
+    if _fuses(x, weight, bias, norm_weight):
         return gemv(x, weight, bias, config=MODEL_LAUNCH, norm=(norm_weight, eps), gated=True)
-    from .fused_layers import rms_norm, silu_and_mul
-
     return silu_and_mul(linear(rms_norm(x, norm_weight, eps), weight, bias))
 
 
 def linear_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                     residual: torch.Tensor) -> torch.Tensor:
     """``residual + linear(x, weight, bias)``, written into ``residual`` (the decoder's residual stream)."""
-    if x.dim() == 2 and _takes_gemv(x, weight, bias) and residual.dtype == x.dtype and residual.stride(-1) == 1:
+    if _fuses(x, weight, bias, residual):
         return gemv(x, weight, bias, config=MODEL_LAUNCH, residual=residual, out=residual)
     return residual.add_(linear(x, weight, bias))

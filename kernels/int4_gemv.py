@@ -36,10 +36,10 @@ import triton
 import triton.language as tl
 
 from . import _checks
-from ._device import interpreter_enabled, pdl_enabled, pdl_supported
+from ._device import interpreter_enabled, resolve_pdl
 from ._pdl import pdl_launch, pdl_launch_dependents, pdl_wait
 from ._workspace import scratch
-from .awq_gemm import ONE_BITS, _use_asm, _word_plus_one, nibble_pairs_ptx
+from .awq_gemm import GEMV_MAX_M, ONE_BITS, _use_asm, _word_plus_one, nibble_pairs_ptx
 from .awq_reference import K_MAJOR_CHUNK
 
 INT4_GEMV_MAX_M = 8  # rows of x, all in each program
@@ -351,9 +351,8 @@ def int4_gemv(
     if m == 0 or n == 0:
         return out
     for name in ("block_n", "num_warps", "chunks_per_thread"):
-        value = getattr(config, name)
-        if value is not None and (value < 1 or value & (value - 1)):
-            _checks.fail(f"{name} must be a power of two, got {value}")
+        if getattr(config, name) is not None:
+            _checks.check_power_of_two(name, getattr(config, name))
     kc = k // K_MAJOR_CHUNK
     num_warps = config.num_warps
     chunks = 32 * num_warps * config.chunks_per_thread
@@ -361,7 +360,7 @@ def int4_gemv(
     while num_warps > 1 and chunks // 2 >= kc:
         num_warps //= 2
         chunks //= 2
-    pdl = pdl_enabled(x.device) if config.pdl is None else bool(config.pdl) and pdl_supported(x.device)
+    pdl = resolve_pdl(x.device, config.pdl)
     if config.math not in ("fp32", "half2"):
         _checks.fail(f"math must be 'fp32' or 'half2', got {config.math!r}")
     half2 = config.math == "half2"
@@ -386,9 +385,8 @@ def int4_gemv(
 
 
 # Rows up to which ``int4_linear`` takes the GEMV; above, the weight is dequantized once and the library
-# matmul runs. Borrowed from awq_gemm.GEMV_MAX_M (the AWQ-layout GEMV's crossover on an H200); this
-# kernel's own is not yet measured.
-LINEAR_GEMV_MAX_M = 6
+# matmul runs. The AWQ-layout GEMV's crossover on an H200 until this kernel's own is measured.
+LINEAR_GEMV_MAX_M = GEMV_MAX_M
 
 
 def int4_linear(x: torch.Tensor, weight: KMajorInt4, bias: torch.Tensor | None = None) -> torch.Tensor:
