@@ -9,6 +9,7 @@ import torch.nn.functional as F
 triton = pytest.importorskip("triton")
 
 from leanserve.kernels import _device, gemv  # noqa: E402
+from leanserve.kernels import reference as reference_ops  # noqa: E402
 from leanserve.kernels.backend import trusted_inputs  # noqa: E402
 
 from tests.kernels.kernel_cases import DEVICE, TOLERANCES, generator, nan_like, randn  # noqa: E402
@@ -317,3 +318,19 @@ def test_decode_fusions_at_tinyllama_shapes_gpu(pdl: bool) -> None:
             want = ref.norm_gated_linear(x.float(), gamma.float(), 1e-5, w.float())
             got = gemv.gemv(x, w, config=config, norm=(gamma, 1e-5), gated=True)
         assert_matches(got, want, torch.bfloat16)
+
+
+def test_gated_output_rounds_as_silu_and_mul() -> None:
+    """``gated`` rounds the gate, its SiLU and up to x's dtype where ``silu_and_mul`` of an fp16 linear
+    does. With x one-hot the linear's sums are exact, so only those roundings can differ: the outputs must
+    be equal but for rare last-place ties of the fp32 SiLU (x / (1 + e^-x) against torch's own)."""
+    gen = generator(11)
+    k, n = 64, 512
+    x = torch.zeros(1, k, dtype=torch.float16)
+    x[0, 5] = 1.0
+    w = (3 * randn(gen, 2 * n, k, dtype=torch.float32)).to(torch.float16)
+    want = reference_ops.silu_and_mul(F.linear(x, w))  # fp16 all the way, as the layer path runs it
+    got = gemv.gemv(x.to(DEVICE), w.to(DEVICE), gated=True).cpu()
+    assert got.dtype == torch.float16
+    assert (got == want).float().mean() >= 0.99
+    torch.testing.assert_close(got, want, atol=0, rtol=2**-9)  # no more than one fp16 step apart
