@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import pytest
+
 from leanserve.engine.block_manager import BlockManager
 from leanserve.engine.sequence import Sequence
 from leanserve.sampling_params import SamplingParams
@@ -114,10 +116,12 @@ def test_prompt_logprob_requests_skip_prefix_cache() -> None:
     assert b.num_cached_tokens == 0
 
 
-def test_a_growing_sequence_takes_the_block_after_its_last_when_free() -> None:
-    """Freed blocks return tail first, so taking the least recently freed would hand the next sequence
-    its blocks in descending order; the block after the sequence's last is preferred when free."""
-    bm = BlockManager(num_blocks=6, block_size=4)
+@pytest.mark.parametrize("prefer_following", [True, False])
+def test_a_growing_sequence_takes_the_block_after_its_last_when_asked(prefer_following: bool) -> None:
+    """Freed blocks return tail first, so taking the least recently freed hands the next sequence its
+    blocks in descending order; with ``prefer_following`` (the CPU engine's setting) the block after the
+    sequence's last is taken when free."""
+    bm = BlockManager(num_blocks=6, block_size=4, prefer_following=prefer_following)
     a, b = seq(list(range(12)), "a"), seq(list(range(50, 62)), "b")
     bm.allocate(a)
     bm.allocate(b)
@@ -126,7 +130,7 @@ def test_a_growing_sequence_takes_the_block_after_its_last_when_free() -> None:
     bm.free(b)  # least recently freed first: 2, 1, 0, 5, 4, 3
     c = seq(list(range(100, 108)), "c")
     bm.allocate(c)
-    assert c.block_table == [2, 3]  # not [2, 1]
+    assert c.block_table == ([2, 3] if prefer_following else [2, 1])
     c.token_ids += [200, 201, 202, 203, 204]
     bm.append_slot(c)
-    assert c.block_table == [2, 3, 4]
+    assert c.block_table == ([2, 3, 4] if prefer_following else [2, 1, 0])

@@ -139,7 +139,9 @@ class LLMEngine:
             self.runner.capture_decode_graphs(
                 self.max_model_len, min(config.max_num_seqs, config.max_cuda_graph_batch)
             )
-        self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching)
+        self.block_manager = BlockManager(
+            num_blocks, bs, config.enable_prefix_caching, prefer_following=self.device.type == "cpu"
+        )
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=config.max_num_seqs,
