@@ -104,9 +104,10 @@ class PagedAttention:
         out = torch.empty_like(query) if len(groups) > 1 else None  # one group: its result is the output
         for group in groups:
             shape = (group.end - group.start, -1, self.num_kv_heads, self.head_dim)
-            if group.buffers is None:
+            if isinstance(group.blocks, slice):
                 keys, values = k_cache[group.blocks].view(shape), v_cache[group.blocks].view(shape)
             else:
+                assert group.buffers is not None
                 keys = torch.index_select(k_cache, 0, group.blocks, out=group.buffers[0]).view(shape)
                 values = torch.index_select(v_cache, 0, group.blocks, out=group.buffers[1]).view(shape)
             attn = torch.nn.functional.scaled_dot_product_attention(

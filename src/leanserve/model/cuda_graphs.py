@@ -138,7 +138,10 @@ class DecodeGraphs:
         """Final hidden states ``[n, hidden]`` of the step's ``n`` decodes (valid until the next run).
 
         The host buffers are rewritten every step: the step before has finished with them, since its
-        sampled tokens were read back (a sync) before this step was scheduled."""
+        sampled tokens were read back (a sync) before this step was scheduled. A scheduler that overlaps
+        steps must first wait for the previous copies. The tables go over at full width, ``n x
+        max_blocks`` int32 (one copy with the lengths instead of two): 512 B a row for a 2048-token
+        ``max_model_len``, 32 KiB for 131072."""
         n = len(inputs.token_ids)
         size = self.bucket_for(n)
         rows, lens, tables = self._host_rows, self._host_lens, self._host_tables
