@@ -98,7 +98,11 @@ def test_factory_validates_config() -> None:
     assert isinstance(layer, AWQLinear) and layer.checkpoint_tensors == ["qweight", "qzeros", "scales"]
     with pytest.raises(NotImplementedError, match="only 4-bit"):
         awq_linear_factory({"quant_method": "awq", "bits": 8}, torch.float32, "cpu")
+    def op(x, weight, bias=None):  # stands for the device's ModelOps.linear (not F.linear, the default)
+        return torch.nn.functional.linear(x, weight, bias)
+
     skip = awq_linear_factory(
-        {"quant_method": "awq", "group_size": 32, "modules_to_not_convert": ["mlp"]}, torch.float32, "cpu"
+        {"quant_method": "awq", "group_size": 32, "modules_to_not_convert": ["mlp"]}, torch.float32, "cpu", op
     )
-    assert not isinstance(skip(64, [32], False, "model.layers.0.mlp.down_proj"), AWQLinear)
+    plain = skip(64, [32], False, "model.layers.0.mlp.down_proj")
+    assert not isinstance(plain, AWQLinear) and plain.linear_op is op  # the unquantized ones keep the device's op
