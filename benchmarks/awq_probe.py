@@ -80,6 +80,7 @@ def main() -> int:
     record("AWQ GEMV, default launch", graph_us([lambda w=w: awq_gemm(x, *w, group) for w in layers]))
     record("load-only twin of the default launch",
            graph_us([lambda q=q: load_only(q, out, group, **DEFAULT_TWIN) for q, _, _ in layers]))
+    sweep_start = len(rows)  # the rows before are the references, not sweep points
     for groups_per_slice in (1, 4):
         for block_k, block_c in ((8, 128), (16, 64), (32, 32), (8, 256), (32, 128), (64, 128), (64, 64)):
             for stages in (1, 2, 3, 4, 6) if block_k * block_c <= 2048 else (1,):
@@ -94,7 +95,7 @@ def main() -> int:
                         print(f"  {name}: failed ({type(exc).__name__}: {str(exc)[:80]})")
                         continue
                     record(name, t)
-    best = min(rows[3:], key=lambda r: r["us"]) if len(rows) > 3 else None
+    best = min(rows[sweep_start:], key=lambda r: r["us"]) if len(rows) > sweep_start else None
     if best:
         print(f"best load-only: {best['name']} {best['us']:.1f} us ({best['pct_of_copy']:.0f}% of copy)")
     print(json.dumps({"device": torch.cuda.get_device_name(), "copy_gbps": bandwidth, "rows": rows}))

@@ -5,10 +5,11 @@
 # the diagnostics (the decode attention by partition length, projection matmuls cuBLAS vs the Triton
 # GEMV, the attention kernels). Each step has a time limit and its own log under OUT; a failing step does
 # not stop the others. The five steps of 2026-11-26's first call (kernel_tests, matmul_probe,
-# decode_step with four variants, kernels_bench, awq_bench with 34 configs) took 208 s on an H200. The
-# default steps' limits add up to 720 s, over one call's 600: run them as two calls (STEPS="kernel_tests
-# decode_step awq_bench", 500 s of limits, then the rest). The benchmarks print a JSON line per finished part, so a step
-# cut short keeps what it measured.
+# decode_step with four variants, kernels_bench, awq_bench with 34 configs) took 208 s on an H200. All six
+# steps' limits add up to 720 s, over one call's 600, so they run as two calls: the default steps
+# (kernel_tests decode_step awq_bench, 500 s of limits), then STEPS="decode_sweep matmul_probe
+# kernels_bench". The benchmarks print a JSON line per finished part, so a step cut short keeps what it
+# measured.
 #
 #   bash benchmarks/gpu_session.sh [OUT_DIR]     (on the GPU machine, from the repo root)
 set -u
@@ -34,7 +35,7 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # tests import their helpers as tests.<dir>.<module>
 
 # A subset reruns only those; ncu is not in the default (a 9th log would not come back from $OUT).
-STEPS=${STEPS:-kernel_tests decode_step awq_bench decode_sweep matmul_probe kernels_bench}
+STEPS=${STEPS:-kernel_tests decode_step awq_bench}
 step() {
     local name=$1 limit=$2
     shift 2
