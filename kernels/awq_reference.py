@@ -26,7 +26,10 @@ def unpack_awq(packed: torch.Tensor) -> torch.Tensor:
     """int32 ``[R, C / 8]`` -> uint8 ``[R, C]`` of values 0..15, columns in natural order."""
     if packed.dtype != torch.int32:
         raise ValueError(f"packed AWQ tensors are int32, got {packed.dtype}")
-    shifts = 4 * torch.tensor(AWQ_NIBBLE_OF_COLUMN, dtype=torch.int32, device=packed.device)
+    # AWQ_NIBBLE_OF_COLUMN[j] = 4 * (j % 2) + j // 2, built on the device: no host copy, so the reference
+    # can run inside a CUDA graph capture.
+    columns = torch.arange(8, dtype=torch.int32, device=packed.device)
+    shifts = 4 * (4 * (columns % 2) + columns // 2)
     # Arithmetic right shift of a negative word smears the sign bit, but the & 0xF drops it again.
     values = (packed.unsqueeze(-1) >> shifts) & 0xF
     return values.reshape(packed.shape[0], packed.shape[1] * 8).to(torch.uint8)

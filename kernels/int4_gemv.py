@@ -23,8 +23,9 @@ row's inputs contiguous, as ``nn.Linear`` does, and this kernel is shaped like t
 The row stride is passed as chunks per row and multiplied by four in the kernel, so Triton can prove
 every row 16-byte aligned whatever K is. Each program takes every row of x (``M <= 8``): the nibbles are
 unpacked once and each row of x adds only its products (fewer output rows per program as ``M`` grows).
-Served only with ``LEANSERVE_AWQ_BACKEND=kmajor`` until timed: it is the second design for issue 7's
-bar, timed against ``awq_gemm``'s GEMV by ``benchmarks/quant.py``.
+It is what AWQ models serve through on CUDA (``quant/awq_linear.py``'s ``kmajor`` backend): on an H200,
+at the bar's layer (4096 -> 11008, M = 1), 9.3 us with the fp16-pair math against ``awq_gemm``'s GEMV
+at 20.3 and an fp16 ``torch.matmul`` at 24.9 (``benchmarks/quant.py``, RESULTS.md).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from . import _checks
 from ._device import interpreter_enabled, resolve_pdl
 from ._pdl import pdl_launch, pdl_launch_dependents, pdl_wait
 from ._workspace import scratch
-from .awq_gemm import GEMV_MAX_M, ONE_BITS, _use_asm, _word_plus_one, nibble_pairs_ptx
+from .awq_gemm import ONE_BITS, _use_asm, _word_plus_one, nibble_pairs_ptx
 from .awq_reference import K_MAJOR_CHUNK
 
 INT4_GEMV_MAX_M = 8  # rows of x, all in each program
@@ -49,8 +50,8 @@ INT4_GEMV_MAX_M = 8  # rows of x, all in each program
 class Int4GemvConfig:
     """Launch parameters (benchmarks sweep them)."""
 
-    # Output rows per program: 16-byte loads in flight per thread and tile. None: 8 for up to 2 rows of x,
-    # fewer above (each row of x adds its products to every output row's registers).
+    # Output rows per program: 16-byte loads in flight per thread and tile. None: 8 for up to 2 rows of x
+    # (4 with the half2 math), fewer above (each row of x adds its products to every output row's registers).
     block_n: int | None = None
     num_warps: int = 4
     chunks_per_thread: int = 1  # chunks each thread takes per tile (K per tile = 32 * 32 * warps * this)
@@ -59,8 +60,9 @@ class Int4GemvConfig:
     maxnreg: int | None = None  # a register cap for ptxas
     # "fp32": nibbles and x widened to fp32, one FFMA per weight; "half2" (compiled, fp16 x only): the
     # products in fp16 pairs (``_HALF2_UNPACK_PTX``), 920 instead of 1144 SASS instructions per thread at
-    # the default tile on sm_90.
-    math: str = "fp32"
+    # the default tile on sm_90. None: "half2" wherever it can run (``default_math``): on an H200 it took
+    # the bar's layer (4096 -> 11008, M = 1) from 11.0 to 9.3 us, relative error 3.8e-4 against 2.1e-4.
+    math: str | None = None
 
 
 # PTX (sm_90) of the "half2" math, in two steps so that a word is unpacked once for every row of x:
@@ -268,7 +270,7 @@ def _int4_gemv_kernel(
 def _int4_dequant_kernel(w_ptr, f_ptr, out_ptr, N, KC, G, one_bits, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
                          GROUP_CHUNKS: tl.constexpr, ASM: tl.constexpr):
     """``W^T [N, K]`` (``nn.Linear``'s layout) in ``out``'s dtype from a ``[BLOCK_N, 4 * CHUNKS]`` tile of
-    words: each pair plane is stored as 8 consecutive inputs per thread."""
+    words, each chunk's 32 inputs stored as one contiguous 64-byte row segment."""
     pid_n = tl.program_id(0)
     pid_c = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -286,31 +288,42 @@ def _int4_dequant_kernel(w_ptr, f_ptr, out_ptr, N, KC, G, one_bits, BLOCK_N: tl.
     scale16 = tl.reshape(tl.broadcast_to(scale16[:, :, None], [BLOCK_N, CHUNKS, 4]), [BLOCK_N, CHUNKS * 4])
     zero = tl.reshape(tl.broadcast_to(zero[:, :, None], [BLOCK_N, CHUNKS, 4]), [BLOCK_N, CHUNKS * 4])
     n0, n1, n2, n3, n4, n5, n6, n7 = _word_plus_one(words, one_bits, ASM)
-    # Nibbles j and j + 4 of word s are inputs 8j + 2s and 8j + 2s + 1 of the chunk: interleaved, each pair
-    # plane is 8 consecutive inputs per thread.
-    offs_x = pid_c * CHUNKS * 8 + tl.arange(0, CHUNKS * 8)
-    out = out_ptr + rows[:, None] * (KC * 32) + ((offs_x // 8) * 32 + offs_x % 8)[None, :]
-    mask = (offs_n < N)[:, None] & (offs_x < KC * 8)[None, :]
-    ty = out_ptr.dtype.element_ty
-    tl.store(out, tl.interleave((n0 - zero) * scale16, (n4 - zero) * scale16).to(ty), mask=mask)
-    tl.store(out + 8, tl.interleave((n1 - zero) * scale16, (n5 - zero) * scale16).to(ty), mask=mask)
-    tl.store(out + 16, tl.interleave((n2 - zero) * scale16, (n6 - zero) * scale16).to(ty), mask=mask)
-    tl.store(out + 24, tl.interleave((n3 - zero) * scale16, (n7 - zero) * scale16).to(ty), mask=mask)
+    # The chunk's inputs put in order (nibble j + 4h of word s is input 8j + 2s + h) at the price of one
+    # layout change: on an H200 the layer took 32 us so, against 60-114 us for four 16-byte stores per
+    # chunk from the nibble planes as they come (RESULTS.md, fourth session).
+    shape: tl.constexpr = [BLOCK_N, CHUNKS, 4]
+    a0 = tl.reshape(tl.join(tl.reshape((n0 - zero) * scale16, shape), tl.reshape((n4 - zero) * scale16, shape)),
+                    [BLOCK_N, CHUNKS, 8])
+    a1 = tl.reshape(tl.join(tl.reshape((n1 - zero) * scale16, shape), tl.reshape((n5 - zero) * scale16, shape)),
+                    [BLOCK_N, CHUNKS, 8])
+    a2 = tl.reshape(tl.join(tl.reshape((n2 - zero) * scale16, shape), tl.reshape((n6 - zero) * scale16, shape)),
+                    [BLOCK_N, CHUNKS, 8])
+    a3 = tl.reshape(tl.join(tl.reshape((n3 - zero) * scale16, shape), tl.reshape((n7 - zero) * scale16, shape)),
+                    [BLOCK_N, CHUNKS, 8])
+    # [rows, chunks, 8 (2s + h), 2 (j's low bit), 2 (j's high bit)] -> [rows, chunks, j, 2s + h]
+    both = tl.join(tl.join(a0, a1), tl.join(a2, a3))
+    values = tl.reshape(tl.permute(both, (0, 1, 4, 3, 2)), [BLOCK_N, CHUNKS * 32])
+    offs_k = pid_c * CHUNKS * 32 + tl.arange(0, CHUNKS * 32)
+    mask = (offs_n < N)[:, None] & (offs_k < KC * 32)[None, :]
+    tl.store(out_ptr + rows[:, None] * (KC * 32) + offs_k[None, :], values.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def dequantize_int4(weight: KMajorInt4, out: torch.Tensor) -> torch.Tensor:
+def dequantize_int4(weight: KMajorInt4, out: torch.Tensor, *, block_n: int = 16, chunks: int = 32,
+                    num_warps: int = 4) -> torch.Tensor:
     """``W^T [N, K]`` into ``out`` (its dtype, contiguous), one launch: ``(1 + q/16 - (1 + z/16)) * 16 s``
-    is exact before the cast."""
+    is exact before the cast. A program dequantizes ``block_n`` rows x ``chunks`` chunks (on an H200 any
+    tile from 4 x 32 to 64 x 8 took 32-34 us for 4096 x 11008)."""
     n, k = weight.out_features, weight.in_features
     if tuple(out.shape) != (n, k) or not out.is_contiguous() or out.dtype not in _checks.FLOAT_DTYPES:
         _checks.fail(f"out must be a contiguous float [{n}, {k}] tensor, got {tuple(out.shape)} {out.dtype}")
     _checks.check_same_device(words=weight.words, out=out)
-    block_n, chunks = 16, 32
+    for name, value in (("block_n", block_n), ("chunks", chunks), ("num_warps", num_warps)):
+        _checks.check_power_of_two(name, value)
     kc = k // K_MAJOR_CHUNK
     _int4_dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(kc, chunks))](
         weight.words, weight.factors, out, n, kc, k // weight.group_size, ONE_BITS,
         BLOCK_N=block_n, CHUNKS=chunks, GROUP_CHUNKS=weight.group_size // K_MAJOR_CHUNK, ASM=_use_asm(None),
-        num_warps=4,
+        num_warps=num_warps,
     )
     return out
 
@@ -361,15 +374,19 @@ def int4_gemv(
         num_warps //= 2
         chunks //= 2
     pdl = resolve_pdl(x.device, config.pdl)
-    if config.math not in ("fp32", "half2"):
-        _checks.fail(f"math must be 'fp32' or 'half2', got {config.math!r}")
-    half2 = config.math == "half2"
+    math = config.math or default_math(x)
+    if math not in ("fp32", "half2"):
+        _checks.fail(f"math must be 'fp32' or 'half2', got {math!r}")
+    half2 = math == "half2"
     if half2 and (x.dtype != torch.float16 or interpreter_enabled()):
         _checks.fail("math='half2' takes fp16 x, compiled (its PTX does not run in the interpreter)")
     if half2 and (x.stride(0) % 2 or x.data_ptr() % 4):
         # its x loads are int32 pairs: rows must start on a 4-byte boundary
         _checks.fail(f"math='half2' needs x's rows 4-byte aligned, got row stride {x.stride(0)}")
-    block_n = config.block_n or (8 if m <= 2 else 4 if m <= 4 else 2)
+    if half2:  # H200, 4096 -> 11008: 8 rows 12.1 / 21.5 us at M = 2 / 4; at M = 6, 4 rows 47.5, 8 spill (360)
+        block_n = config.block_n or (8 if m <= 4 else 4 if m <= 6 else 2)
+    else:
+        block_n = config.block_n or (8 if m <= 2 else 4 if m <= 4 else 2)
     if config.block_n is None and m > 1 and kc > chunks:
         block_n //= 2  # the loop's next tile doubles the words held: 8 rows of 2 rows of x spilled on sm_90
     _int4_gemv_kernel[(triton.cdiv(n, block_n),)](
@@ -384,9 +401,16 @@ def int4_gemv(
     return out
 
 
+def default_math(x: torch.Tensor) -> str:
+    """"half2" where it can run (fp16 x, compiled, rows 4-byte aligned), else "fp32"."""
+    aligned = x.stride(0) % 2 == 0 and x.data_ptr() % 4 == 0
+    return "half2" if x.dtype == torch.float16 and aligned and not interpreter_enabled() else "fp32"
+
+
 # Rows up to which ``int4_linear`` takes the GEMV; above, the weight is dequantized once and the library
-# matmul runs. The AWQ-layout GEMV's crossover on an H200 until this kernel's own is measured.
-LINEAR_GEMV_MAX_M = GEMV_MAX_M
+# matmul runs. On an H200 at 4096 -> 11008 (RESULTS.md, fourth session) the GEMV took 11.0 / 16.6 / 31.9 /
+# 106 us at 1 / 2 / 4 / 8 rows (fp32 math) and dequantize + matmul ~59 us at any of them.
+LINEAR_GEMV_MAX_M = 6
 
 
 def int4_linear(x: torch.Tensor, weight: KMajorInt4, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -394,6 +418,12 @@ def int4_linear(x: torch.Tensor, weight: KMajorInt4, bias: torch.Tensor | None =
     batches, dequantize-then-matmul for prefill."""
     if x.shape[0] <= LINEAR_GEMV_MAX_M:
         return int4_gemv(x, weight, bias)
+    return int4_dequant_linear(x, weight, bias)
+
+
+def int4_dequant_linear(x: torch.Tensor, weight: KMajorInt4, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` with the weight dequantized into a scratch buffer first (one launch), then the
+    library matmul: ``int4_linear``'s path for prefill-sized ``x``."""
     n, k = weight.out_features, weight.in_features
     w = scratch(x.device, f"int4 dequantized weight {x.dtype}", n * k, x.dtype)[: n * k].view(n, k)
     return torch.nn.functional.linear(x, dequantize_int4(weight, w), bias)

@@ -40,3 +40,12 @@ def test_cpu_matmul_dtype_needs_onednn_bf16(monkeypatch: pytest.MonkeyPatch) -> 
     assert EngineConfig().resolve_cpu_matmul_dtype(CPU, torch.float32) == torch.float32
     with pytest.raises(ValueError, match="cannot run bf16"):
         EngineConfig(cpu_matmul_dtype="bfloat16").resolve_cpu_matmul_dtype(CPU, torch.float32)
+
+
+def test_dtype_auto_is_fp32_on_the_cpu_and_fp16_for_awq_on_cuda() -> None:
+    config = EngineConfig()
+    assert config.resolve_dtype(CPU) == torch.float32
+    assert config.resolve_dtype(CPU, awq=True) == torch.float32
+    assert config.resolve_dtype(CUDA) == torch.bfloat16
+    assert config.resolve_dtype(CUDA, awq=True) == torch.float16  # AWQ's scales, and the GEMV's half2 math
+    assert EngineConfig(dtype="bfloat16").resolve_dtype(CUDA, awq=True) == torch.bfloat16  # set, it wins

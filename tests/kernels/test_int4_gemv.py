@@ -114,6 +114,19 @@ def test_half2_math_is_refused_where_it_cannot_run() -> None:
         int4_gemv(torch.randn(1, 128).to(DEVICE), packed, config=Int4GemvConfig(math="fp64"))
 
 
+def test_default_math_is_half2_only_where_it_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from leanserve.kernels import int4_gemv as module
+
+    x16 = torch.randn(2, 128, dtype=torch.float16)
+    monkeypatch.setattr(module, "interpreter_enabled", lambda: True)
+    assert module.default_math(x16) == "fp32"  # the interpreter cannot run its PTX
+    monkeypatch.setattr(module, "interpreter_enabled", lambda: False)
+    assert module.default_math(x16) == "half2"
+    assert module.default_math(x16.to(torch.bfloat16)) == "fp32"
+    assert module.default_math(torch.randn(2, 129, dtype=torch.float16)[:, :128]) == "fp32"  # odd row stride
+    assert module.default_math(x16.view(-1)[1:].view(1, 255)[:, :128]) == "fp32"  # rows not 4-byte aligned
+
+
 def test_repack_rejects_k_that_is_not_whole_chunks() -> None:
     qweight, qzeros, scales = awq_reference.random_awq(48, 8, 16)
     with pytest.raises(ValueError, match="multiples of 32"):
@@ -122,7 +135,8 @@ def test_repack_rejects_k_that_is_not_whole_chunks() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 4])
-@pytest.mark.parametrize("dtype,math", [(torch.float16, "fp32"), (torch.bfloat16, "fp32"), (torch.float16, "half2")])
+@pytest.mark.parametrize("dtype,math", [(torch.float16, "fp32"), (torch.bfloat16, "fp32"), (torch.float16, "half2"),
+                                        (torch.float16, None), (torch.bfloat16, None)])
 @pytest.mark.parametrize("unpack", ["asm", "shift"])
 @pytest.mark.parametrize("pdl", [False, True])
 def test_int4_gemv_at_a_7b_mlp_size(m: int, dtype: torch.dtype, math: str, unpack: str, pdl: bool) -> None:
@@ -142,12 +156,13 @@ def test_int4_gemv_at_a_7b_mlp_size(m: int, dtype: torch.dtype, math: str, unpac
 
 @pytest.mark.parametrize("k,n,group", [(256, 40, 64), (1152, 24, 128)])  # N and K not whole tiles
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_dequantize_writes_every_weight(k: int, n: int, group: int, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("tile", [{}, dict(block_n=8, chunks=8, num_warps=2), dict(block_n=4, chunks=16)])
+def test_dequantize_writes_every_weight(k: int, n: int, group: int, dtype: torch.dtype, tile: dict) -> None:
     from leanserve.kernels.int4_gemv import dequantize_int4
 
     (qweight, qzeros, scales), packed = random_layer(k, n, group, seed=k)
     out = torch.full((n, k), float("nan"), device=DEVICE, dtype=dtype)
-    dequantize_int4(packed, out)
+    dequantize_int4(packed, out, **tile)
     assert torch.equal(out, dequantize_awq(qweight, qzeros, scales, group).T.to(dtype))
 
 

@@ -85,11 +85,15 @@ def test_backend_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("LEANSERVE_AWQ_BACKEND", raising=False)
     cpu = torch.device("cpu")
     expected = "int4pack" if int4pack_available() else "reference"
-    assert select_backend(cpu, 576, 64) == expected
-    assert select_backend(cpu, 40, 64) == "reference"  # the CPU kernel packs 16 outputs at a time
-    assert select_backend(cpu, 576, 48) == "reference"  # and knows only groups 32/64/128/256
+    assert select_backend(cpu, 576, 576, 64) == expected
+    assert select_backend(cpu, 576, 40, 64) == "reference"  # the CPU kernel packs 16 outputs at a time
+    assert select_backend(cpu, 576, 576, 48) == "reference"  # and knows only groups 32/64/128/256
+    cuda = torch.device("cuda")  # only compared, never allocated on
+    assert select_backend(cuda, 576, 576, 64) == "kmajor"
+    assert select_backend(cuda, 576, 576, 48) == "triton"  # K-major chunks of 32 would straddle groups
+    assert select_backend(cuda, 48, 576, 48) == "triton"
     monkeypatch.setenv("LEANSERVE_AWQ_BACKEND", "reference")
-    assert select_backend(cpu, 576, 64) == "reference"
+    assert select_backend(cpu, 576, 576, 64) == "reference"
 
 
 def test_factory_validates_config() -> None:

@@ -77,13 +77,18 @@ def _dequantized_copy(awq_dir: Path, out: Path) -> Path:
     return out
 
 
-def _greedy(model_dir: Path, prompts: list[list[int]], monkeypatch: pytest.MonkeyPatch, backend: str) -> list:
+def _greedy(model_dir: Path, prompts: list[list[int]], monkeypatch: pytest.MonkeyPatch, backend: str | None,
+            device: str = "cpu") -> list:
+    """Greedy tokens of each prompt; ``backend`` None leaves the AWQ backend to the device."""
     from leanserve.engine.config import EngineConfig
     from leanserve.engine.llm_engine import LLMEngine
     from leanserve.sampling_params import SamplingParams
 
-    monkeypatch.setenv("LEANSERVE_AWQ_BACKEND", backend)
-    engine = LLMEngine(EngineConfig(model=str(model_dir), kv_cache_memory=1 << 20, device="cpu"))
+    if backend is None:
+        monkeypatch.delenv("LEANSERVE_AWQ_BACKEND", raising=False)
+    else:
+        monkeypatch.setenv("LEANSERVE_AWQ_BACKEND", backend)
+    engine = LLMEngine(EngineConfig(model=str(model_dir), kv_cache_memory=1 << 20, device=device))
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     for i, p in enumerate(prompts):
         engine.add_request(str(i), p, params)
@@ -170,3 +175,20 @@ def test_eval_cli_scores_bf16_matmul_weights_against_fp32(tiny_llama: Path, word
     assert report["linear_bytes_ratio_vs_fp16"] == pytest.approx(1.0)  # bf16 linears: fp16's bytes
     assert words["top1_agreement"] >= 0.9 and 0 < words["mean_kl"] < 0.01
     assert abs(words["ppl_increase_pct"]) < 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_awq_checkpoint_on_cuda_takes_the_k_major_gemv_in_fp16(
+    tiny_llama: Path, word_text: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On CUDA an AWQ model runs in fp16 through the K-major int4 GEMV (decode, CUDA graphs) and
+    dequantize + matmul (prefill), with the same greedy tokens as the per-call dequantizing reference."""
+    out = _quantize(tiny_llama, tmp_path / "rtn", word_text, "rtn")
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (4, 19, 40, 7, 64)]
+    expected, _ = _greedy(out, prompts, monkeypatch, "reference", device="cuda")
+    got, engine = _greedy(out, prompts, monkeypatch, None, device="cuda")
+    assert engine.dtype == torch.float16
+    assert {m.backend for m in engine.model.modules() if isinstance(m, AWQLinear)} == {"kmajor"}
+    assert got == expected

@@ -11,7 +11,7 @@ import torch
 class EngineConfig:
     model: str | None = None  # a checkpoint folder, a .gguf file, or None for the embedded model
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto (fp32 on CPU, bf16 on CUDA) | float32 | bfloat16 | float16
+    dtype: str = "auto"  # auto (fp32 on CPU; on CUDA bf16, fp16 for AWQ) | float32 | bfloat16 | float16
     block_size: int = 16
     # KV cache budget: an int is bytes; a float in (0, 1] is a fraction of the free device memory.
     kv_cache_memory: float | int = 0.9
@@ -54,12 +54,17 @@ class EngineConfig:
             return self.max_num_batched_tokens
         return 2048 if device.type == "cuda" else 256
 
-    def resolve_dtype(self, device: torch.device) -> torch.dtype:
+    def resolve_dtype(self, device: torch.device, awq: bool = False) -> torch.dtype:
+        """``awq``: the checkpoint's linears are AWQ int4 (their scales are fp16)."""
         if self.dtype == "auto":
             # A whole bf16 model on the CPU (plain bf16 weights, bf16 norms and attention) took 41.5 ms for
             # a batch-16 decode step's forward on the 2-core host, against fp32's 24.9: only the packed
             # matmuls gain from bf16 (cpu_matmul_dtype: 18.7 ms).
-            return torch.bfloat16 if device.type == "cuda" else torch.float32
+            if device.type != "cuda":
+                return torch.float32
+            # AWQ checkpoints are made and served in fp16 (AutoAWQ writes torch_dtype float16, as vLLM
+            # runs them), and the int4 GEMV's fp16-pair math takes fp16 activations only.
+            return torch.float16 if awq else torch.bfloat16
         return getattr(torch, self.dtype)
 
     def resolve_cpu_matmul_dtype(self, device: torch.device, dtype: torch.dtype) -> torch.dtype:

@@ -100,13 +100,14 @@ class LLMEngine:
 
         self.config = config
         self.device = config.resolve_device()
-        self.dtype = config.resolve_dtype(self.device)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         if self.device.type == "cpu":
             torch.set_num_threads(config.num_threads or cores)
         torch.manual_seed(config.seed)
         self.model_dir = Path(resolve_model_path(config.model, config.cache_dir))
         self.model_config = ModelConfig.from_pretrained(self.model_dir)
+        awq = (self.model_config.quantization or {}).get("quant_method") == "awq"
+        self.dtype = config.resolve_dtype(self.device, awq=awq)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.cpu_matmul_dtype = config.resolve_cpu_matmul_dtype(self.device, self.dtype)
         self.model = load_model(
