@@ -338,18 +338,17 @@ def _cases(modules, full: bool):
 
                         split = "auto" if config is None else "1"
                         yield (f"gemv m={m} bias={bias} splits={split} {dtype_name}/{shape_name}(N{n},K{k})", linear)
-                # The decoder's 1-row fusions (gemv.norm_linear & co.): each is its own specialisation; and
-                # the resident-grid launch (GemvConfig.persistent), plain and fused.
-                for fusion, persistent in itertools.product(("", "norm", "norm+gated", "residual"), (False, True)):
+                # The decoder's 1-row fusions (gemv.norm_gated_linear, gemv.linear_residual): each is its
+                # own specialisation; and the resident-grid launch (GemvConfig.persistent), plain and fused.
+                for fusion, persistent in itertools.product(("", "gated", "residual"), (False, True)):
                     if not (fusion or persistent):
                         continue
 
                     def fused(n=n, k=k, fusion=fusion, persistent=persistent, dtype=dtype):
-                        gated = "gated" in fusion
+                        gated = fusion == "gated"
                         n_out = n // 2 if gated else n
-                        norm = (torch.ones(k, dtype=dtype), 1e-5) if "norm" in fusion else None
                         res = torch.zeros(1, n_out, dtype=dtype) if fusion == "residual" else None
-                        gemv_mod.gemv(torch.zeros(1, k, dtype=dtype), torch.zeros(n, k, dtype=dtype), norm=norm,
+                        gemv_mod.gemv(torch.zeros(1, k, dtype=dtype), torch.zeros(n, k, dtype=dtype),
                                       residual=res, out=res, gated=gated,
                                       config=gemv_mod.GemvConfig(persistent=persistent))
 

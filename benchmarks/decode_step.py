@@ -19,16 +19,19 @@ All of it for each variant of the model's kernels (``--variants``, in this order
 - ``unfused``: the torch ops the fused layer kernels replace, cuBLAS linears;
 - ``rotary_apart``: ``gemv_pdl`` with the rotary embedding and the KV-cache write as two launches per
   layer, as before ``kv_cache.write_kv_cache_rotary`` made them one;
-- ``layer_apart``: ``gemv_pdl`` without the fused layer path of 1-row batches (``DecodeOps``: the norms,
-  the gating and the residual adds folded into the GEMVs), i.e. a norm kernel before qkv and gate_up
-  and a SiLU kernel after gate_up, as before;
+- ``layer_apart``: ``gemv_pdl`` without the fused layer path of 1-row batches (``DecodeOps``: the
+  gating and the residual adds in the GEMVs), i.e. the residual add fused into the next norm kernel and
+  a SiLU kernel after gate_up, as before;
+- ``gate_apart`` / ``residual_apart``: ``gemv_pdl`` with one of the 1-row fusions taken apart again
+  (the SiLU kernel after gate_up; an add after o_proj and down_proj), the other kept. (The third,
+  the RMSNorm folded into the next GEMV, lost and was removed: RESULTS.md.)
 - ``persistent``: ``gemv_pdl`` with the GEMV's resident-grid launch (``GemvConfig.persistent``: two
   programs per SM, each streaming several row blocks) for every 1-row linear.
 
 PDL variants are skipped where the GPU cannot do PDL (before sm_90). Each variant also reports how many
 of its greedy tokens equal the first variant's (bf16 rounding differs between matmuls, so random-weight
-near-ties may flip a few; ``rotary_apart`` computes what ``gemv_pdl`` does, so all of its tokens must agree;
-``layer_apart`` rounds the normed rows to bf16 where ``gemv_pdl`` does not, so at batch 1 a near-tie may flip).
+near-ties may flip a few; ``rotary_apart`` computes what ``gemv_pdl`` does, so all of its tokens must agree).
+Every variant starts from the same K/V cache contents.
 
 The floor is the bytes a step must read (every weight but the embedding table, plus the step's K/V)
 over the measured device copy bandwidth. Each variant also profiles one eager step (kernel count and
@@ -158,7 +161,8 @@ def profile_host_step(runner, seqs, steps: int = 50) -> None:
     print(out.getvalue())
 
 
-VARIANTS = ("fused", "gemv_pdl", "fused_pdl", "unfused", "rotary_apart", "layer_apart", "persistent")
+VARIANTS = ("fused", "gemv_pdl", "fused_pdl", "unfused", "rotary_apart", "layer_apart", "persistent",
+            "gate_apart", "residual_apart")
 # The GEMV config the model's 1-row linears use, per variant (default: gemv's own, PDL on).
 GEMV_CONFIGS = {"persistent": {"pdl": True, "persistent": True}}
 
@@ -190,9 +194,27 @@ def kernel_variants(device: torch.device) -> dict[str, tuple[object, bool]]:
     unfused = backend.ModelOps(rotary_apart(reference.apply_rotary), backend.reference_layer_ops(), F.linear)
     apart = dataclasses.replace(triton_ops, attention=rotary_apart(apply_rotary))
     layer_apart = dataclasses.replace(triton_ops, decode=backend.reference_decode_ops())
-    return {"fused": (cublas, False), "gemv_pdl": (triton_ops, True), "fused_pdl": (cublas, True),
-            "unfused": (unfused, False), "rotary_apart": (apart, True), "layer_apart": (layer_apart, True),
-            "persistent": (triton_ops, True)}
+    variants = {"fused": (cublas, False), "gemv_pdl": (triton_ops, True), "fused_pdl": (cublas, True),
+                "unfused": (unfused, False), "rotary_apart": (apart, True), "layer_apart": (layer_apart, True),
+                "persistent": (triton_ops, True)}
+    # One fusion of DecodeOps at a time taken apart again (the others kept): which of them pays.
+    from leanserve.kernels import gemv
+    from leanserve.kernels.fused_layers import silu_and_mul
+
+    fused = triton_ops.decode
+
+    def gate_apart(x, norm_weight, eps, weight, bias=None):
+        return silu_and_mul(gemv.norm_linear(x, norm_weight, eps, weight, bias))
+
+    def residual_apart(x, weight, bias, residual):
+        return residual.add_(gemv.linear(x, weight, bias))
+
+    for name, decode in (
+        ("gate_apart", dataclasses.replace(fused, norm_gated_linear=gate_apart)),
+        ("residual_apart", dataclasses.replace(fused, linear_residual=residual_apart)),
+    ):
+        variants[name] = (dataclasses.replace(triton_ops, decode=decode), True)
+    return variants
 
 
 def use_gemv_config(variant: str) -> None:
@@ -250,9 +272,6 @@ def main() -> int:
     variants = {name: all_variants[name] for name in args.variants.split(",")}
     blocks = max(batches) * -(-args.context // block_size)
     kv = allocate_kv_cache(config, blocks, block_size, dtype, device)
-    for k_cache, v_cache in kv:  # real numbers, not zeros, in every slot attention reads
-        k_cache.normal_()
-        v_cache.normal_()
     bandwidth = copy_gbps()
     kv_bytes_per_token = config.kv_bytes_per_token(dtype.itemsize)
     name = torch.cuda.get_device_name()
@@ -260,6 +279,12 @@ def main() -> int:
     tokens: dict[str, dict[int, list[int]]] = {}
     weight_bytes = 0
     for variant, (ops, pdl) in variants.items():
+        # Every variant starts from the same cache: each step writes its K/V into blocks that the next
+        # batch size's sequences read, so the tokens compared across variants need the same history.
+        gen = torch.Generator(device=device).manual_seed(1)
+        for k_cache, v_cache in kv:
+            k_cache.normal_(generator=gen)
+            v_cache.normal_(generator=gen)
         if set_pdl(pdl, device) != pdl:
             print(f"\n[{variant}] skipped: this GPU cannot launch with PDL (needs sm_90+)")
             continue

@@ -78,7 +78,7 @@ def gemv_sweep(bandwidth: float) -> list[dict]:
 
     configs = [GemvConfig(block_n=bn, num_warps=nw, pdl=False) for bn, nw in itertools.product((4, 8, 16), (2, 4, 8))]
     configs += [GemvConfig(splits=s, pdl=False) for s in (1, 2, 4, 8)]
-    # The resident grid (not yet timed): programs per SM x rows per program.
+    # The resident grid: programs per SM x rows per program.
     configs += [GemvConfig(block_n=bn, persistent=True, programs_per_sm=p, pdl=False)
                 for bn, p in itertools.product((4, 8), (1, 2, 3, 4))]
     rows = []

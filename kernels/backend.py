@@ -75,8 +75,9 @@ def reference_layer_ops() -> LayerOps:
 @dataclass(frozen=True)
 class DecodeOps:
     """A decoder layer's fused forms for small decode batches (``LlamaDecoderLayer.forward_decode``):
-    the norms folded into the next linear, the MLP's gating into its up projection, the residual adds
-    into the projections before them. ``max_rows(device)``: the batch size up to which the model takes
+    the MLP's gating in its up projection, the residual adds in the projections before them, and the
+    norm before a linear (the CUDA forms keep the norm a kernel of its own: folded into the GEMV it was
+    slower, ``gemv.py``). ``max_rows(device)``: the batch size up to which the model takes
     them (0: never); their semantics are ``reference.norm_linear`` & co."""
 
     norm_linear: Callable[..., torch.Tensor]
@@ -106,8 +107,7 @@ def get_model_ops(device: torch.device | str) -> ModelOps:
     """Triton kernels for a model on CUDA; the torch references on any other device (the interpreter is
     for the kernel tests, never for a model). On CUDA, linears go through ``gemv.linear``: the Triton GEMV
     where it was measured faster (one row, with PDL), ``F.linear`` otherwise; for those same one-row
-    batches the decoder takes its fused layer path (``DecodeOps``; not yet timed, see
-    ``gemv.decode_fusion_rows``)."""
+    batches the decoder takes its fused layer path (``DecodeOps``, ``gemv.decode_fusion_rows``)."""
     device = torch.device(device)
     if device.type == "cuda" and triton_available():
         from .fused_layers import rms_norm, silu_and_mul

@@ -60,7 +60,8 @@ class GemvConfig:
     num_warps: int = 4
     pdl: bool | None = None  # programmatic dependent launch: None as _device.pdl_enabled, True where supported
     # A resident grid of ``programs_per_sm`` programs per SM, each streaming several row blocks
-    # (``_gemv_persistent_kernel``; splits is then ignored). Not yet timed: off by default.
+    # (``_gemv_persistent_kernel``; splits is then ignored). Off: on an H200 it won only on the 2048 x 2048
+    # projection (4.5 vs 5.0 us) and made the 1.1B decode step slower (1.099 vs 1.058 ms, RESULTS.md).
     persistent: bool = False
     programs_per_sm: int = 2
 
@@ -71,15 +72,12 @@ MODEL_LAUNCH = GemvConfig(pdl=True)
 
 
 @triton.jit
-def _tile_sum(w, x_ptrs, keep, gamma_ptrs, HAS_KEEP: tl.constexpr, NORM: tl.constexpr, M_PAD: tl.constexpr,
-              BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr, VEC: tl.constexpr):
+def _tile_sum(w, x_ptrs, keep, HAS_KEEP: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+              CHUNKS: tl.constexpr, VEC: tl.constexpr):
     """``[M, BLOCK_N, CHUNKS]``: products of a weight tile ``[1, BLOCK_N, BLOCK_K]`` with x
     ``[M, BLOCK_N, BLOCK_K]`` (broadcast over N), summed over each thread's ``VEC`` elements; with
-    HAS_KEEP only the K positions where ``keep`` holds count; with NORM x is first scaled by the norm
-    weight at ``gamma_ptrs`` (the row's 1/rms comes in the epilogue)."""
+    HAS_KEEP only the K positions where ``keep`` holds count."""
     x = tl.load(x_ptrs).to(tl.float32)
-    if NORM:
-        x = x * tl.load(gamma_ptrs).to(tl.float32)
     products = w.to(tl.float32) * x
     if HAS_KEEP:
         products = tl.where(keep, products, 0.0)
@@ -87,32 +85,13 @@ def _tile_sum(w, x_ptrs, keep, gamma_ptrs, HAS_KEEP: tl.constexpr, NORM: tl.cons
 
 
 @triton.jit
-def _row_rstd(x_tile, offs_k, K, eps, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``[M, BLOCK_N]``: 1 / rms of each row of x over all of K (the same in every column), read in
-    whole unmasked tiles like the main loop (the last one ending at K, its already-counted part
-    dropped)."""
-    squares = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        start = tl.minimum(k0, K - BLOCK_K)
-        x = tl.load(x_tile + start).to(tl.float32)
-        x = tl.where(start + offs_k >= k0, x, 0.0)
-        squares += tl.sum(x * x, axis=2)
-    return 1.0 / tl.sqrt(squares / K + eps)
-
-
-@triton.jit
-def _epilogue(y, up, rstd, bias_ptr, res_ptr, w_rows, offs_m, offs_n, N_UP, stride_rm, out_mask,
-              out_ty: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
-              GATED: tl.constexpr):
-    """The finished fp32 sums ``[M, BLOCK_N]`` (and with GATED the up half's) to what is stored: times
-    1/rms, plus the bias, ``silu(gate) * up`` rounded as ``silu_and_mul`` rounds it, plus the residual."""
-    if NORM:
-        y = y * rstd
+def _epilogue(y, up, bias_ptr, res_ptr, w_rows, offs_m, offs_n, N_UP, stride_rm, out_mask,
+              out_ty: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr):
+    """The finished fp32 sums ``[M, BLOCK_N]`` (and with GATED the up half's) to what is stored: plus the
+    bias, ``silu(gate) * up`` rounded as ``silu_and_mul`` rounds it, plus the residual."""
     if HAS_BIAS:
         y += tl.load(bias_ptr + w_rows).to(tl.float32)[None, :]
     if GATED:
-        if NORM:
-            up = up * rstd
         if HAS_BIAS:
             up += tl.load(bias_ptr + N_UP + w_rows).to(tl.float32)[None, :]
         gate = y.to(out_ty).to(tl.float32)
@@ -125,20 +104,18 @@ def _epilogue(y, up, rstd, bias_ptr, res_ptr, w_rows, offs_m, offs_n, N_UP, stri
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, gamma_ptr, res_ptr,
-    M, N, K, K_SLICE, stride_xm, stride_wn, stride_ym, stride_rm, N_UP, eps,
+    x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, res_ptr,
+    M, N, K, K_SLICE, stride_xm, stride_wn, stride_ym, stride_rm, N_UP,
     M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
     SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PDL: tl.constexpr,
-    NORM: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr,
+    RESIDUAL: tl.constexpr, GATED: tl.constexpr,
 ):
     """One (block of ``BLOCK_N`` outputs, slice of K). SPLIT: partials + arrival counter (see module
     docstring); otherwise the program stores its outputs.
 
-    Decode fusions (``gemv``'s ``norm`` / ``residual`` / ``gated``): NORM takes x as the input of an
-    RMSNorm with weight ``gamma`` (x scaled by gamma in the products, 1/rms of the whole row in the
-    epilogue); RESIDUAL adds ``res`` (which may be ``y`` itself: each output is read and written by
-    one program) to the result; GATED reads rows ``n`` and ``N_UP + n`` of W (gate and up) and stores
-    ``silu(gate) * up`` as output ``n`` (unsplit only)."""
+    Decode fusions (``gemv``'s ``residual`` / ``gated``): RESIDUAL adds ``res`` (which may be ``y``
+    itself: each output is read and written by one program) to the result; GATED reads rows ``n`` and
+    ``N_UP + n`` of W (gate and up) and stores ``silu(gate) * up`` as output ``n`` (unsplit only)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     CHUNKS: tl.constexpr = BLOCK_K // VEC
@@ -157,7 +134,6 @@ def _gemv_kernel(
     k_begin = pid_k * K_SLICE
     k_end = tl.minimum(k_begin + K_SLICE, K)
     n_full = (k_end - k_begin) // BLOCK_K
-    g_tile = gamma_ptr + offs_k  # NORM only: the norm weight along K, broadcast over rows
     # The launcher keeps BLOCK_K <= K, so the first tile is in bounds even when this slice is only a
     # ragged tail (its data is then loaded but not used).
     w = tl.load(w_tile + tl.minimum(k_begin, K - BLOCK_K))
@@ -175,11 +151,11 @@ def _gemv_kernel(
         k0 = k_begin + i * BLOCK_K
         # The last iteration reloads its own tile (an L1 hit) instead of branching.
         w_next = tl.load(w_tile + tl.minimum(k0 + BLOCK_K, last_full))
-        acc += _tile_sum(w, x_tile + k0, None, g_tile + k0, False, NORM, M_PAD, BLOCK_N, CHUNKS, VEC)
+        acc += _tile_sum(w, x_tile + k0, None, False, M_PAD, BLOCK_N, CHUNKS, VEC)
         w = w_next
         if GATED:
             w_up_next = tl.load(up_tile + tl.minimum(k0 + BLOCK_K, last_full))
-            acc_up += _tile_sum(w_up, x_tile + k0, None, g_tile + k0, False, NORM, M_PAD, BLOCK_N, CHUNKS, VEC)
+            acc_up += _tile_sum(w_up, x_tile + k0, None, False, M_PAD, BLOCK_N, CHUNKS, VEC)
             w_up = w_up_next
     tail = k_begin + n_full * BLOCK_K
     if tail < k_end:
@@ -189,10 +165,10 @@ def _gemv_kernel(
         last = K - BLOCK_K
         keep = last + offs_k >= tail
         w = tl.load(w_tile + last)
-        acc += _tile_sum(w, x_tile + last, keep, g_tile + last, True, NORM, M_PAD, BLOCK_N, CHUNKS, VEC)
+        acc += _tile_sum(w, x_tile + last, keep, True, M_PAD, BLOCK_N, CHUNKS, VEC)
         if GATED:
             w_up = tl.load(up_tile + last)
-            acc_up += _tile_sum(w_up, x_tile + last, keep, g_tile + last, True, NORM, M_PAD, BLOCK_N, CHUNKS, VEC)
+            acc_up += _tile_sum(w_up, x_tile + last, keep, True, M_PAD, BLOCK_N, CHUNKS, VEC)
     y = tl.sum(acc, axis=2)  # [M_PAD, BLOCK_N]
     up = tl.sum(acc_up, axis=2)
 
@@ -213,33 +189,29 @@ def _gemv_kernel(
             y = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
             for s in range(n_splits):
                 y += tl.load(parts + s * mn, mask=out_mask, other=0.0, cache_modifier=".cg")
-            # 1/rms of the row only here, in the one program that finishes the outputs.
-            rstd = _row_rstd(x_tile, offs_k, K, eps, M_PAD, BLOCK_N, BLOCK_K) if NORM else y
-            y = _epilogue(y, up, rstd, bias_ptr, res_ptr, w_rows, offs_m, offs_n, N_UP, stride_rm, out_mask,
-                          out_ty, HAS_BIAS, NORM, RESIDUAL, False)
+            y = _epilogue(y, up, bias_ptr, res_ptr, w_rows, offs_m, offs_n, N_UP, stride_rm, out_mask,
+                          out_ty, HAS_BIAS, RESIDUAL, False)
             tl.store(y_ptrs, y.to(out_ty), mask=out_mask)
             tl.store(count_ptr + pid_n, 0)
     else:
-        rstd = _row_rstd(x_tile, offs_k, K, eps, M_PAD, BLOCK_N, BLOCK_K) if NORM else y
-        y = _epilogue(y, up, rstd, bias_ptr, res_ptr, w_rows, offs_m, offs_n, N_UP, stride_rm, out_mask,
-                      out_ty, HAS_BIAS, NORM, RESIDUAL, GATED)
+        y = _epilogue(y, up, bias_ptr, res_ptr, w_rows, offs_m, offs_n, N_UP, stride_rm, out_mask,
+                      out_ty, HAS_BIAS, RESIDUAL, GATED)
         tl.store(y_ptrs, y.to(out_ty), mask=out_mask)
 
 
 @triton.jit
 def _gemv_persistent_kernel(
-    x_ptr, w_ptr, bias_ptr, y_ptr, gamma_ptr, res_ptr,
-    M, N, K, stride_xm, stride_wn, stride_ym, stride_rm, N_UP, eps, NUM_BLOCKS,
+    x_ptr, w_ptr, bias_ptr, y_ptr, res_ptr,
+    M, N, K, stride_xm, stride_wn, stride_ym, stride_rm, N_UP, NUM_BLOCKS,
     M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
     EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PDL: tl.constexpr,
-    NORM: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr,
+    RESIDUAL: tl.constexpr, GATED: tl.constexpr,
 ):
     """The same GEMV on a grid sized to stay resident: program ``p`` takes row blocks ``p, p + grid,
     ...``, each over all of K (no split, no workspace), as one stream of ``[BLOCK_N, BLOCK_K]`` tiles in
     which the next tile, the next block's first included, is loaded before this one is used. So a
     program's loads never wait for its own epilogue, the tail of the launch is at most one block per
-    program, and with PDL only the first tile comes before the wait. Fusions as ``_gemv_kernel``; with
-    NORM the row's 1/rms is taken once per program."""
+    program, and with PDL only the first tile comes before the wait. Fusions as ``_gemv_kernel``."""
     pid = tl.program_id(0)
     grid = tl.num_programs(0)
     CHUNKS: tl.constexpr = BLOCK_K // VEC
@@ -248,7 +220,6 @@ def _gemv_persistent_kernel(
     offs_k = tl.arange(0, BLOCK_K)[None, None, :]
     x_rows = tl.minimum(offs_m, M - 1)
     x_tile = x_ptr + x_rows[:, None, None] * stride_xm + offs_k + 0 * offs_b[None, :, None]
-    g_tile = gamma_ptr + offs_k
     n_k = tl.cdiv(K, BLOCK_K)  # tiles per block; a ragged last one is the tile that ends at K
     my_tiles = tl.cdiv(NUM_BLOCKS - pid, grid) * n_k
 
@@ -260,9 +231,6 @@ def _gemv_persistent_kernel(
         w_up = tl.load(w_ptr + (rows + N_UP)[None, :, None] * stride_wn + offs_k)
     pdl_wait(USE_PDL)
     pdl_launch_dependents(USE_PDL)
-    rstd = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)  # NORM only
-    if NORM:
-        rstd = _row_rstd(x_tile, offs_k, K, eps, M_PAD, BLOCK_N, BLOCK_K)
 
     acc = tl.zeros([M_PAD, BLOCK_N, CHUNKS], dtype=tl.float32)
     acc_up = tl.zeros([M_PAD, BLOCK_N, CHUNKS], dtype=tl.float32)  # GATED only
@@ -276,18 +244,18 @@ def _gemv_persistent_kernel(
         k_next = tl.minimum((t_next % n_k) * BLOCK_K, K - BLOCK_K)
         w_next = tl.load(w_ptr + rows_next[None, :, None] * stride_wn + k_next + offs_k)
         keep = k0 + offs_k >= kt * BLOCK_K  # a ragged tile's already-counted part drops out (not EVEN_K)
-        acc += _tile_sum(w, x_tile + k0, keep, g_tile + k0, not EVEN_K, NORM, M_PAD, BLOCK_N, CHUNKS, VEC)
+        acc += _tile_sum(w, x_tile + k0, keep, not EVEN_K, M_PAD, BLOCK_N, CHUNKS, VEC)
         w = w_next
         if GATED:
             w_up_next = tl.load(w_ptr + (rows_next + N_UP)[None, :, None] * stride_wn + k_next + offs_k)
-            acc_up += _tile_sum(w_up, x_tile + k0, keep, g_tile + k0, not EVEN_K, NORM, M_PAD, BLOCK_N, CHUNKS, VEC)
+            acc_up += _tile_sum(w_up, x_tile + k0, keep, not EVEN_K, M_PAD, BLOCK_N, CHUNKS, VEC)
             w_up = w_up_next
         if kt == n_k - 1:  # the block is done: store it
             offs_n = (pid + (t // n_k) * grid) * BLOCK_N + offs_b
             out_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-            y = _epilogue(tl.sum(acc, axis=2), tl.sum(acc_up, axis=2), rstd, bias_ptr, res_ptr,
+            y = _epilogue(tl.sum(acc, axis=2), tl.sum(acc_up, axis=2), bias_ptr, res_ptr,
                           tl.minimum(offs_n, N - 1).to(tl.int64), offs_m, offs_n, N_UP, stride_rm, out_mask,
-                          y_ptr.dtype.element_ty, HAS_BIAS, NORM, RESIDUAL, GATED)
+                          y_ptr.dtype.element_ty, HAS_BIAS, RESIDUAL, GATED)
             tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
                      mask=out_mask)
             acc = tl.zeros([M_PAD, BLOCK_N, CHUNKS], dtype=tl.float32)
@@ -377,17 +345,11 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out
     _checks.check_same_device(**tensors)
 
 
-def _check_fusions(x: torch.Tensor, weight: torch.Tensor, norm: tuple[torch.Tensor, float] | None,
-                   residual: torch.Tensor | None, gated: bool) -> None:
+def _check_fusions(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, gated: bool) -> None:
     if gated and weight.shape[0] % 2:
         _checks.fail(f"a gated weight stacks gate and up: its {weight.shape[0]} rows must be even")
     n_out = weight.shape[0] // 2 if gated else weight.shape[0]
     tensors = {"x": x}
-    if norm is not None:
-        _checks.check_float("norm weight", norm[0], 1)
-        if norm[0].shape[0] != x.shape[1]:
-            _checks.fail(f"norm weight has {norm[0].shape[0]} entries, x rows {x.shape[1]}")
-        tensors["norm_weight"] = norm[0]
     if residual is not None:
         _checks.check_float("residual", residual, 2)
         if tuple(residual.shape) != (x.shape[0], n_out) or residual.dtype != x.dtype:
@@ -404,7 +366,6 @@ def gemv(
     *,
     config: GemvConfig | None = None,
     out: torch.Tensor | None = None,
-    norm: tuple[torch.Tensor, float] | None = None,
     residual: torch.Tensor | None = None,
     gated: bool = False,
 ) -> torch.Tensor:
@@ -413,8 +374,6 @@ def gemv(
 
     Decode fusions, each removing a kernel launch from a decoder layer:
 
-    - ``norm=(weight, eps)``: of ``rms_norm(x, weight, eps)`` instead of ``x`` (the normed row is never
-      rounded to x's dtype, unlike the two-kernel form);
     - ``gated``: ``weight`` stacks gate over up (``[2 I, K]``), the output is ``silu_and_mul`` of the
       linear, ``[M, I]`` (always unsplit);
     - ``residual [M, N]``: added to the result; ``out=residual`` updates it in place.
@@ -425,14 +384,14 @@ def gemv(
     are).
     """
     _check(x, weight, bias, out, gated)
-    _check_fusions(x, weight, norm, residual, gated)
+    _check_fusions(x, weight, residual, gated)
     m, k = x.shape
     n = weight.shape[0] // 2 if gated else weight.shape[0]
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
-    if k == 0 and not (norm or residual is not None or gated):  # an empty sum: the bias or zeros, as F.linear gives
+    if k == 0 and not (residual is not None or gated):  # an empty sum: the bias or zeros, as F.linear gives
         return out.copy_(bias.expand(m, n) if bias is not None else torch.zeros_like(out))
     if k == 0:
         _checks.fail("the decode fusions need K > 0")
@@ -446,12 +405,11 @@ def gemv(
     if config.persistent:
         grid = max(1, min(blocks, config.programs_per_sm * num_sms(x.device)))
         _gemv_persistent_kernel[(grid,)](
-            x, weight, bias if bias is not None else weight, out,
-            norm[0] if norm is not None else weight, residual if residual is not None else out,
+            x, weight, bias if bias is not None else weight, out, residual if residual is not None else out,
             m, n, k, x.stride(0), weight.stride(0), out.stride(0),
-            residual.stride(0) if residual is not None else 0, n, norm[1] if norm is not None else 0.0, blocks,
+            residual.stride(0) if residual is not None else 0, n, blocks,
             M_PAD=plan.m_pad, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, VEC=plan.vec, EVEN_K=k % plan.block_k == 0,
-            HAS_BIAS=bias is not None, NORM=norm is not None, RESIDUAL=residual is not None, GATED=gated,
+            HAS_BIAS=bias is not None, RESIDUAL=residual is not None, GATED=gated,
             num_warps=plan.num_warps, **pdl_launch(plan.pdl),
         )
         return out
@@ -463,11 +421,11 @@ def gemv(
         partials = counters = out  # unused
     _gemv_kernel[(blocks, plan.splits)](
         x, weight, bias if bias is not None else weight, out, partials, counters,
-        norm[0] if norm is not None else weight, residual if residual is not None else out,
+        residual if residual is not None else out,
         m, n, k, plan.k_slice, x.stride(0), weight.stride(0), out.stride(0),
-        residual.stride(0) if residual is not None else 0, n, norm[1] if norm is not None else 0.0,
+        residual.stride(0) if residual is not None else 0, n,
         M_PAD=plan.m_pad, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, VEC=plan.vec,
-        SPLIT=plan.splits > 1, HAS_BIAS=bias is not None, NORM=norm is not None, RESIDUAL=residual is not None,
+        SPLIT=plan.splits > 1, HAS_BIAS=bias is not None, RESIDUAL=residual is not None,
         GATED=gated, num_warps=plan.num_warps, **pdl_launch(plan.pdl),
     )
     return out
@@ -502,38 +460,41 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 # The decode fusions as a decoder layer calls them (``reference.norm_linear`` & co. give the semantics):
 # the fused GEMV where ``linear`` would take the GEMV, the separate kernels otherwise. The model takes
-# its fused layer path only for batches the GEMV takes (``decode_fusion_rows``), where each of these
-# saves a launch; elsewhere its own path (the add fused into the next norm) launches fewer kernels.
+# its fused layer path only for batches the GEMV takes (``decode_fusion_rows``). Timed one at a time on
+# an H200 (RESULTS.md, fourth session; 1.1B decode step at batch 1 in a CUDA graph, 1.057 ms with all
+# three): taking the gating out of gate_up's GEMV cost 27 us, taking the residual adds out of o_proj's
+# and down_proj's 82 us, while taking the RMSNorm out of the next GEMV (x scaled by the norm weight in
+# the products, 1/rms in the epilogue) saved 32 us. So the norm stays a kernel of its own. With it
+# apart (1.025 ms) the gating is worth 12 us and the residual adds 35; the layer path without any of
+# them, whose norm kernel adds the residual itself, took 1.028.
 
 
 def decode_fusion_rows(device: torch.device) -> int:
-    """Rows up to which the decoder takes its fused layer path (0: never): the batches the GEMV takes,
-    where each fusion removes a launch. Not yet timed on a GPU (RESULTS.md, "Prepared without a GPU
-    (fifth session ...)"): ``decode_step.py``'s ``layer_apart`` variant is the comparison to run."""
+    """Rows up to which the decoder takes its fused layer path (0: never): the batches the GEMV takes."""
     return LINEAR_MAX_ROWS if pdl_enabled(device) else 0
 
 
 def _fuses(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *others: torch.Tensor) -> bool:
     """Whether a decode fusion takes the fused GEMV: where ``linear`` would take the GEMV for a 2-d ``x``,
-    with its other tensors (norm weight, residual) in x's dtype and contiguous along the row."""
+    with its other tensors (the residual) in x's dtype and contiguous along the row."""
     return (x.dim() == 2 and _takes_gemv(x, weight, bias)
             and all(t.dtype == x.dtype and t.stride(-1) == 1 for t in others))
 
 
 def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``linear(rms_norm(x, norm_weight, eps), weight, bias)``."""
-    if _fuses(x, weight, bias, norm_weight):
-        return gemv(x, weight, bias, config=MODEL_LAUNCH, norm=(norm_weight, eps))
+    """``linear(rms_norm(x, norm_weight, eps), weight, bias)``: two launches (see above)."""
     return linear(rms_norm(x, norm_weight, eps), weight, bias)
 
 
 def norm_gated_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
                       bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``silu_and_mul(linear(rms_norm(x, norm_weight, eps), weight, bias))``: ``weight`` stacks gate and up."""
-    if _fuses(x, weight, bias, norm_weight):
-        return gemv(x, weight, bias, config=MODEL_LAUNCH, norm=(norm_weight, eps), gated=True)
-    return silu_and_mul(linear(rms_norm(x, norm_weight, eps), weight, bias))
+    """``silu_and_mul(linear(rms_norm(x, norm_weight, eps), weight, bias))``: ``weight`` stacks gate and up;
+    the norm, then the GEMV with the gating in its epilogue."""
+    normed = rms_norm(x, norm_weight, eps)
+    if _fuses(normed, weight, bias):
+        return gemv(normed, weight, bias, config=MODEL_LAUNCH, gated=True)
+    return silu_and_mul(linear(normed, weight, bias))
 
 
 def linear_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

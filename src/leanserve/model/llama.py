@@ -161,10 +161,10 @@ class LlamaDecoderLayer(nn.Module):
         rotary: RotaryEmbedding,
         ops: DecodeOps,
     ) -> torch.Tensor:
-        """The same layer for a small decode batch in four projections and the attention: each norm
-        folded into the projection after it, the gating into gate_up, the residual adds into o_proj and
-        down_proj. ``hidden`` is the residual stream itself (``ops.linear_residual`` may update it in
-        place); returns it after the layer."""
+        """The same layer for a small decode batch with fewer launches: the gating in gate_up, the
+        residual adds in o_proj and down_proj (``DecodeOps``; the norms stay kernels of their own).
+        ``hidden`` is the residual stream itself (``ops.linear_residual`` may update it in place);
+        returns it after the layer."""
         attn, mlp = self.self_attn, self.mlp
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
         qkv = ops.norm_linear(hidden, norm1.weight, norm1.eps, attn.qkv_proj.weight, attn.qkv_proj.bias)
