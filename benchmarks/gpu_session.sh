@@ -47,13 +47,16 @@ step() {
     tail -n "${TAIL_LINES:-30}" "$OUT_DIR/$name.log"
 }
 
-step kernel_tests "${T_TESTS:-150}" $PY -m pytest -q -n 8 --maxfail=20 -p no:cacheprovider tests/kernels tests/model/test_cuda_graphs.py tests/model/test_llama_fused_decode.py
+# TESTS narrows the compiled tests (pytest node ids or paths) for a follow-up call.
+TESTS=${TESTS:-tests/kernels tests/model/test_cuda_graphs.py tests/model/test_llama_fused_decode.py tests/quant/test_awq_quantize.py::test_awq_checkpoint_on_cuda_takes_the_k_major_gemv_in_fp16}
+# shellcheck disable=SC2086
+step kernel_tests "${T_TESTS:-150}" $PY -m pytest -q -n 8 --maxfail=20 -p no:cacheprovider $TESTS
 # The decode step by variant: the model's own ops (PDL, the 1-row GEMV with the layer fusions), the same
 # with rotary and the KV write as two launches (before write_kv_cache_rotary), the same without the
 # 1-row layer fusions (before DecodeOps), the same with the GEMV's resident-grid launch, cuBLAS + PDL
 # (DECODE_VARIANTS=... adds fused: cuBLAS without PDL, the first session's figures; unfused: the torch
 # layer ops, 1.988 ms at batch 1 then).
-step decode_step "${T_DECODE:-200}" $PY benchmarks/decode_step.py --iters 30 \
+step decode_step "${T_DECODE:-200}" $PY benchmarks/decode_step.py --iters 30 --batches "${DECODE_BATCHES:-1,8,32,64}" \
     --variants "${DECODE_VARIANTS:-gemv_pdl,rotary_apart,layer_apart,persistent,fused_pdl}" --profile-host
 # The AWQ GEMV sweep at M=1 only by default (the bar); AWQ_SWEEP_M=1,16,64,256 adds the tiled shapes.
 step awq_bench "${T_AWQ:-150}" $PY benchmarks/quant.py --gpu-only ${AWQ_SWEEP:---sweep} --sweep-m ${AWQ_SWEEP_M:-1}

@@ -9,9 +9,9 @@ plain RTN with the same group size) into --work-dir (reused when already there),
 - decode tokens/s through our engine, greedy with ignore_eos, at batch 1 and 32 (decode steps only), for
   the FP32 model (exact fp32), the same with its decoder linears in bf16 (``cpu_matmul_dtype``), and INT4;
 - perplexity on the held-out last 20% of Pride and Prejudice and on Shakespeare (out of domain);
-- with CUDA only: the Triton AWQ GEMM against an fp16 matmul at M = 1, 16, 64, 256 on a 4096x11008
-  layer, with the K-major int4 GEMV (``int4_gemv``, not yet routed) beside the default launch up to M = 8
-  (``--gpu-only`` runs just that; ``--sweep`` adds the GEMV launch configs at M = 1).
+- with CUDA only: the served int4 path (the K-major GEMV up to a few rows, dequantize + cuBLAS above)
+  against an fp16 matmul from M = 1 to 256 on a 4096x11008 layer, beside each launch it chooses between
+  and ``awq_gemm``'s on AWQ's own layout (``--gpu-only`` runs just that; ``--sweep`` adds launch configs).
 
 Every figure is printed with the load average beside it (other jobs share the CPU). The last line is
 one JSON object.
@@ -134,16 +134,44 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def launch(kind: str, config: dict, group: int, packed: dict[int, object]):
     """``fn(x, i)``: layer ``i`` of the benchmark's weights through launch ``kind`` with ``config``: "gemv",
-    "tiled" or "dequant" (``awq_gemm`` on the AWQ layout), or "kmajor" (``int4_gemv`` on the K-major repack
-    of the same layers, ``packed`` by index)."""
+    "tiled" or "dequant" (``awq_gemm`` on the AWQ layout), or on the K-major repack of the same layers
+    (``packed`` by index) "kmajor" (``int4_gemv``), "kmajor_dequant" (dequantize, then cuBLAS) and
+    "kmajor_linear" (``int4_linear``: one of those two by the number of rows, as served)."""
     from leanserve.kernels.awq_gemm import awq_gemm
-    from leanserve.kernels.int4_gemv import Int4GemvConfig, int4_gemv
+    from leanserve.kernels.int4_gemv import Int4GemvConfig, int4_dequant_linear, int4_gemv, int4_linear
 
     if kind == "kmajor":
         cfg = Int4GemvConfig(**config)
         return lambda x, w, i: int4_gemv(x, packed[i], config=cfg)
+    if kind == "kmajor_linear":  # what an AWQ model serves through on CUDA (AWQLinear's "kmajor" backend)
+        return lambda x, w, i: int4_linear(x, packed[i])
+    if kind == "kmajor_dequant":
+        return lambda x, w, i: int4_dequant_linear(x, packed[i])
+    # The dequantization alone, as W [K, N] (the matmul left out): the K-major kernel at a tile, awq_gemm's.
+    if kind == "kmajor_dequant_only":
+        from leanserve.kernels.int4_gemv import dequantize_int4
+
+        def dequant_kmajor(x, w, i):
+            weight = packed[i]
+            out = _scratch_weight(x, "kmajor", weight.out_features, weight.in_features)
+            return dequantize_int4(weight, out, **config).t()
+        return dequant_kmajor
+    if kind == "dequant_only":
+        from leanserve.kernels.awq_gemm import awq_dequantize
+
+        def dequant_awq(x, w, i):
+            qweight, qzeros, scales = w
+            out = _scratch_weight(x, "awq", qweight.shape[0], scales.shape[1])
+            return awq_dequantize(qweight, qzeros, scales, group, out)
+        return dequant_awq
     extra = {"gemv": {"gemv_config": config}, "tiled": {"tiled_config": config}}.get(kind, {})
     return lambda x, w, i: awq_gemm(x, *w, group, force=kind, **extra)
+
+
+def _scratch_weight(x: torch.Tensor, name: str, rows: int, cols: int) -> torch.Tensor:
+    from leanserve.kernels._workspace import scratch
+
+    return scratch(x.device, f"quant.py {name} weight {x.dtype}", rows * cols, x.dtype)[: rows * cols].view(rows, cols)
 
 
 def repacked(layers: list, group: int) -> dict[int, object]:
@@ -155,32 +183,27 @@ def repacked(layers: list, group: int) -> dict[int, object]:
 
 def sweep_launch_configs(layers: list, k: int, group: int, ms: list[int],
                          grids: dict[int, list[tuple[str, dict]]] | None = None) -> dict[str, float | str]:
-    """Time GEMV launch configs at M=1 and tiled ones at M=16, 64, 256 (or ``grids``: {M: [(kind,
+    """Time GEMV launch configs at M = 1 to 8 and tiled ones at M = 16, 64, 256 (or ``grids``: {M: [(kind,
     config)]}); print each, return the best per M."""
-    from leanserve.kernels.awq_reference import awq_gemm_reference
+    from leanserve.kernels.awq_reference import awq_gemm_reference, dequantize_awq
 
     tiled = [dict(block_m=bm, block_c=c, block_k=64, num_warps=4) for bm in (16, 64, 128) for c in (8, 16)]
     grids = grids or {
-        # The default (one warp, a whole group of 32 words loaded straight to registers: the best of the
-        # third H200 session's sweeps, RESULTS.md; its load order changed since, untimed), its
-        # neighbours, and the ring of [8, 128] tiles at 4 warps that was the default before.
-        1: [("gemv", {})]
-           + [("gemv", dict(block_c=c, block_k=bk, num_warps=w))
-              for c, bk, w in ((16, 128, 1), (32, 64, 1), (32, 128, 2), (64, 128, 2), (64, 64, 2))]
-           # the default capped at 192 registers: one wave of one-warp programs (ptxas spills 40 bytes)
-           + [("gemv", dict(maxnreg=192)), ("gemv", dict(unpack="shift")), ("gemv", dict(splits=16)),
-              ("gemv", dict(block_c=128, block_k=8, num_stages=3, num_warps=4))]
-           # The K-major int4 GEMV (int4_gemv.py, not yet timed): its default (8 rows x 4 warps, one tile
-           # of all K), rows and warps either side (all without spills on sm_90: 56-255 registers), PDL
-           # off (the default is on where supported).
-           + [("kmajor", {})]
+        # The served K-major GEMV: its default (8 rows x 4 warps, one tile of all K, the fp16-pair math
+        # for fp16 x), the fp32 math, and rows, warps and chunks either side; awq_gemm's GEMV default
+        # for comparison (its sweeps are in RESULTS.md).
+        1: [("kmajor", {}), ("kmajor", dict(math="fp32")), ("gemv", {})]
            + [("kmajor", dict(block_n=bn, num_warps=w, chunks_per_thread=c))
-              for bn, w, c in ((4, 4, 1), (2, 4, 1), (16, 4, 1), (8, 2, 2), (4, 2, 2))]
-           + [("kmajor", dict(pdl=False)), ("kmajor", dict(unpack="shift"))]
-           # its fp16-pair products (20% fewer SASS instructions at the default tile)
-           + [("kmajor", dict(math="half2")), ("kmajor", dict(math="half2", block_n=4)),
-              ("kmajor", dict(math="half2", block_n=16))],
-        16: [("tiled", cfg) for cfg in tiled if cfg["block_m"] == 16],
+              for bn, w, c in ((4, 4, 1), (16, 4, 1), (8, 2, 2), (8, 8, 1), (16, 2, 2))]
+           + [("kmajor", dict(pdl=False)), ("kmajor", dict(unpack="shift"))],
+        **{m: [("kmajor", {}), ("kmajor", dict(math="fp32"))]
+              + [("kmajor", dict(block_n=bn, num_warps=w)) for bn, w in ((2, 4), (4, 4), (8, 4), (4, 2), (8, 8))]
+           for m in (2, 4, 6, 8)},
+        # M = 16: the dequantize-then-matmul path's kernel alone, the K-major one by tile, beside awq_gemm's.
+        16: [("dequant_only", {}), ("kmajor_dequant_only", {})]
+            + [("kmajor_dequant_only", dict(block_n=bn, chunks=c, num_warps=w))
+               for bn, c, w in ((4, 32, 4), (16, 8, 4), (64, 8, 4), (32, 16, 8), (8, 64, 4), (16, 32, 8))]
+            + [("tiled", cfg) for cfg in tiled if cfg["block_m"] == 16],
         64: [("tiled", cfg) for cfg in tiled if cfg["block_m"] == 64],
         256: [("tiled", cfg) for cfg in tiled if cfg["block_m"] >= 64],
     }
@@ -191,12 +214,13 @@ def sweep_launch_configs(layers: list, k: int, group: int, ms: list[int],
             continue
         x = torch.randn(m, k, dtype=torch.float16, device="cuda")
         ref = awq_gemm_reference(x.float(), *layers[0], group)
+        weight_ref = dequantize_awq(*layers[0], group, torch.float32)  # [K, N], for the "_only" kinds
         found = None
         for kind, cfg in configs:
             try:
                 fn = launch(kind, cfg, group, packed)
                 # each config is checked before it is timed: a fast wrong kernel must not win the sweep
-                err = relative_error(fn(x, layers[0], 0), ref)
+                err = relative_error(fn(x, layers[0], 0), weight_ref if kind.endswith("_only") else ref)
                 t = graph_us([lambda w=w, i=i, x=x, fn=fn: fn(x, w, i) for i, w in enumerate(layers)], 5)
             except Exception as exc:  # a config that does not compile or fit is skipped, and said
                 print(f"  M={m} {kind} {cfg}: failed ({type(exc).__name__}: {str(exc)[:80]})")
@@ -223,7 +247,9 @@ def random_awq_layers(k: int, n: int, group: int, copies: int, seed: int = 0) ->
 
 
 def gpu_kernel_bench(sweep: bool = False, sweep_m: Sequence[int] = (1, 16, 64, 256)) -> dict[str, float]:
-    """AWQ GEMM against fp16 ``torch.matmul`` on a Llama-7B MLP layer (in 4096, out 11008)."""
+    """AWQ int4 against fp16 ``torch.matmul`` on a Llama-7B MLP layer (in 4096, out 11008). The default
+    is what an AWQ model serves through on CUDA: ``int4_linear`` on the K-major repack (``kmajor_linear``);
+    beside it each launch it chooses between, and ``awq_gemm``'s on the checkpoint's own layout."""
     from leanserve.kernels.awq_gemm import launch_for
     from leanserve.kernels.awq_reference import awq_gemm_reference
 
@@ -233,44 +259,48 @@ def gpu_kernel_bench(sweep: bool = False, sweep_m: Sequence[int] = (1, 16, 64, 2
     dense = [torch.randn(k, n, dtype=torch.float16, device="cuda") * 0.01 for _ in range(copies)]
     results: dict[str, float] = {"gemm_k": k, "gemm_n": n}
     say("GPU", f"{torch.cuda.get_device_name()}, AWQ GEMM {k}x{n} group {group}, {copies} weight copies")
-    for m in (1, 2, 4, 8, 16, 32, 64, 256):
+    for m in (1, 2, 3, 4, 5, 6, 8, 16, 32, 64, 256):
         x = torch.randn(m, k, dtype=torch.float16, device="cuda")
         ref = awq_gemm_reference(x.float(), *layers[0], group)
         t_fp16 = graph_us([lambda x=x, w=w: torch.matmul(x, w) for w in dense])
-        # The launches side by side where there is a choice (where GEMV_MAX_M and DEQUANT_MIN_M should
-        # sit), and the K-major GEMV (not routed yet) up to 8 rows; the default is whichever launch_for
-        # picks, not timed again.
-        kinds = ("gemv",) if m == 1 else ("gemv", "tiled", "dequant") if m <= 8 else ("tiled", "dequant")
-        kinds += ("kmajor",) if m <= 8 else ()
+        # The served path, the two K-major launches it picks between (where LINEAR_GEMV_MAX_M should sit),
+        # and awq_gemm's own choice on the AWQ layout (the "triton" backend, for shapes K-major rejects).
+        kinds = ["kmajor_linear"] + (["kmajor"] if m <= 8 else []) + (["kmajor_dequant"] if m > 1 else [])
+        kinds += ["awq_" + launch_for(m)]
         times, errors = {}, {}
         for kind in kinds:
-            fn = launch(kind, {}, group, packed)
+            fn = launch(kind.removeprefix("awq_"), {}, group, packed)
             errors[kind] = relative_error(fn(x, layers[0], 0), ref)
             times[kind] = graph_us([lambda x=x, w=w, i=i, fn=fn: fn(x, w, i) for i, w in enumerate(layers)])
-        default = launch_for(m)
-        t_awq = times[default]
-        say(f"GEMM M={m}: awq / fp16 (us), speedup", f"{t_awq:.1f} / {t_fp16:.1f}, {t_fp16 / t_awq:.2f}x "
-            f"(awq {default}, {k * n / 2 / t_awq / 1e3:.0f} GB/s of int4 weights; rel err {errors[default]:.1e})")
-        results[f"gemm_us_awq_m{m}"], results[f"gemm_us_fp16_m{m}"] = t_awq, t_fp16
-        results[f"gemm_speedup_m{m}"] = t_fp16 / t_awq
+        t_int4 = times["kmajor_linear"]
+        say(f"GEMM M={m}: int4 / fp16 (us), speedup", f"{t_int4:.1f} / {t_fp16:.1f}, {t_fp16 / t_int4:.2f}x "
+            f"({k * n / 2 / t_int4 / 1e3:.0f} GB/s of int4 weights; rel err {errors['kmajor_linear']:.1e})")
+        results[f"gemm_us_int4_m{m}"], results[f"gemm_us_fp16_m{m}"] = t_int4, t_fp16
+        results[f"gemm_speedup_m{m}"] = t_fp16 / t_int4
+        if m in (16, 256):  # cuBLAS on the dequantized K-major layout ([N, K], F.linear) against [K, N]
+            dense_nk = [w.t().contiguous() for w in dense]
+            t_linear = graph_us([lambda x=x, w=w: torch.nn.functional.linear(x, w) for w in dense_nk])
+            del dense_nk
+            say(f"  M={m} fp16 F.linear on W [N, K] (us)", f"{t_linear:.1f} (torch.matmul on W [K, N]: {t_fp16:.1f})")
+            results[f"gemm_us_fp16_linear_m{m}"] = t_linear
         for kind, t in times.items():
             say(f"  M={m} {kind} (us), speed vs fp16, rel err", f"{t:.1f}, {t_fp16 / t:.2f}x, {errors[kind]:.1e}")
             results[f"gemm_us_{kind}_m{m}"] = t
-    # A second shape, Llama-7B's attention projections (4096 -> 4096): whether the default launch, tuned on
-    # the MLP shape, carries over.
+    # A second shape, Llama-7B's attention projections (4096 -> 4096): whether the defaults, tuned on the
+    # MLP shape, carry over.
     n2 = 4096
     square = random_awq_layers(k, n2, group, copies)
     square_packed = repacked(square, group)
     dense2 = [torch.randn(k, n2, dtype=torch.float16, device="cuda") * 0.01 for _ in range(copies)]
     x = torch.randn(1, k, dtype=torch.float16, device="cuda")
-    square_fns = [launch(kind, {}, group, square_packed) for kind in (launch_for(1), "kmajor")]
-    t_awq, t_kmajor = (graph_us([lambda w=w, i=i, fn=fn: fn(x, w, i) for i, w in enumerate(square)])
-                       for fn in square_fns)
+    square_fns = [launch(kind, {}, group, square_packed) for kind in ("kmajor_linear", launch_for(1))]
+    t_int4, t_awq = (graph_us([lambda w=w, i=i, fn=fn: fn(x, w, i) for i, w in enumerate(square)])
+                     for fn in square_fns)
     t_fp16 = graph_us([lambda w=w: torch.matmul(x, w) for w in dense2])
-    say(f"GEMM {k}x{n2} M=1: awq / kmajor / fp16 (us), speedups",
-        f"{t_awq:.1f} / {t_kmajor:.1f} / {t_fp16:.1f}, {t_fp16 / t_awq:.2f}x / {t_fp16 / t_kmajor:.2f}x")
-    results["square_us_awq_m1"], results["square_us_fp16_m1"] = t_awq, t_fp16
-    results["square_us_kmajor_m1"] = t_kmajor
+    say(f"GEMM {k}x{n2} M=1: int4 / awq_gemm / fp16 (us), speedups",
+        f"{t_int4:.1f} / {t_awq:.1f} / {t_fp16:.1f}, {t_fp16 / t_int4:.2f}x / {t_fp16 / t_awq:.2f}x")
+    results["square_us_int4_m1"], results["square_us_fp16_m1"] = t_int4, t_fp16
+    results["square_us_awq_gemv_m1"] = t_awq
     if sweep:
         results.update(sweep_launch_configs(layers, k, group, list(sweep_m)))
     return results

@@ -100,7 +100,8 @@ def test_graph_sized_launch_splits_each_context_by_its_own_length(monkeypatch):
     query = randn(gen, len(lens), 4, 64)
     args = (query, kv.k_cache, kv.v_cache, wide, kv.context_lens, 0.125)
     assert paged_attention.MIN_PARTITION_TOKENS == 128
-    assert paged_attention.choose_num_partitions(len(lens), 1, 128 * 16, 8) == 11  # the interpreter's 8 "SMs"
+    monkeypatch.setattr(paged_attention, "num_sms", lambda device: 8)  # as in the interpreter, on a GPU too
+    assert paged_attention.choose_num_partitions(len(lens), 1, 128 * 16, 8) == 11
     out = paged_attention.paged_decode_attention(*args, out=nan_like(query))
     assert_close(out, reference.paged_decode_attention(*args), torch.float32)
     assert torch.equal(out[2], torch.zeros_like(out[2]))
