@@ -340,20 +340,23 @@ def _cases(modules, full: bool):
                         yield (f"gemv m={m} bias={bias} splits={split} {dtype_name}/{shape_name}(N{n},K{k})", linear)
                 # The decoder's 1-row fusions (gemv.norm_gated_linear, gemv.linear_residual): each is its
                 # own specialisation; and the resident-grid launch (GemvConfig.persistent), plain and fused.
-                for fusion, persistent in itertools.product(("", "gated", "residual"), (False, True)):
-                    if not (fusion or persistent):
+                # And each with the next weights prefetched into L2 (GemvConfig.prefetch).
+                for fusion, persistent, prefetch in itertools.product(("", "gated", "residual"), (False, True),
+                                                                      (False, True)):
+                    if not (fusion or persistent or prefetch) or (persistent and prefetch):
                         continue
 
-                    def fused(n=n, k=k, fusion=fusion, persistent=persistent, dtype=dtype):
+                    def fused(n=n, k=k, fusion=fusion, persistent=persistent, prefetch=prefetch, dtype=dtype):
                         gated = fusion == "gated"
                         n_out = n // 2 if gated else n
                         res = torch.zeros(1, n_out, dtype=dtype) if fusion == "residual" else None
                         gemv_mod.gemv(torch.zeros(1, k, dtype=dtype), torch.zeros(n, k, dtype=dtype),
                                       residual=res, out=res, gated=gated,
-                                      config=gemv_mod.GemvConfig(persistent=persistent))
+                                      prefetch=torch.zeros(n, k, dtype=dtype) if prefetch else None,
+                                      config=gemv_mod.GemvConfig(persistent=persistent, prefetch=prefetch))
 
-                    yield (f"gemv m=1 {fusion or 'plain'} persistent={persistent} {dtype_name}/{shape_name}(N{n},K{k})",
-                           fused)
+                    yield (f"gemv m=1 {fusion or 'plain'} persistent={persistent} prefetch={prefetch} "
+                           f"{dtype_name}/{shape_name}(N{n},K{k})", fused)
 
         if awq is not None:
             has_gemv_config = "gemv_config" in awq.awq_gemm.__code__.co_varnames
@@ -437,6 +440,10 @@ def _patch_sms() -> None:
         if callable(fn) and (id(mod), "pdl_enabled") not in done:
             _PATCHED.append((mod, "pdl_enabled", fn))
             mod.pdl_enabled = lambda device: _PDL[0]
+        fn = getattr(mod, "l2_prefetch_supported", None)  # as on sm_90, whatever the tensors' device
+        if callable(fn) and (id(mod), "l2_prefetch_supported") not in done:
+            _PATCHED.append((mod, "l2_prefetch_supported", fn))
+            mod.l2_prefetch_supported = lambda device: True
         for attr in ("num_sms", "_num_sms"):
             fn = getattr(mod, attr, None)
             if callable(fn) and (id(mod), attr) not in done:

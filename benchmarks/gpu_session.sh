@@ -1,14 +1,12 @@
 #!/usr/bin/env bash
 # One lease of a GPU machine, as one script: install the tree, run the kernel and CUDA-graph tests
-# compiled (not interpreted), then the two bars (the 1.1B decode step by kernel variant; the AWQ GEMM
-# with its launch-config sweep, each config checked against the reference before it is timed), then
-# the diagnostics (the decode attention by partition length, projection matmuls cuBLAS vs the Triton
-# GEMV, the attention kernels). Each step has a time limit and its own log under OUT; a failing step does
-# not stop the others. The five steps of 2026-11-26's first call (kernel_tests, matmul_probe,
-# decode_step with four variants, kernels_bench, awq_bench with 34 configs) took 208 s on an H200. All six
-# steps' limits add up to 720 s, over one call's 600, so they run as two calls: the default steps
-# (kernel_tests decode_step awq_bench, 500 s of limits), then STEPS="decode_sweep matmul_probe
-# kernels_bench". The benchmarks print a JSON line per finished part, so a step cut short keeps what it
+# compiled (not interpreted), then the 1.1B decode step by kernel variant (issue 6's open bar) and the
+# projections' GEMVs (matmul_probe: one by one, and a layer's chain, with and without the L2 prefetch of
+# the next weights), then the AWQ GEMM (issue 7's bar, met: 2.70x) and the other diagnostics. Each step
+# has a time limit and its own log under OUT; a failing step does not stop the others. The fourth H200
+# session's first call ran all six steps, with limits cut to 560 s, in 234 s. The default steps are
+# kernel_tests decode_step matmul_probe (450 s of limits); STEPS="awq_bench decode_sweep kernels_bench"
+# runs the rest. The benchmarks print a JSON line per finished part, so a step cut short keeps what it
 # measured.
 #
 #   bash benchmarks/gpu_session.sh [OUT_DIR]     (on the GPU machine, from the repo root)
@@ -35,7 +33,7 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # tests import their helpers as tests.<dir>.<module>
 
 # A subset reruns only those; ncu is not in the default (a 9th log would not come back from $OUT).
-STEPS=${STEPS:-kernel_tests decode_step awq_bench}
+STEPS=${STEPS:-kernel_tests decode_step matmul_probe}
 step() {
     local name=$1 limit=$2
     shift 2
@@ -51,13 +49,12 @@ step() {
 TESTS=${TESTS:-tests/kernels tests/model/test_cuda_graphs.py tests/model/test_llama_fused_decode.py tests/quant/test_awq_quantize.py::test_awq_checkpoint_on_cuda_takes_the_k_major_gemv_in_fp16}
 # shellcheck disable=SC2086
 step kernel_tests "${T_TESTS:-150}" $PY -m pytest -q -n 8 --maxfail=20 -p no:cacheprovider $TESTS
-# The decode step by variant: the model's own ops (PDL, the 1-row GEMV with the layer fusions), the same
-# with rotary and the KV write as two launches (before write_kv_cache_rotary), the same without the
-# 1-row layer fusions (before DecodeOps), the same with the GEMV's resident-grid launch, cuBLAS + PDL
-# (DECODE_VARIANTS=... adds fused: cuBLAS without PDL, the first session's figures; unfused: the torch
-# layer ops, 1.988 ms at batch 1 then).
+# The decode step by variant: the model's own ops (PDL, the 1-row GEMV with the gating and residual
+# fusions), the same with each GEMV prefetching the next projection's weights into L2 (untimed), the
+# same without the 1-row layer fusions, cuBLAS + PDL. decode_step.py lists the others (rotary_apart,
+# persistent, gate_apart, residual_apart: timed in the fourth H200 session; fused, unfused: the first).
 step decode_step "${T_DECODE:-200}" $PY benchmarks/decode_step.py --iters 30 --batches "${DECODE_BATCHES:-1,8,32,64}" \
-    --variants "${DECODE_VARIANTS:-gemv_pdl,rotary_apart,layer_apart,persistent,fused_pdl}" --profile-host
+    --variants "${DECODE_VARIANTS:-gemv_pdl,l2_prefetch,layer_apart,fused_pdl}" --profile-host
 # The AWQ GEMV sweep at M=1 only by default (the bar); AWQ_SWEEP_M=1,16,64,256 adds the tiled shapes.
 step awq_bench "${T_AWQ:-150}" $PY benchmarks/quant.py --gpu-only ${AWQ_SWEEP:---sweep} --sweep-m ${AWQ_SWEEP_M:-1}
 # The decode attention inside a 1.1B model's graph, by the minimum partition length (MIN_PARTITION_TOKENS).

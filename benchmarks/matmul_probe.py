@@ -40,7 +40,7 @@ def _gemv(config) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
 
 
 def projections(bandwidth: float) -> list[dict]:
-    from leanserve.kernels.gemv import GemvConfig
+    from leanserve.kernels.gemv import GemvConfig, gemv
 
     variants: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
         "F.linear": F.linear,
@@ -48,6 +48,7 @@ def projections(bandwidth: float) -> list[dict]:
         "gemv+pdl": _gemv(GemvConfig(pdl=True)),
         "persistent+pdl": _gemv(GemvConfig(pdl=True, persistent=True)),
     }
+    prefetching = GemvConfig(pdl=True, prefetch=True)
     rows = []
     for name, (out_f, in_f) in SHAPES.items():
         weights = [torch.randn(out_f, in_f, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(COPIES)]
@@ -56,6 +57,10 @@ def projections(bandwidth: float) -> list[dict]:
         for m in ROWS:
             x = torch.randn(m, in_f, device="cuda", dtype=torch.bfloat16)
             calls = {label: [lambda w=w, x=x, f=f: f(x, w) for w in weights] for label, f in variants.items()}
+            # each call asks L2 for the next copy's weights: a chain of projections of this size
+            calls["gemv+pdl+L2 prefetch"] = [
+                lambda w=w, x=x, after=weights[(i + 1) % COPIES]: gemv(x, w, config=prefetching, prefetch=after)
+                for i, w in enumerate(weights)]
             if m in (1, 8):
                 calls["x @ W^T stored"] = [lambda w=w, x=x: x @ w for w in transposed]
             if m == 1:
@@ -66,7 +71,7 @@ def projections(bandwidth: float) -> list[dict]:
                 us = graph_us(fns)
                 rows.append(dict(layer=name, m=m, variant=label, us=us, pct_of_copy=_pct(nbytes, us, bandwidth),
                                  **({"max_abs_err_vs_fp32": err} if label == "gemv" else {})))
-                print(f"  {name:8s} {out_f}x{in_f} M={m} {label:15s} {us:7.1f} us  "
+                print(f"  {name:8s} {out_f}x{in_f} M={m} {label:20s} {us:7.1f} us  "
                       f"{_pct(nbytes, us, bandwidth):5.1f}% of copy")
         del weights, transposed
     return rows
@@ -109,24 +114,36 @@ def layer_chain(bandwidth: float) -> list[dict]:
     layers = [{name: torch.randn(out_f, in_f, device="cuda", dtype=torch.bfloat16) * 0.02
                for name, (out_f, in_f) in SHAPES.items()} for _ in range(COPIES)]
     nbytes = sum(out_f * in_f * 2 for out_f, in_f in SHAPES.values())
-    variants = {"F.linear": F.linear, "gemv": _gemv(GemvConfig(pdl=False)), "gemv+pdl": _gemv(GemvConfig(pdl=True)),
-                "persistent+pdl": _gemv(GemvConfig(pdl=True, persistent=True)),
-                "persistent+pdl, 3 per SM": _gemv(GemvConfig(pdl=True, persistent=True, programs_per_sm=3))}
+    from leanserve.kernels.gemv import gemv
+
+    def prefetching(config):  # f(x, weight, the next projection's weight)
+        return lambda x, w, after: gemv(x, w, config=config, prefetch=after)
+
+    def plain(f):
+        return lambda x, w, after: f(x, w)
+
+    variants = {"F.linear": plain(F.linear), "gemv": plain(_gemv(GemvConfig(pdl=False))),
+                "gemv+pdl": plain(_gemv(GemvConfig(pdl=True))),
+                # each projection asks L2 for the next one's weights (the next layer's qkv after down)
+                "gemv+pdl+L2 prefetch": prefetching(GemvConfig(pdl=True, prefetch=True)),
+                "persistent+pdl": plain(_gemv(GemvConfig(pdl=True, persistent=True))),
+                "persistent+pdl, 3 per SM": plain(_gemv(GemvConfig(pdl=True, persistent=True, programs_per_sm=3)))}
     rows = []
     for m in ROWS:
         x = torch.randn(m, SHAPES["qkv"][1], device="cuda", dtype=torch.bfloat16)
 
-        def layer(w: dict[str, torch.Tensor], f, x=x) -> torch.Tensor:
+        def layer(w: dict[str, torch.Tensor], after: torch.Tensor, f, x=x) -> torch.Tensor:
             # Each projection reads the previous one's output (sliced to its input width), as in the model.
-            h = f(x, w["qkv"])[:, : SHAPES["o"][1]]
-            h = f(h, w["o"])
-            h = f(h, w["gate_up"])[:, : SHAPES["down"][1]]
-            return f(h, w["down"])
+            h = f(x, w["qkv"], w["o"])[:, : SHAPES["o"][1]]
+            h = f(h, w["o"], w["gate_up"])
+            h = f(h, w["gate_up"], w["down"])[:, : SHAPES["down"][1]]
+            return f(h, w["down"], after)
 
         for label, f in variants.items():
-            us = graph_us([lambda w=w, f=f: layer(w, f) for w in layers])
+            us = graph_us([lambda w=w, i=i, f=f: layer(w, layers[(i + 1) % COPIES]["qkv"], f)
+                           for i, w in enumerate(layers)])
             rows.append(dict(m=m, variant=label, us_per_layer=us, pct_of_copy=_pct(nbytes, us, bandwidth)))
-            print(f"  layer chain M={m} {label:9s} {us:7.1f} us per layer ({nbytes / 1e6:.0f} MB)  "
+            print(f"  layer chain M={m} {label:20s} {us:7.1f} us per layer ({nbytes / 1e6:.0f} MB)  "
                   f"{_pct(nbytes, us, bandwidth):5.1f}% of copy")
     return rows
 

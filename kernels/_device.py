@@ -55,6 +55,14 @@ def pdl_supported(device: torch.device) -> bool:
     return _cuda_capability(index) >= (9, 0)
 
 
+def l2_prefetch_supported(device: torch.device) -> bool:
+    """Whether kernels on ``device`` can issue bulk L2 prefetches (``_prefetch.py``): compiled, sm_90+."""
+    if device.type != "cuda" or interpreter_enabled():
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _cuda_capability(index) >= (9, 0)
+
+
 def resolve_pdl(device: torch.device, requested: bool | None) -> bool:
     """A launch config's ``pdl`` setting on ``device``: None follows ``pdl_enabled``; True asks for PDL
     where it is supported; False turns it off."""
