@@ -62,8 +62,8 @@ class GemvConfig:
     pdl: bool | None = None  # programmatic dependent launch: None as _device.pdl_enabled, True where supported
     # A resident grid of ``programs_per_sm`` programs per SM, each streaming several row blocks
     # (``_gemv_persistent_kernel``; splits is then ignored, and so is ``gemv``'s prefetch). Off: on an H200
-    # it won only on the 2048 x 2048 projection (4.5 vs 5.0 us) and made the 1.1B decode step slower
-    # (1.099 vs 1.058 ms, RESULTS.md).
+    # it won on o_proj and down_proj (4.5 vs 5.0, 9.6 vs 10.5 us), lost on qkv and gate_up (6.7 vs 5.3,
+    # 18.7 vs 13.6) and made the 1.1B decode step slower (1.099 vs 1.058 ms, RESULTS.md).
     persistent: bool = False
     programs_per_sm: int = 2
     # Take ``gemv``'s ``prefetch`` (the next kernel's weights into L2). Not yet timed: off by default;
@@ -475,7 +475,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 # its fused layer path only for batches the GEMV takes (``decode_fusion_rows``). Timed one at a time on
 # an H200 (RESULTS.md, fourth session; 1.1B decode step at batch 1 in a CUDA graph, 1.057 ms with all
 # three): taking the gating out of gate_up's GEMV cost 27 us, taking the residual adds out of o_proj's
-# and down_proj's 82 us, while taking the RMSNorm out of the next GEMV (x scaled by the norm weight in
+# and down_proj's 81 us, while taking the RMSNorm out of the next GEMV (x scaled by the norm weight in
 # the products, 1/rms in the epilogue) saved 32 us. So the norm stays a kernel of its own. With it
 # apart (1.025 ms) the gating is worth 12 us and the residual adds 35; the layer path without any of
 # them, whose norm kernel adds the residual itself, took 1.028.

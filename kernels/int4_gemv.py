@@ -50,8 +50,9 @@ INT4_GEMV_MAX_M = 8  # rows of x, all in each program
 class Int4GemvConfig:
     """Launch parameters (benchmarks sweep them)."""
 
-    # Output rows per program: 16-byte loads in flight per thread and tile. None: 8 for up to 2 rows of x
-    # (4 with the half2 math), fewer above (each row of x adds its products to every output row's registers).
+    # Output rows per program: 16-byte loads in flight per thread and tile. None: with the fp32 math 8 up
+    # to 2 rows of x, 4 up to 4, 2 above; with half2 8 up to 4, 4 up to 6, 2 above (each row of x adds its
+    # products to every output row's registers); halved for M > 1 when K takes more than one tile.
     block_n: int | None = None
     num_warps: int = 4
     chunks_per_thread: int = 1  # chunks each thread takes per tile (K per tile = 32 * 32 * warps * this)
@@ -61,7 +62,7 @@ class Int4GemvConfig:
     # "fp32": nibbles and x widened to fp32, one FFMA per weight; "half2" (compiled, fp16 x only): the
     # products in fp16 pairs (``_HALF2_UNPACK_PTX``), 920 instead of 1144 SASS instructions per thread at
     # the default tile on sm_90. None: "half2" wherever it can run (``default_math``): on an H200 it took
-    # the bar's layer (4096 -> 11008, M = 1) from 11.0 to 9.3 us, relative error 3.8e-4 against 2.1e-4.
+    # the bar's layer (4096 -> 11008, M = 1) from 11.0 to 9.2 us, relative error 3.8e-4 against 2.0e-4.
     math: str | None = None
 
 
@@ -407,16 +408,17 @@ def default_math(x: torch.Tensor) -> str:
     return "half2" if x.dtype == torch.float16 and aligned and not interpreter_enabled() else "fp32"
 
 
-# Rows up to which ``int4_linear`` takes the GEMV; above, the weight is dequantized once and the library
-# matmul runs. On an H200 at 4096 -> 11008 (RESULTS.md, fourth session) the GEMV took 11.0 / 16.6 / 31.9 /
-# 106 us at 1 / 2 / 4 / 8 rows (fp32 math) and dequantize + matmul ~59 us at any of them.
-LINEAR_GEMV_MAX_M = 6
+# Rows up to which ``int4_linear`` takes the GEMV, by the math it runs; above, the weight is dequantized
+# once and the library matmul runs (~59 us at any M). On an H200 at 4096 -> 11008 (RESULTS.md, fourth
+# session) the GEMV took 9.2 / 12.0 / 21.5 / 47.5 / 65.2 us at 1 / 2 / 4 / 6 / 8 rows with half2, and
+# 11.0 / 16.6 / 31.9 / 105 / 106 us at 1 / 2 / 4 / 6 / 8 with the fp32 math (bf16 x).
+LINEAR_GEMV_MAX_M = {"half2": 6, "fp32": 4}
 
 
 def int4_linear(x: torch.Tensor, weight: KMajorInt4, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` for a K-major int4 weight, any number of rows of ``x [M, K]``: the GEMV for decode
     batches, dequantize-then-matmul for prefill."""
-    if x.shape[0] <= LINEAR_GEMV_MAX_M:
+    if x.shape[0] <= LINEAR_GEMV_MAX_M[default_math(x)]:
         return int4_gemv(x, weight, bias)
     return int4_dequant_linear(x, weight, bias)
 

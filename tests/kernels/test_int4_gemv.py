@@ -166,7 +166,7 @@ def test_dequantize_writes_every_weight(k: int, n: int, group: int, dtype: torch
     assert torch.equal(out, dequantize_awq(qweight, qzeros, scales, group).T.to(dtype))
 
 
-@pytest.mark.parametrize("m", [1, 6, 7, 20])  # the GEMV up to LINEAR_GEMV_MAX_M, dequantize + matmul above
+@pytest.mark.parametrize("m", [1, 4, 5, 20])  # the GEMV up to LINEAR_GEMV_MAX_M (fp32 x: 4), dequantize above
 def test_int4_linear_routes_by_rows_and_matches_reference(m: int, monkeypatch: pytest.MonkeyPatch) -> None:
     from leanserve.kernels import int4_gemv as module
 
@@ -181,4 +181,20 @@ def test_int4_linear_routes_by_rows_and_matches_reference(m: int, monkeypatch: p
     bias = torch.randn(48, generator=gen).to(DEVICE)
     ref = awq_gemm_reference(x, qweight, qzeros, scales, 64, bias)
     torch.testing.assert_close(module.int4_linear(x, packed, bias), ref, atol=1e-5 * ref.abs().max().item(), rtol=0)
-    assert picked == (["int4_gemv"] if m <= module.LINEAR_GEMV_MAX_M else ["dequantize_int4"])
+    assert picked == (["int4_gemv"] if m <= module.LINEAR_GEMV_MAX_M["fp32"] else ["dequantize_int4"])
+
+
+@pytest.mark.parametrize("math,m,gemv", [("half2", 6, True), ("half2", 7, False), ("fp32", 4, True),
+                                         ("fp32", 5, False)])
+def test_int4_linear_keeps_the_gemv_longer_with_the_half2_math(math: str, m: int, gemv: bool,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The crossover follows the math the GEMV would run: half2's GEMV beats dequantize + cuBLAS up to 6
+    rows on an H200, the fp32 math's only up to 4."""
+    from leanserve.kernels import int4_gemv as module
+
+    picked: list[str] = []
+    monkeypatch.setattr(module, "default_math", lambda x: math)
+    monkeypatch.setattr(module, "int4_gemv", lambda *a, **kw: picked.append("gemv"))
+    monkeypatch.setattr(module, "int4_dequant_linear", lambda *a, **kw: picked.append("dequantize"))
+    module.int4_linear(torch.zeros(m, 256), random_layer(256, 48, 64)[1])
+    assert picked == (["gemv"] if gemv else ["dequantize"])

@@ -6,26 +6,39 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from leanserve.kernels import _prefetch, gemv
 
 from tests.kernels.kernel_cases import DEVICE, generator, randn
 from tests.kernels.test_gemv import assert_matches
 
 
+@triton.jit
+def _record_pieces(start_ptr, size_ptr, total_bytes, piece_bytes, PIECES: tl.constexpr):
+    """Stores each thread's (start, size) as the GEMV's prefetch computes them (``share_pieces``)."""
+    program = tl.program_id(0)
+    start, size = _prefetch.share_pieces(total_bytes, piece_bytes, program, PIECES)
+    offs = program * PIECES + tl.arange(0, PIECES)
+    tl.store(start_ptr + offs, start)
+    tl.store(size_ptr + offs, size)
+
+
 def pieces(total: int, piece: int, programs: int, per_program: int) -> list[tuple[int, int]]:
-    """(start, size) of every thread's prefetch, as ``prefetch_share`` computes them."""
-    out = []
-    for index in range(programs * per_program):
-        start = index * piece
-        out.append((start, min(max(total - start, 0), piece)))
-    return out
+    """(start, size) of every thread's prefetch, from the kernels' own arithmetic (compiled on a GPU,
+    interpreted on a CPU)."""
+    starts = torch.full((programs * per_program,), -1, dtype=torch.int64, device=DEVICE)
+    sizes = torch.full((programs * per_program,), -1, dtype=torch.int32, device=DEVICE)
+    _record_pieces[(programs,)](starts, sizes, total, piece, PIECES=per_program)
+    return list(zip(starts.tolist(), sizes.tolist(), strict=True))
 
 
 @pytest.mark.parametrize("shape,dtype,programs,threads", [
     ((1000,), torch.float16, 3, 32),  # 2000 bytes over 96 threads
     ((2560, 2048), torch.bfloat16, 320, 128),  # a 1.1B qkv weight
     ((7, 3), torch.float16, 4, 64),  # 42 bytes: cut to 32
-    ((16 << 20,), torch.float32, 100, 128),  # 64 MB: cut to MAX_PREFETCH_BYTES
+    ((6 << 20,), torch.float32, 100, 128),  # 24 MB: MAX_PREFETCH_BYTES exactly
+    ((8 << 20,), torch.float32, 96, 128),  # 32 MB: cut to MAX_PREFETCH_BYTES
 ])
 def test_pieces_are_legal_and_cover_the_bytes(shape, dtype, programs: int, threads: int,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
@@ -37,7 +50,7 @@ def test_pieces_are_legal_and_cover_the_bytes(shape, dtype, programs: int, threa
     assert piece % 16 == 0 and piece > 0
     covered = 0
     for start, size in pieces(total, piece, programs, threads):
-        assert start % 16 == 0 and size % 16 == 0 and size >= 0
+        assert start % 16 == 0 and size % 16 == 0 and 0 <= size <= piece
         if size:
             assert start == covered  # contiguous, no gap, no overlap
             covered += size
@@ -52,11 +65,13 @@ def test_off_where_a_bulk_prefetch_cannot_run(monkeypatch: pytest.MonkeyPatch) -
     assert _prefetch.prefetch_args(torch.empty(64, 64).t(), 2, 32, fallback)[3] is False  # not contiguous
     assert _prefetch.prefetch_args(torch.empty(64, dtype=torch.float16)[1:], 2, 32, fallback)[3] is False  # 2 B off
     assert _prefetch.prefetch_args(torch.empty(3, dtype=torch.float16), 2, 32, fallback)[3] is False  # < 16 bytes
+    assert _prefetch.prefetch_args(torch.empty(64, device="meta"), 2, 32, fallback)[3] is False  # another device
 
 
 @pytest.mark.parametrize("gated", [False, True])
 def test_a_prefetching_gemv_gives_the_same_result(gated: bool) -> None:
-    """In the interpreter the prefetch compiles out (no PTX): the launch with it still computes the same."""
+    """The launcher takes the prefetch arguments; where they cannot run (the interpreter: no PTX) the
+    kernel compiles them out and computes the same. On an sm_90 GPU the GPU test below runs them."""
     gen = generator(31)
     x, w, after = randn(gen, 1, 96), randn(gen, 48, 96), randn(gen, 300, 20)
     want = gemv.gemv(x, w, gated=gated, config=gemv.GemvConfig(block_n=8))

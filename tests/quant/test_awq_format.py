@@ -26,6 +26,7 @@ def test_pack_puts_columns_in_awq_nibble_order() -> None:
     # Nibble i holds column (0, 2, 4, 6, 1, 3, 5, 7)[i]: columns 0..7 with value = column index.
     word = pack_awq(torch.arange(8).reshape(1, 8))
     assert word.item() == 0x75316420
+    assert unpack_awq(word).tolist() == [list(range(8))]  # and back: unpack's shifts are the inverse order
     # Nibble 7 >= 8 sets the sign bit: stored as a negative int32, as AutoAWQ does.
     high = pack_awq(torch.full((1, 8), 15))
     assert high.item() == -1

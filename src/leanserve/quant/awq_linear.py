@@ -17,7 +17,7 @@ dim). Once the whole model is loaded, ``finalize`` repacks each layer for the ba
 - ``triton`` (CUDA, where K or the group is not a multiple of 32): the fused dequantize-GEMM in
   ``leanserve.kernels.awq_gemm`` reads AWQ's layout as is.
 - ``reference``: dequantize this layer's weight per call, then matmul (any device; for tests and shapes
-  the other two reject). Memory stays 4-bit; only one layer's fp32 weight exists at a time.
+  the others reject). Memory stays 4-bit; only one layer's fp32 weight exists at a time.
 
 ``LEANSERVE_AWQ_BACKEND=int4pack|triton|kmajor|reference`` forces one.
 """
