@@ -342,7 +342,7 @@ def _cases(modules, full: bool):
                 # own specialisation; and the resident-grid launch (GemvConfig.persistent), plain and fused.
                 # And each with the next weights prefetched into L2 (GemvConfig.prefetch).
                 for fusion, persistent, prefetch in itertools.product(("", "gated", "residual"), (False, True),
-                                                                      (False, True)):
+                                                                      (None, "early", "late")):
                     if not (fusion or persistent or prefetch) or (persistent and prefetch):
                         continue
 

@@ -25,8 +25,9 @@ All of it for each variant of the model's kernels (``--variants``, in this order
 - ``gate_apart`` / ``residual_apart``: ``gemv_pdl`` with one of the 1-row fusions taken apart again
   (the SiLU kernel after gate_up; an add after o_proj and down_proj), the other kept. (The third,
   the RMSNorm folded into the next GEMV, lost and was removed: RESULTS.md.)
-- ``l2_prefetch``: ``gemv_pdl`` with each 1-row GEMV asking L2 for the next projection's weights
-  (``GemvConfig.prefetch``, ``kernels/_prefetch.py``);
+- ``l2_prefetch`` / ``l2_prefetch_late``: ``gemv_pdl`` with each 1-row GEMV asking L2 for the next
+  projection's weights before its PDL wait / once its own are loaded (``GemvConfig.prefetch``,
+  ``kernels/_prefetch.py``);
 - ``persistent``: ``gemv_pdl`` with the GEMV's resident-grid launch (``GemvConfig.persistent``: two
   programs per SM, each streaming several row blocks) for every 1-row linear.
 
@@ -164,9 +165,10 @@ def profile_host_step(runner, seqs, steps: int = 50) -> None:
 
 
 VARIANTS = ("fused", "gemv_pdl", "fused_pdl", "unfused", "rotary_apart", "layer_apart", "persistent",
-            "gate_apart", "residual_apart", "l2_prefetch")
+            "gate_apart", "residual_apart", "l2_prefetch", "l2_prefetch_late")
 # The GEMV config the model's 1-row linears use, per variant (default: gemv's own, PDL on).
-GEMV_CONFIGS = {"persistent": {"pdl": True, "persistent": True}, "l2_prefetch": {"pdl": True, "prefetch": True}}
+GEMV_CONFIGS = {"persistent": {"pdl": True, "persistent": True}, "l2_prefetch": {"pdl": True, "prefetch": "early"},
+                "l2_prefetch_late": {"pdl": True, "prefetch": "late"}}
 
 
 def rotary_then_write(apply_rotary, query, key, value, positions, cos, sin, k_cache, v_cache, slot_mapping):
@@ -198,7 +200,8 @@ def kernel_variants(device: torch.device) -> dict[str, tuple[object, bool]]:
     layer_apart = dataclasses.replace(triton_ops, decode=backend.reference_decode_ops())
     variants = {"fused": (cublas, False), "gemv_pdl": (triton_ops, True), "fused_pdl": (cublas, True),
                 "unfused": (unfused, False), "rotary_apart": (apart, True), "layer_apart": (layer_apart, True),
-                "persistent": (triton_ops, True), "l2_prefetch": (triton_ops, True)}
+                "persistent": (triton_ops, True), "l2_prefetch": (triton_ops, True),
+                "l2_prefetch_late": (triton_ops, True)}
     # One fusion of DecodeOps at a time taken apart again (the others kept): which of them pays.
     from leanserve.kernels import gemv
     from leanserve.kernels.fused_layers import silu_and_mul

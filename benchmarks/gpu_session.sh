@@ -54,7 +54,7 @@ step kernel_tests "${T_TESTS:-150}" $PY -m pytest -q -n 8 --maxfail=20 -p no:cac
 # same without the 1-row layer fusions, cuBLAS + PDL. decode_step.py lists the others (rotary_apart,
 # persistent, gate_apart, residual_apart: timed in the fourth H200 session; fused, unfused: the first).
 step decode_step "${T_DECODE:-200}" $PY benchmarks/decode_step.py --iters 30 --batches "${DECODE_BATCHES:-1,8,32,64}" \
-    --variants "${DECODE_VARIANTS:-gemv_pdl,l2_prefetch,layer_apart,fused_pdl}" --profile-host
+    --variants "${DECODE_VARIANTS:-gemv_pdl,l2_prefetch,l2_prefetch_late,layer_apart,fused_pdl}" --profile-host
 # The AWQ GEMV sweep at M=1 only by default (the bar); AWQ_SWEEP_M=1,16,64,256 adds the tiled shapes.
 step awq_bench "${T_AWQ:-150}" $PY benchmarks/quant.py --gpu-only ${AWQ_SWEEP:---sweep} --sweep-m ${AWQ_SWEEP_M:-1}
 # The decode attention inside a 1.1B model's graph, by the minimum partition length (MIN_PARTITION_TOKENS).

@@ -48,7 +48,7 @@ def projections(bandwidth: float) -> list[dict]:
         "gemv+pdl": _gemv(GemvConfig(pdl=True)),
         "persistent+pdl": _gemv(GemvConfig(pdl=True, persistent=True)),
     }
-    prefetching = GemvConfig(pdl=True, prefetch=True)
+    early, late = GemvConfig(pdl=True, prefetch="early"), GemvConfig(pdl=True, prefetch="late")
     rows = []
     for name, (out_f, in_f) in SHAPES.items():
         weights = [torch.randn(out_f, in_f, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(COPIES)]
@@ -58,9 +58,10 @@ def projections(bandwidth: float) -> list[dict]:
             x = torch.randn(m, in_f, device="cuda", dtype=torch.bfloat16)
             calls = {label: [lambda w=w, x=x, f=f: f(x, w) for w in weights] for label, f in variants.items()}
             # each call asks L2 for the next copy's weights: a chain of projections of this size
-            calls["gemv+pdl+L2 prefetch"] = [
-                lambda w=w, x=x, after=weights[(i + 1) % COPIES]: gemv(x, w, config=prefetching, prefetch=after)
-                for i, w in enumerate(weights)]
+            for label, config in (("gemv+pdl+L2 early", early), ("gemv+pdl+L2 late", late)):
+                calls[label] = [
+                    lambda w=w, x=x, after=weights[(i + 1) % COPIES], c=config: gemv(x, w, config=c, prefetch=after)
+                    for i, w in enumerate(weights)]
             if m in (1, 8):
                 calls["x @ W^T stored"] = [lambda w=w, x=x: x @ w for w in transposed]
             if m == 1:
@@ -125,7 +126,8 @@ def layer_chain(bandwidth: float) -> list[dict]:
     variants = {"F.linear": plain(F.linear), "gemv": plain(_gemv(GemvConfig(pdl=False))),
                 "gemv+pdl": plain(_gemv(GemvConfig(pdl=True))),
                 # each projection asks L2 for the next one's weights (the next layer's qkv after down)
-                "gemv+pdl+L2 prefetch": prefetching(GemvConfig(pdl=True, prefetch=True)),
+                "gemv+pdl+L2 early": prefetching(GemvConfig(pdl=True, prefetch="early")),
+                "gemv+pdl+L2 late": prefetching(GemvConfig(pdl=True, prefetch="late")),
                 "persistent+pdl": plain(_gemv(GemvConfig(pdl=True, persistent=True))),
                 "persistent+pdl, 3 per SM": plain(_gemv(GemvConfig(pdl=True, persistent=True, programs_per_sm=3)))}
     rows = []

@@ -66,9 +66,11 @@ class GemvConfig:
     # 18.7 vs 13.6) and made the 1.1B decode step slower (1.099 vs 1.058 ms, RESULTS.md).
     persistent: bool = False
     programs_per_sm: int = 2
-    # Take ``gemv``'s ``prefetch`` (the next kernel's weights into L2). Not yet timed: off by default;
-    # ``decode_step.py``'s ``l2_prefetch`` variant and ``matmul_probe``'s prefetching layer chain time it.
-    prefetch: bool = False
+    # Take ``gemv``'s ``prefetch`` (the next kernel's weights into L2): "early", each program asks before its
+    # PDL wait (overlapping the previous kernel), or "late", once its own weights are loaded (overlapping
+    # its epilogue and the kernels after it). Not yet timed: off (None) by default; ``decode_step.py``'s
+    # ``l2_prefetch`` / ``l2_prefetch_late`` variants and ``matmul_probe``'s prefetching rows time it.
+    prefetch: str | None = None
 
 
 # The launch of the model's GEMVs (``linear`` and the decode fusions), which only take the GEMV with PDL
@@ -113,7 +115,8 @@ def _gemv_kernel(
     M, N, K, K_SLICE, stride_xm, stride_wn, stride_ym, stride_rm, N_UP,
     M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
     SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PDL: tl.constexpr,
-    RESIDUAL: tl.constexpr, GATED: tl.constexpr, PREFETCH: tl.constexpr, PF_PIECES: tl.constexpr,
+    RESIDUAL: tl.constexpr, GATED: tl.constexpr, PF_EARLY: tl.constexpr, PF_LATE: tl.constexpr,
+    PF_PIECES: tl.constexpr,
 ):
     """One (block of ``BLOCK_N`` outputs, slice of K). SPLIT: partials + arrival counter (see module
     docstring); otherwise the program stores its outputs.
@@ -121,7 +124,8 @@ def _gemv_kernel(
     Decode fusions (``gemv``'s ``residual`` / ``gated``): RESIDUAL adds ``res`` (which may be ``y``
     itself: each output is read and written by one program) to the result; GATED reads rows ``n`` and
     ``N_UP + n`` of W (gate and up) and stores ``silu(gate) * up`` as output ``n`` (unsplit only).
-    PREFETCH asks L2 for this program's share of the next kernel's weights (``_prefetch.py``)."""
+    PF_EARLY / PF_LATE: this program asks L2 for its share of the next kernel's weights (``_prefetch.py``)
+    before its PDL wait / once its own weights are loaded."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     CHUNKS: tl.constexpr = BLOCK_K // VEC
@@ -146,7 +150,7 @@ def _gemv_kernel(
     if GATED:
         up_tile = w_tile + N_UP * stride_wn
         w_up = tl.load(up_tile + tl.minimum(k_begin, K - BLOCK_K))
-    prefetch_share(pf_ptr, pf_bytes, pf_piece, pid_n * tl.num_programs(1) + pid_k, PF_PIECES, PREFETCH)
+    prefetch_share(pf_ptr, pf_bytes, pf_piece, pid_n * tl.num_programs(1) + pid_k, PF_PIECES, PF_EARLY)
     # Everything above reads only weights; x (and the workspace) may be the previous kernel's output.
     pdl_wait(USE_PDL)
     pdl_launch_dependents(USE_PDL)
@@ -176,6 +180,7 @@ def _gemv_kernel(
         if GATED:
             w_up = tl.load(up_tile + last)
             acc_up += _tile_sum(w_up, x_tile + last, keep, True, M_PAD, BLOCK_N, CHUNKS, VEC)
+    prefetch_share(pf_ptr, pf_bytes, pf_piece, pid_n * tl.num_programs(1) + pid_k, PF_PIECES, PF_LATE)
     y = tl.sum(acc, axis=2)  # [M_PAD, BLOCK_N]
     up = tl.sum(acc_up, axis=2)
 
@@ -430,6 +435,8 @@ def gemv(
         partials, counters = split_workspace(x.device, plan.splits * m * n, blocks)
     else:
         partials = counters = out  # unused
+    if config.prefetch not in (None, "early", "late"):
+        _checks.fail(f"prefetch must be None, 'early' or 'late', got {config.prefetch!r}")
     pf = prefetch_args(prefetch if config.prefetch else None, blocks * plan.splits, 32 * plan.num_warps, weight)
     _gemv_kernel[(blocks, plan.splits)](
         x, weight, bias if bias is not None else weight, out, partials, counters,
@@ -438,7 +445,8 @@ def gemv(
         residual.stride(0) if residual is not None else 0, n,
         M_PAD=plan.m_pad, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, VEC=plan.vec,
         SPLIT=plan.splits > 1, HAS_BIAS=bias is not None, RESIDUAL=residual is not None,
-        GATED=gated, PREFETCH=pf[3], PF_PIECES=32 * plan.num_warps, num_warps=plan.num_warps, **pdl_launch(plan.pdl),
+        GATED=gated, PF_EARLY=pf[3] and config.prefetch == "early", PF_LATE=pf[3] and config.prefetch == "late",
+        PF_PIECES=32 * plan.num_warps, num_warps=plan.num_warps, **pdl_launch(plan.pdl),
     )
     return out
 

@@ -69,14 +69,21 @@ def test_off_where_a_bulk_prefetch_cannot_run(monkeypatch: pytest.MonkeyPatch) -
 
 
 @pytest.mark.parametrize("gated", [False, True])
-def test_a_prefetching_gemv_gives_the_same_result(gated: bool) -> None:
+@pytest.mark.parametrize("position", ["early", "late"])
+def test_a_prefetching_gemv_gives_the_same_result(gated: bool, position: str) -> None:
     """The launcher takes the prefetch arguments; where they cannot run (the interpreter: no PTX) the
     kernel compiles them out and computes the same. On an sm_90 GPU the GPU test below runs them."""
     gen = generator(31)
     x, w, after = randn(gen, 1, 96), randn(gen, 48, 96), randn(gen, 300, 20)
     want = gemv.gemv(x, w, gated=gated, config=gemv.GemvConfig(block_n=8))
-    got = gemv.gemv(x, w, gated=gated, config=gemv.GemvConfig(block_n=8, prefetch=True), prefetch=after)
+    got = gemv.gemv(x, w, gated=gated, config=gemv.GemvConfig(block_n=8, prefetch=position), prefetch=after)
     assert torch.equal(got, want)
+
+
+def test_an_unknown_prefetch_position_is_refused() -> None:
+    x, w = torch.ones(1, 64, device=DEVICE), torch.ones(8, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="prefetch"):
+        gemv.gemv(x, w, config=gemv.GemvConfig(prefetch="sometimes"), prefetch=w)
 
 
 @pytest.mark.gpu
@@ -94,13 +101,13 @@ def test_prefetching_gemv_at_tinyllama_shapes_gpu(pdl: bool) -> None:
         act = x if k == 2048 else randn(gen, 1, k, dtype=torch.bfloat16)
         for target in after:
             results = []
-            for prefetch in (False, True):
+            for prefetch in (None, "early", "late"):
                 config = gemv.GemvConfig(pdl=pdl, prefetch=prefetch)
                 res = randn(generator(33), 1, n, dtype=torch.bfloat16) if kind == "residual" else None
                 torch.cuda.synchronize()
                 results.append(gemv.gemv(act, w, config=config, gated=kind == "gated", residual=res, out=res,
                                          prefetch=target))
-            assert torch.equal(results[0], results[1])
+            assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
         want = torch.nn.functional.linear(act.float(), w.float())
         if kind == "plain":
             assert_matches(results[1], want, torch.bfloat16)

@@ -110,8 +110,8 @@ def test_fused_decode_path_skips_packed_weights(tmp_path: Path, monkeypatch: pyt
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("enforce_eager", [True, False])  # eager steps, and the batch-1 CUDA graph
-@pytest.mark.parametrize("prefetch", [False, True])  # the GEMVs' L2 prefetch of the next weights
-def test_fused_decode_path_on_cuda_matches_transformers(tiny_llama_dir: Path, enforce_eager: bool, prefetch: bool,
+@pytest.mark.parametrize("prefetch", [None, "early", "late"])  # the GEMVs' L2 prefetch of the next weights
+def test_fused_decode_path_on_cuda_matches_transformers(tiny_llama_dir: Path, enforce_eager: bool, prefetch: str | None,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """One request at a time, so every decode step is a 1-row batch: with PDL (sm_90+) the fused GEMVs
     run them; greedy tokens equal transformers' in fp32."""
