@@ -28,6 +28,9 @@ All of it for each variant of the model's kernels (``--variants``, in this order
 - ``l2_prefetch`` / ``l2_prefetch_late``: ``gemv_pdl`` with each 1-row GEMV asking L2 for the next
   projection's weights before its PDL wait / once its own are loaded (``GemvConfig.prefetch``,
   ``kernels/_prefetch.py``);
+- ``awq_int4``: the model's own ops on the same model with AWQ int4 projections (random codes, group
+  128) in fp16, as an AWQ checkpoint is served: the K-major int4 GEMV for decode batches of up to 6
+  rows. Its floor counts the int4 bytes (and the fp16 LM head), so it is a different floor;
 - ``persistent``: ``gemv_pdl`` with the GEMV's resident-grid launch (``GemvConfig.persistent``: two
   programs per SM, each streaming several row blocks) for every 1-row linear.
 
@@ -93,6 +96,42 @@ def build_model(config, device: torch.device, dtype: torch.dtype, ops):
                 param.data = (torch.randn(param.shape, generator=gen, device=device) * 0.02).to(dtype)
     model.reset_buffers(device)
     return model.eval().requires_grad_(False)
+
+
+def build_awq_model(config, device: torch.device, ops, group: int = 128):
+    """The same model with every decoder projection AWQ int4 (random codes; scales sized so the outputs
+    stay near a real model's), in fp16 as AWQ checkpoints are served, repacked for the backend that runs
+    it (on CUDA the K-major int4 GEMV, ``quant/awq_linear.py``)."""
+    from leanserve.model.llama import LlamaForCausalLM
+    from leanserve.quant.awq_format import quantization_config
+    from leanserve.quant.awq_linear import awq_linear_factory
+
+    dtype = torch.float16
+    factory = awq_linear_factory(quantization_config(group), dtype, device, ops.linear)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config, factory, ops)
+    model = model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if t.dtype == torch.int32:  # qweight, qzeros: any 32 bits are eight valid nibbles
+                t.copy_(torch.randint(-2**31, 2**31 - 1, t.shape, dtype=torch.int32, device=device, generator=gen))
+            elif name.endswith("scales"):  # w = (q - z) * s with |q - z| < 16: weights of ~0.02
+                t.copy_(torch.rand(t.shape, device=device, generator=gen).to(dtype) * 0.004)
+            elif name.endswith("norm.weight") or "layernorm" in name:
+                t.fill_(1.0)
+            elif t.is_floating_point():
+                t.copy_(torch.randn(t.shape, device=device, generator=gen) * 0.02)
+    factory.finalize(model)
+    model.reset_buffers(device)
+    return model.eval().requires_grad_(False)
+
+
+def read_bytes(model) -> int:
+    """Bytes a decode step reads of the model's weights: every parameter and weight buffer (int4 codes
+    and factors included) but the embedding table (one row is read) and the rotary tables."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    return sum(t.numel() * t.element_size() for n, t in tensors if "embed" not in n and "rotary" not in n)
 
 
 def decode_batch(batch: int, context: int, block_size: int, vocab: int, shuffle: bool = True):
@@ -165,7 +204,7 @@ def profile_host_step(runner, seqs, steps: int = 50) -> None:
 
 
 VARIANTS = ("fused", "gemv_pdl", "fused_pdl", "unfused", "rotary_apart", "layer_apart", "persistent",
-            "gate_apart", "residual_apart", "l2_prefetch", "l2_prefetch_late")
+            "gate_apart", "residual_apart", "l2_prefetch", "l2_prefetch_late", "awq_int4")
 # The GEMV config the model's 1-row linears use, per variant (default: gemv's own, PDL on).
 GEMV_CONFIGS = {"persistent": {"pdl": True, "persistent": True}, "l2_prefetch": {"pdl": True, "prefetch": "early"},
                 "l2_prefetch_late": {"pdl": True, "prefetch": "late"}}
@@ -201,7 +240,7 @@ def kernel_variants(device: torch.device) -> dict[str, tuple[object, bool]]:
     variants = {"fused": (cublas, False), "gemv_pdl": (triton_ops, True), "fused_pdl": (cublas, True),
                 "unfused": (unfused, False), "rotary_apart": (apart, True), "layer_apart": (layer_apart, True),
                 "persistent": (triton_ops, True), "l2_prefetch": (triton_ops, True),
-                "l2_prefetch_late": (triton_ops, True)}
+                "l2_prefetch_late": (triton_ops, True), "awq_int4": (triton_ops, True)}
     # One fusion of DecodeOps at a time taken apart again (the others kept): which of them pays.
     from leanserve.kernels import gemv
     from leanserve.kernels.fused_layers import silu_and_mul
@@ -276,14 +315,19 @@ def main() -> int:
     all_variants = kernel_variants(device)
     variants = {name: all_variants[name] for name in args.variants.split(",")}
     blocks = max(batches) * -(-args.context // block_size)
-    kv = allocate_kv_cache(config, blocks, block_size, dtype, device)
+    caches = {}  # by dtype: the AWQ variant runs in fp16
     bandwidth = copy_gbps()
-    kv_bytes_per_token = config.kv_bytes_per_token(dtype.itemsize)
     name = torch.cuda.get_device_name()
     results = {}
     tokens: dict[str, dict[int, list[int]]] = {}
     weight_bytes = 0
     for variant, (ops, pdl) in variants.items():
+        awq = variant == "awq_int4"
+        model_dtype = torch.float16 if awq else dtype
+        if model_dtype not in caches:
+            caches[model_dtype] = allocate_kv_cache(config, blocks, block_size, model_dtype, device)
+        kv = caches[model_dtype]
+        kv_bytes_per_token = config.kv_bytes_per_token(model_dtype.itemsize)
         # Every variant starts from the same cache: each step writes its K/V into blocks that the next
         # batch size's sequences read, so the tokens compared across variants need the same history.
         gen = torch.Generator(device=device).manual_seed(1)
@@ -294,11 +338,14 @@ def main() -> int:
             print(f"\n[{variant}] skipped: this GPU cannot launch with PDL (needs sm_90+)")
             continue
         use_gemv_config(variant)
-        model = build_model(config, device, dtype, ops)
+        model = build_awq_model(config, device, ops) if awq else build_model(config, device, dtype, ops)
         if not weight_bytes:
-            weight_bytes = sum(t.numel() * t.element_size() for n, t in model.named_parameters() if "embed" not in n)
-            print(f"device {name}: copy {bandwidth:.0f} GB/s; {weight_bytes / 1e9:.2f} GB of bf16 weights read per "
-                  f"step; context {args.context}")
+            weight_bytes = read_bytes(model)
+            print(f"device {name}: copy {bandwidth:.0f} GB/s; {weight_bytes / 1e9:.2f} GB of weights read per step; "
+                  f"context {args.context}")
+        step_weight_bytes = read_bytes(model)
+        if awq:
+            print(f"[{variant}] {step_weight_bytes / 1e9:.2f} GB of int4 codes, factors and fp16 weights per step")
         runner = ModelRunner(model, kv, block_size, device)
         start = time.perf_counter()
         runner.capture_decode_graphs(max_model_len=config.max_position_embeddings, max_batch=max(batches))
@@ -314,7 +361,7 @@ def main() -> int:
         rows = []
         for batch in batches:
             seqs = decode_batch(batch, args.context, block_size, config.vocab_size)
-            step_bytes = weight_bytes + batch * args.context * kv_bytes_per_token
+            step_bytes = step_weight_bytes + batch * args.context * kv_bytes_per_token
             floor = step_bytes / bandwidth / 1e6
             size = graphs.bucket_for(batch)
             runner.execute(seqs)  # fills the static buffers for this batch
@@ -328,7 +375,7 @@ def main() -> int:
             agree = sum(a == b for a, b in zip(with_graph, eager_tokens)) / batch
             tokens.setdefault(variant, {})[batch] = with_graph
             first = next(iter(tokens))  # the first variant run is the reference for the others' tokens
-            baseline = tokens[first].get(batch) if first != variant else None
+            baseline = tokens[first].get(batch) if first != variant and not awq else None  # AWQ: other weights
             vs_first = None if baseline is None else sum(a == b for a, b in zip(with_graph, baseline)) / batch
             rows.append(dict(batch=batch, floor_ms=floor, eager_forward_ms=eager, graph_ms=replay, step_ms=step,
                              graph_over_floor=replay / floor, step_over_floor=step / floor,

@@ -51,10 +51,11 @@ TESTS=${TESTS:-tests/kernels tests/model/test_cuda_graphs.py tests/model/test_ll
 step kernel_tests "${T_TESTS:-150}" $PY -m pytest -q -n 8 --maxfail=20 -p no:cacheprovider $TESTS
 # The decode step by variant: the model's own ops (PDL, the 1-row GEMV with the gating and residual
 # fusions), the same with each GEMV prefetching the next projection's weights into L2 (untimed), the
-# same without the 1-row layer fusions, cuBLAS + PDL. decode_step.py lists the others (rotary_apart,
+# same without the 1-row layer fusions, cuBLAS + PDL, and the same model with AWQ int4 projections in
+# fp16 (the K-major int4 GEMV; untimed in a whole model). decode_step.py lists the others (rotary_apart,
 # persistent, gate_apart, residual_apart: timed in the fourth H200 session; fused, unfused: the first).
 step decode_step "${T_DECODE:-200}" $PY benchmarks/decode_step.py --iters 30 --batches "${DECODE_BATCHES:-1,8,32,64}" \
-    --variants "${DECODE_VARIANTS:-gemv_pdl,l2_prefetch,l2_prefetch_late,layer_apart,fused_pdl}" --profile-host
+    --variants "${DECODE_VARIANTS:-gemv_pdl,l2_prefetch,l2_prefetch_late,layer_apart,fused_pdl,awq_int4}" --profile-host
 # The AWQ GEMV sweep at M=1 only by default (the bar); AWQ_SWEEP_M=1,16,64,256 adds the tiled shapes.
 step awq_bench "${T_AWQ:-150}" $PY benchmarks/quant.py --gpu-only ${AWQ_SWEEP:---sweep} --sweep-m ${AWQ_SWEEP_M:-1}
 # The decode attention inside a 1.1B model's graph, by the minimum partition length (MIN_PARTITION_TOKENS).
