@@ -42,6 +42,7 @@ def test_decode_step_builds_an_awq_twin_of_its_model(tmp_path: Path, monkeypatch
     monkeypatch.syspath_prepend(str(BENCH))
     import decode_step
     from leanserve.kernels import backend
+
     from leanserve.model.config import ModelConfig
     from leanserve.quant.awq_linear import AWQLinear
 
