@@ -9,7 +9,7 @@ batch size, every sequence at ``--context`` tokens:
 - runner step: what serving pays per step: inputs copied in, graph replay, logits, greedy sampling
   and the results back on the host (wall clock, median).
 
-All of it for each variant of the model's kernels (``--variants``, in this order by default):
+All of it for each variant of the model's kernels (``--variants``; all of them by default):
 
 - ``fused``: our fused Triton layer kernels (RMSNorm + residual, rotary, SiLU-and-mul), cuBLAS
   (``F.linear``) linears, no programmatic dependent launch (PDL): what was measured before;
@@ -79,50 +79,37 @@ def tinyllama_config(model_dir: Path):
     return ModelConfig.from_pretrained(model_dir)
 
 
-def build_model(config, device: torch.device, dtype: torch.dtype, ops):
-    """Random weights from a fixed seed: every call builds the same model, with the given kernel ops."""
-    from leanserve.model.layers import default_linear_factory
+def build_model(config, device: torch.device, dtype: torch.dtype, ops, awq_group: int | None = None):
+    """Random weights from a fixed seed: every call builds the same model, with the given kernel ops, as
+    ``load_model`` builds one (the checkpoint's linear factory, floats in ``dtype``, the factory's repack).
+    ``awq_group``: every decoder projection AWQ int4 in groups of that size instead (random codes; scales
+    sized so the weights are ~0.02 like the dense ones), repacked for the backend that serves it (on CUDA
+    the K-major int4 GEMV, ``quant/awq_linear.py``)."""
     from leanserve.model.llama import LlamaForCausalLM
-
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config, default_linear_factory(dtype, ops.linear), ops)
-    model = model.to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight") or "layernorm" in name:
-                param.data = torch.ones_like(param, dtype=dtype)
-            else:
-                param.data = (torch.randn(param.shape, generator=gen, device=device) * 0.02).to(dtype)
-    model.reset_buffers(device)
-    return model.eval().requires_grad_(False)
-
-
-def build_awq_model(config, device: torch.device, ops, group: int = 128):
-    """The same model with every decoder projection AWQ int4 (random codes; scales sized so the outputs
-    stay near a real model's), in fp16 as AWQ checkpoints are served, repacked for the backend that runs
-    it (on CUDA the K-major int4 GEMV, ``quant/awq_linear.py``)."""
-    from leanserve.model.llama import LlamaForCausalLM
+    from leanserve.model.loader import linear_factory_for
     from leanserve.quant.awq_format import quantization_config
-    from leanserve.quant.awq_linear import awq_linear_factory
 
-    dtype = torch.float16
-    factory = awq_linear_factory(quantization_config(group), dtype, device, ops.linear)
+    if awq_group is not None:
+        config = dataclasses.replace(config, quantization=quantization_config(awq_group))
+    factory = linear_factory_for(config, dtype, device, ops.linear)
     with torch.device("meta"):
         model = LlamaForCausalLM(config, factory, ops)
     model = model.to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for name, t in [*model.named_parameters(), *model.named_buffers()]:
-            if t.dtype == torch.int32:  # qweight, qzeros: any 32 bits are eight valid nibbles
+            if name.startswith("rotary."):
+                continue  # rebuilt by reset_buffers
+            if t.dtype == torch.int32:  # AWQ qweight, qzeros: any 32 bits are eight valid nibbles
                 t.copy_(torch.randint(-2**31, 2**31 - 1, t.shape, dtype=torch.int32, device=device, generator=gen))
-            elif name.endswith("scales"):  # w = (q - z) * s with |q - z| < 16: weights of ~0.02
-                t.copy_(torch.rand(t.shape, device=device, generator=gen).to(dtype) * 0.004)
+            elif name.endswith("scales"):  # AWQ: w = (q - z) * s with |q - z| < 16
+                t.copy_(torch.rand(t.shape, device=device, generator=gen) * 0.004)
             elif name.endswith("norm.weight") or "layernorm" in name:
-                t.fill_(1.0)
-            elif t.is_floating_point():
-                t.copy_(torch.randn(t.shape, device=device, generator=gen) * 0.02)
-    factory.finalize(model)
+                t.data = torch.ones_like(t, dtype=dtype)
+            else:
+                t.data = (torch.randn(t.shape, generator=gen, device=device) * 0.02).to(dtype)
+    if hasattr(factory, "finalize"):
+        factory.finalize(model)
     model.reset_buffers(device)
     return model.eval().requires_grad_(False)
 
@@ -203,8 +190,6 @@ def profile_host_step(runner, seqs, steps: int = 50) -> None:
     print(out.getvalue())
 
 
-VARIANTS = ("fused", "gemv_pdl", "fused_pdl", "unfused", "rotary_apart", "layer_apart", "persistent",
-            "gate_apart", "residual_apart", "l2_prefetch", "l2_prefetch_late", "awq_int4")
 # The GEMV config the model's 1-row linears use, per variant (default: gemv's own, PDL on).
 GEMV_CONFIGS = {"persistent": {"pdl": True, "persistent": True}, "l2_prefetch": {"pdl": True, "prefetch": "early"},
                 "l2_prefetch_late": {"pdl": True, "prefetch": "late"}}
@@ -282,16 +267,17 @@ def main() -> int:
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--batches", default="1,8,32,64")
     p.add_argument("--iters", type=int, default=50)
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
+    known = list(kernel_variants(torch.device("cpu")))  # the names (the CPU builds them without CUDA)
+    p.add_argument("--variants", default=",".join(known), help=f"comma-separated subset of {','.join(known)}")
     p.add_argument("--profile-host", action="store_true",
                    help="also profile the host side of the first variant's batch-1 runner step (cProfile over 50 "
                         "steps): where the step's time above the graph replay goes")
     p.add_argument("--matmul-probe", action="store_true",
                    help="only time the projections: cuBLAS vs the Triton GEMV (benchmarks/matmul_probe.py)")
     args = p.parse_args()
-    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    unknown = set(args.variants.split(",")) - set(known)
     if unknown:
-        p.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
+        p.error(f"unknown variants {sorted(unknown)}; choose from {known}")
     if not torch.cuda.is_available():
         print("benchmarks/decode_step.py: no CUDA device, nothing to benchmark.")
         print(json.dumps({"skipped": "no CUDA device"}))
@@ -319,11 +305,11 @@ def main() -> int:
     bandwidth = copy_gbps()
     name = torch.cuda.get_device_name()
     results = {}
-    tokens: dict[str, dict[int, list[int]]] = {}
-    weight_bytes = 0
+    tokens: dict[str, dict[int, list[int]]] = {}  # of the bf16 variants (same weights), by batch
+    print(f"device {name}: copy {bandwidth:.0f} GB/s; context {args.context}")
     for variant, (ops, pdl) in variants.items():
         awq = variant == "awq_int4"
-        model_dtype = torch.float16 if awq else dtype
+        model_dtype = torch.float16 if awq else dtype  # AWQ checkpoints are served in fp16
         if model_dtype not in caches:
             caches[model_dtype] = allocate_kv_cache(config, blocks, block_size, model_dtype, device)
         kv = caches[model_dtype]
@@ -338,14 +324,8 @@ def main() -> int:
             print(f"\n[{variant}] skipped: this GPU cannot launch with PDL (needs sm_90+)")
             continue
         use_gemv_config(variant)
-        model = build_awq_model(config, device, ops) if awq else build_model(config, device, dtype, ops)
-        if not weight_bytes:
-            weight_bytes = read_bytes(model)
-            print(f"device {name}: copy {bandwidth:.0f} GB/s; {weight_bytes / 1e9:.2f} GB of weights read per step; "
-                  f"context {args.context}")
-        step_weight_bytes = read_bytes(model)
-        if awq:
-            print(f"[{variant}] {step_weight_bytes / 1e9:.2f} GB of int4 codes, factors and fp16 weights per step")
+        model = build_model(config, device, model_dtype, ops, awq_group=128 if awq else None)
+        weight_bytes = read_bytes(model)
         runner = ModelRunner(model, kv, block_size, device)
         start = time.perf_counter()
         runner.capture_decode_graphs(max_model_len=config.max_position_embeddings, max_batch=max(batches))
@@ -354,14 +334,15 @@ def main() -> int:
         launches, top = profile_eager_step(runner, decode_batch(1, args.context, block_size, config.vocab_size))
         linear = "cublas" if ops.linear is torch.nn.functional.linear else "triton_gemv"
         print(f"\n[{variant}: {linear} linears, PDL {'on' if pdl else 'off'}] {len(graphs.buckets)} graphs "
-              f"captured in {capture_s:.1f} s; {launches} kernels per step")
+              f"captured in {capture_s:.1f} s; {launches} kernels per step; {weight_bytes / 1e9:.2f} GB of weights "
+              "read per step")
         header = f"{'batch':>5} {'floor ms':>9} {'eager fwd':>10} {'graph':>8} {'step':>8} {'graph/floor':>12} " \
                  f"{'step/floor':>11} {'tok/s':>9}"
         print(header)
         rows = []
         for batch in batches:
             seqs = decode_batch(batch, args.context, block_size, config.vocab_size)
-            step_bytes = step_weight_bytes + batch * args.context * kv_bytes_per_token
+            step_bytes = weight_bytes + batch * args.context * kv_bytes_per_token
             floor = step_bytes / bandwidth / 1e6
             size = graphs.bucket_for(batch)
             runner.execute(seqs)  # fills the static buffers for this batch
@@ -373,10 +354,12 @@ def main() -> int:
             eager_tokens = [r.token_id for r in runner.execute(seqs)]
             runner.decode_graphs = graphs
             agree = sum(a == b for a, b in zip(with_graph, eager_tokens)) / batch
-            tokens.setdefault(variant, {})[batch] = with_graph
-            first = next(iter(tokens))  # the first variant run is the reference for the others' tokens
-            baseline = tokens[first].get(batch) if first != variant and not awq else None  # AWQ: other weights
-            vs_first = None if baseline is None else sum(a == b for a, b in zip(with_graph, baseline)) / batch
+            vs_first = first = None
+            if not awq:  # the AWQ model has other weights: its tokens are its own
+                tokens.setdefault(variant, {})[batch] = with_graph
+                first = next(iter(tokens))  # the first bf16 variant run is the reference for the others
+                if first != variant:
+                    vs_first = sum(a == b for a, b in zip(with_graph, tokens[first][batch])) / batch
             rows.append(dict(batch=batch, floor_ms=floor, eager_forward_ms=eager, graph_ms=replay, step_ms=step,
                              graph_over_floor=replay / floor, step_over_floor=step / floor,
                              tok_s=1000 * batch / step, graph_eager_token_agreement=agree,
@@ -392,7 +375,8 @@ def main() -> int:
                 profile_host_step(runner, decode_batch(1, args.context, block_size, config.vocab_size))
             except Exception as exc:
                 print(f"host profile failed: {type(exc).__name__}: {exc}")
-        results[variant] = dict(capture_s=capture_s, kernels_per_step=launches, rows=rows, linear=linear, pdl=pdl)
+        results[variant] = dict(capture_s=capture_s, kernels_per_step=launches, weight_bytes=weight_bytes, rows=rows,
+                                linear=linear, pdl=pdl)
         print(json.dumps({"variant": variant, **results[variant]}))  # kept if a time limit cuts the run
         del runner, graphs, model
         torch.cuda.empty_cache()
@@ -401,8 +385,7 @@ def main() -> int:
     for variant, result in results.items():
         print(f"  {variant:10s} " + "  ".join(f"b{r['batch']}: {r['graph_ms']:.3f} ({r['graph_over_floor']:.2f}x)"
                                               for r in result["rows"]))
-    print(json.dumps({"device": name, "copy_gbps": bandwidth, "weight_bytes": weight_bytes, "context": args.context,
-                      **results}))
+    print(json.dumps({"device": name, "copy_gbps": bandwidth, "context": args.context, **results}))
     return 0
 
 

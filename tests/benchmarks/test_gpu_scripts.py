@@ -37,27 +37,24 @@ def test_plot_gpu_draws_the_recorded_results(tmp_path: Path) -> None:
 
 def test_decode_step_builds_an_awq_twin_of_its_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """decode_step.py's awq_int4 variant: the same architecture with every decoder projection AWQ int4
-    (here on the CPU, so its int4pack backend), about a quarter of the bytes per step, and a forward
-    that runs."""
+    (here on the CPU, so its int4pack backend) and every float weight in fp16, about a third of the
+    bf16 model's bytes per step outside the LM head, and a forward that runs."""
     monkeypatch.syspath_prepend(str(BENCH))
     import decode_step
     from leanserve.kernels import backend
 
     from leanserve.model.config import ModelConfig
     from leanserve.quant.awq_linear import AWQLinear
+    from tests.conftest import build_tiny_checkpoint
 
-    raw = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 300, "hidden_size": 256,
-           "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-           "rms_norm_eps": 1e-5, "max_position_embeddings": 256, "rope_theta": 10000.0,
-           "tie_word_embeddings": False}
-    (tmp_path / "config.json").write_text(json.dumps(raw))
-    config = ModelConfig.from_pretrained(tmp_path)
+    config = ModelConfig.from_pretrained(build_tiny_checkpoint(tmp_path, hidden_size=256, intermediate_size=512))
     ops = backend.get_model_ops("cpu")
     dense = decode_step.build_model(config, torch.device("cpu"), torch.bfloat16, ops)
-    awq = decode_step.build_awq_model(config, torch.device("cpu"), ops)
+    awq = decode_step.build_model(config, torch.device("cpu"), torch.float16, ops, awq_group=128)
     projections = [m for m in awq.modules() if isinstance(m, AWQLinear)]
     assert len(projections) == 4 * config.num_hidden_layers
-    lm_head = config.vocab_size * config.hidden_size * 2  # fp16 in both
+    assert {t.dtype for t in awq.parameters()} == {torch.float16}  # embedding, norms, LM head: as served
+    lm_head = config.vocab_size * config.hidden_size * 2  # 2-byte floats in both
     ratio = (decode_step.read_bytes(awq) - lm_head) / (decode_step.read_bytes(dense) - lm_head)
     assert 0.25 < ratio < 0.35  # int4 codes plus scales and zeros, against bf16
     hidden = awq.model.layers[0].mlp(torch.randn(3, config.hidden_size, dtype=torch.float16))
