@@ -12,9 +12,10 @@ Then:
 - quality: perplexity on the held-out last 20% of each text in ``--data-dir`` (the ``leanserve eval``
   windows), with greedy top-1 agreement and mean KL(fp32 || bf16) on the same positions.
 
-It says whether this CPU has bf16 instructions (what ``auto`` reads); without them the bf16 figures are
-oneDNN's emulation. The load average is printed beside every figure; the step times and the perplexities
-are drawn in ``--plot`` (default ``benchmarks/results/cpu_bf16.png``); the last line is one JSON object.
+It says whether this CPU has bf16 instructions (what ``auto`` reads, beside whether oneDNN runs bf16 at
+all); without them the bf16 figures are oneDNN's emulation. The load average is printed beside every
+figure; the step times and the perplexities are drawn in ``--plot`` (default
+``benchmarks/results/cpu_bf16.png``); the last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def plot(speed: dict, quality: dict, native: bool, path: Path) -> None:
     left.set_xticks(list(xs), [n.replace("_", " ") for n in names], fontsize=8)
     left.set_ylabel("forward of one step (ms)")
     left.set_yscale("log")
-    left.set_title(f"step time, 2 threads (bf16 instructions: {native})")
+    left.set_title(f"step time, {torch.get_num_threads()} threads (bf16 instructions: {native})")
     left.legend()
     texts = list(quality)
     for offset, (key, label) in zip((-0.2, 0.2), (("ppl_fp32", "fp32 weights"), ("ppl_bf16", "bf16 weights")),

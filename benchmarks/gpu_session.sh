@@ -56,12 +56,14 @@ step kernel_tests "${T_TESTS:-150}" $PY -m pytest -q -n 8 --maxfail=20 -p no:cac
 # persistent, gate_apart, residual_apart: timed in the fourth H200 session; fused, unfused: the first).
 step decode_step "${T_DECODE:-200}" $PY benchmarks/decode_step.py --iters 30 --batches "${DECODE_BATCHES:-1,8,32,64}" \
     --variants "${DECODE_VARIANTS:-gemv_pdl,l2_prefetch,l2_prefetch_late,layer_apart,fused_pdl,awq_int4}" --profile-host
-# The AWQ GEMV sweep at M=1 only by default (the bar); AWQ_SWEEP_M=1,16,64,256 adds the tiled shapes.
+# The int4 GEMV sweep at M=1 only by default (the bar); AWQ_SWEEP_M adds the K-major GEMV at 2/4/6/8 rows,
+# the dequantize kernels alone at 16 and the tiled GEMM at 16/64/256.
 step awq_bench "${T_AWQ:-150}" $PY benchmarks/quant.py --gpu-only ${AWQ_SWEEP:---sweep} --sweep-m ${AWQ_SWEEP_M:-1}
 # The decode attention inside a 1.1B model's graph, by the minimum partition length (MIN_PARTITION_TOKENS).
 step decode_sweep "${T_SWEEP:-60}" $PY benchmarks/kernels.py --decode-graph-sweep --iters 30 --warmup 5
-# Diagnostics after the two bars: where the projections lose (matmul_probe) and the attention kernels.
-# cuBLAS vs the Triton GEMV on the 1.1B model's projections, PDL off/on, a dependent layer chain, a launch sweep.
+# Where the projections lose (matmul_probe: cuBLAS vs the Triton GEMV on the 1.1B model's projections, PDL
+# off/on, with the L2 prefetch of the next weights, a dependent layer chain, a launch sweep), and the
+# attention kernels.
 step matmul_probe "${T_PROBE:-100}" $PY benchmarks/decode_step.py --matmul-probe
 step kernels_bench "${T_KERNELS:-60}" $PY benchmarks/kernels.py --iters 50 --warmup 10
 # Not in the default steps: the AWQ GEMV's loads alone (is the grid or the arithmetic the limit?), and

@@ -5,13 +5,15 @@ launch gaps do not count (serving replays graphs too):
 
 - ``matmul_probe``: one call's share of a graph cycling through 8 weight copies (so weights come from
   HBM, not the 60 MB L2): ``F.linear`` (what the model called before), ``torch.mv``, a matmul with the
-  weight stored transposed, and the GEMV with programmatic dependent launch (PDL) off and on. The 8
+  weight stored transposed, and the GEMV with programmatic dependent launch (PDL) off and on, and with
+  PDL and the L2 prefetch of the next copy's weights (``GemvConfig.prefetch`` early / late). The 8
   calls are independent, back to back: with PDL each may start while the one before drains;
 - ``gemv_sweep``: the GEMV's launch parameters (rows per program, warps, K split, and the resident-grid
   launch by programs per SM) per shape, PDL off;
 - ``layer_chain``: one decoder layer's projections as a dependent chain (qkv -> o -> gate_up -> down,
   each reading the previous output), 8 layers of distinct weights per graph: us per layer and % of
-  copy bandwidth for its 88 MB. This is where PDL can hide each kernel's ramp-up and tail.
+  copy bandwidth for its 88 MB, also with each projection prefetching the next one's weights. This is
+  where PDL and the prefetch can hide each kernel's ramp-up and tail.
 """
 
 from __future__ import annotations

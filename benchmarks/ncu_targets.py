@@ -52,7 +52,7 @@ def main() -> int:
 
     targets = {
         "awq_gemv": lambda: awq_gemm(x, q, z, s, group),
-        "kmajor_gemv": lambda: int4_gemv(x, kmajor, config=Int4GemvConfig(pdl=False)),
+        "kmajor_gemv_fp32": lambda: int4_gemv(x, kmajor, config=Int4GemvConfig(pdl=False, math="fp32")),
         "kmajor_gemv_half2": lambda: int4_gemv(x, kmajor, config=Int4GemvConfig(pdl=False, math="half2")),
         "load_only": lambda: load_only(q, out, group, **DEFAULT_TWIN),
         "fp16_matmul": lambda: torch.matmul(x, dense),

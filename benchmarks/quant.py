@@ -137,6 +137,7 @@ def launch(kind: str, config: dict, group: int, packed: dict[int, object]):
     "tiled" or "dequant" (``awq_gemm`` on the AWQ layout), or on the K-major repack of the same layers
     (``packed`` by index) "kmajor" (``int4_gemv``), "kmajor_dequant" (dequantize, then cuBLAS) and
     "kmajor_linear" (``int4_linear``: one of those two by the number of rows, as served)."""
+    from leanserve.kernels._workspace import scratch_matrix
     from leanserve.kernels.awq_gemm import awq_gemm
     from leanserve.kernels.int4_gemv import Int4GemvConfig, int4_dequant_linear, int4_gemv, int4_linear
 
@@ -153,7 +154,7 @@ def launch(kind: str, config: dict, group: int, packed: dict[int, object]):
 
         def dequant_kmajor(x, w, i):
             weight = packed[i]
-            out = _scratch_weight(x, "kmajor", weight.out_features, weight.in_features)
+            out = scratch_matrix(x.device, "quant.py kmajor weight", weight.out_features, weight.in_features, x.dtype)
             return dequantize_int4(weight, out, **config).t()
         return dequant_kmajor
     if kind == "dequant_only":
@@ -161,17 +162,11 @@ def launch(kind: str, config: dict, group: int, packed: dict[int, object]):
 
         def dequant_awq(x, w, i):
             qweight, qzeros, scales = w
-            out = _scratch_weight(x, "awq", qweight.shape[0], scales.shape[1])
+            out = scratch_matrix(x.device, "quant.py awq weight", qweight.shape[0], scales.shape[1], x.dtype)
             return awq_dequantize(qweight, qzeros, scales, group, out)
         return dequant_awq
     extra = {"gemv": {"gemv_config": config}, "tiled": {"tiled_config": config}}.get(kind, {})
     return lambda x, w, i: awq_gemm(x, *w, group, force=kind, **extra)
-
-
-def _scratch_weight(x: torch.Tensor, name: str, rows: int, cols: int) -> torch.Tensor:
-    from leanserve.kernels._workspace import scratch
-
-    return scratch(x.device, f"quant.py {name} weight {x.dtype}", rows * cols, x.dtype)[: rows * cols].view(rows, cols)
 
 
 def repacked(layers: list, group: int) -> dict[int, object]:
@@ -183,8 +178,9 @@ def repacked(layers: list, group: int) -> dict[int, object]:
 
 def sweep_launch_configs(layers: list, k: int, group: int, ms: list[int],
                          grids: dict[int, list[tuple[str, dict]]] | None = None) -> dict[str, float | str]:
-    """Time GEMV launch configs at M = 1 to 8 and tiled ones at M = 16, 64, 256 (or ``grids``: {M: [(kind,
-    config)]}); print each, return the best per M."""
+    """Time launch configs (or ``grids``: {M: [(kind, config)]}): the GEMVs at M = 1 to 8, the dequantize
+    kernels alone and the tiled GEMM at M = 16, the tiled GEMM at 64 and 256; print each, return the best
+    per M."""
     from leanserve.kernels.awq_reference import awq_gemm_reference, dequantize_awq
 
     tiled = [dict(block_m=bm, block_c=c, block_k=64, num_warps=4) for bm in (16, 64, 128) for c in (8, 16)]
@@ -209,12 +205,12 @@ def sweep_launch_configs(layers: list, k: int, group: int, ms: list[int],
     }
     best: dict[str, float | str] = {}
     packed = repacked(layers, group) if any(kind == "kmajor" for c in grids.values() for kind, _ in c) else {}
+    weight_ref = dequantize_awq(*layers[0], group, torch.float32)  # [K, N], for the "_only" kinds
     for m, configs in grids.items():
         if m not in ms:
             continue
         x = torch.randn(m, k, dtype=torch.float16, device="cuda")
         ref = awq_gemm_reference(x.float(), *layers[0], group)
-        weight_ref = dequantize_awq(*layers[0], group, torch.float32)  # [K, N], for the "_only" kinds
         found = None
         for kind, cfg in configs:
             try:
@@ -252,35 +248,36 @@ def gpu_kernel_bench(sweep: bool = False, sweep_m: Sequence[int] = (1, 16, 64, 2
     beside it each launch it chooses between, and ``awq_gemm``'s on the checkpoint's own layout."""
     from leanserve.kernels.awq_gemm import launch_for
     from leanserve.kernels.awq_reference import awq_gemm_reference
+    from leanserve.kernels.int4_gemv import takes_gemv
 
     k, n, group, copies = 4096, 11008, 128, 8
     layers = random_awq_layers(k, n, group, copies)
     packed = repacked(layers, group)
     dense = [torch.randn(k, n, dtype=torch.float16, device="cuda") * 0.01 for _ in range(copies)]
+    dense_nk = [w.t().contiguous() for w in dense]  # the layout the K-major dequantize gives cuBLAS
     results: dict[str, float] = {"gemm_k": k, "gemm_n": n}
     say("GPU", f"{torch.cuda.get_device_name()}, AWQ GEMM {k}x{n} group {group}, {copies} weight copies")
     for m in (1, 2, 3, 4, 5, 6, 8, 16, 32, 64, 256):
         x = torch.randn(m, k, dtype=torch.float16, device="cuda")
         ref = awq_gemm_reference(x.float(), *layers[0], group)
         t_fp16 = graph_us([lambda x=x, w=w: torch.matmul(x, w) for w in dense])
-        # The served path, the two K-major launches it picks between (where LINEAR_GEMV_MAX_M should sit),
-        # and awq_gemm's own choice on the AWQ layout (the "triton" backend, for shapes K-major rejects).
-        kinds = ["kmajor_linear"] + (["kmajor"] if m <= 8 else []) + (["kmajor_dequant"] if m > 1 else [])
-        kinds += ["awq_" + launch_for(m)]
+        # The two K-major launches the served path (int4_linear) picks between, where both run (where
+        # LINEAR_GEMV_MAX_M should sit), and awq_gemm's own choice on the AWQ layout (the "triton" backend,
+        # for shapes K-major rejects).
+        kinds = (["kmajor"] if m <= 8 else []) + (["kmajor_dequant"] if m > 1 else []) + ["awq_" + launch_for(m)]
+        served = "kmajor" if takes_gemv(x) else "kmajor_dequant"
         times, errors = {}, {}
         for kind in kinds:
             fn = launch(kind.removeprefix("awq_"), {}, group, packed)
             errors[kind] = relative_error(fn(x, layers[0], 0), ref)
             times[kind] = graph_us([lambda x=x, w=w, i=i, fn=fn: fn(x, w, i) for i, w in enumerate(layers)])
-        t_int4 = times["kmajor_linear"]
+        t_int4 = times[served]
         say(f"GEMM M={m}: int4 / fp16 (us), speedup", f"{t_int4:.1f} / {t_fp16:.1f}, {t_fp16 / t_int4:.2f}x "
-            f"({k * n / 2 / t_int4 / 1e3:.0f} GB/s of int4 weights; rel err {errors['kmajor_linear']:.1e})")
+            f"(served: {served}, {k * n / 2 / t_int4 / 1e3:.0f} GB/s of int4 weights; rel err {errors[served]:.1e})")
         results[f"gemm_us_int4_m{m}"], results[f"gemm_us_fp16_m{m}"] = t_int4, t_fp16
         results[f"gemm_speedup_m{m}"] = t_fp16 / t_int4
         if m in (16, 256):  # cuBLAS on the dequantized K-major layout ([N, K], F.linear) against [K, N]
-            dense_nk = [w.t().contiguous() for w in dense]
             t_linear = graph_us([lambda x=x, w=w: torch.nn.functional.linear(x, w) for w in dense_nk])
-            del dense_nk
             say(f"  M={m} fp16 F.linear on W [N, K] (us)", f"{t_linear:.1f} (torch.matmul on W [K, N]: {t_fp16:.1f})")
             results[f"gemm_us_fp16_linear_m{m}"] = t_linear
         for kind, t in times.items():

@@ -1,4 +1,4 @@
-"""Scratch buffers of the split-K launchers (the GEMV and the AWQ GEMV).
+"""Scratch buffers of the launchers: the split-K partials and counters of the GEMVs, dequantized weights.
 
 A buffer is allocated once per (device, purpose, power-of-two size), zeroed, and never freed or
 replaced: a CUDA graph captured earlier keeps its address. A launcher that needs its buffer zero at
@@ -29,6 +29,11 @@ def scratch(device: torch.device, purpose: str, numel: int, dtype: torch.dtype) 
     if buffer.dtype != dtype:
         raise ValueError(f"{purpose} workspaces are {buffer.dtype}, asked for {dtype}")
     return buffer
+
+
+def scratch_matrix(device: torch.device, purpose: str, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """``scratch`` as a ``[rows, cols]`` matrix (a dequantized weight, for instance)."""
+    return scratch(device, purpose, rows * cols, dtype)[: rows * cols].view(rows, cols)
 
 
 def buffers(purpose: str) -> list[torch.Tensor]:

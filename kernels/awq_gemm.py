@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from ._device import interpreter_enabled, num_sms
-from ._workspace import scratch
+from ._workspace import scratch, scratch_matrix
 
 # At or below this many rows the GEMV launch. It runs one program row per row of x, so its time grows
 # with M: H200, 4096x11008, 16.5 / 24.4 / 38.8 / 65.1 us at M = 1 / 2 / 4 / 8 against the tiled kernel's
@@ -531,7 +531,7 @@ def _dequant_matmul(
     """Large M: the weight dequantized once into a scratch buffer (read 4 bits, write 16 per weight),
     then the library matmul, which beats a fused kernel that re-dequantizes per row block."""
     k, n = qweight.shape[0], scales.shape[1]
-    w = scratch(x.device, f"awq dequantized weight {x.dtype}", k * n, x.dtype)[: k * n].view(k, n)
+    w = scratch_matrix(x.device, f"awq dequantized weight {x.dtype}", k, n, x.dtype)
     awq_dequantize(qweight, qzeros, scales, group_size, w)
     out = torch.matmul(x, w)
     return out if bias is None else out + bias

@@ -39,7 +39,7 @@ import triton.language as tl
 from . import _checks
 from ._device import interpreter_enabled, resolve_pdl
 from ._pdl import pdl_launch, pdl_launch_dependents, pdl_wait
-from ._workspace import scratch
+from ._workspace import scratch_matrix
 from .awq_gemm import ONE_BITS, _use_asm, _word_plus_one, nibble_pairs_ptx
 from .awq_reference import K_MAJOR_CHUNK
 
@@ -415,10 +415,15 @@ def default_math(x: torch.Tensor) -> str:
 LINEAR_GEMV_MAX_M = {"half2": 6, "fp32": 4}
 
 
+def takes_gemv(x: torch.Tensor) -> bool:
+    """Whether ``int4_linear`` runs ``x [M, K]`` through the GEMV (else dequantize + matmul)."""
+    return x.shape[0] <= LINEAR_GEMV_MAX_M[default_math(x)]
+
+
 def int4_linear(x: torch.Tensor, weight: KMajorInt4, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` for a K-major int4 weight, any number of rows of ``x [M, K]``: the GEMV for decode
     batches, dequantize-then-matmul for prefill."""
-    if x.shape[0] <= LINEAR_GEMV_MAX_M[default_math(x)]:
+    if takes_gemv(x):
         return int4_gemv(x, weight, bias)
     return int4_dequant_linear(x, weight, bias)
 
@@ -427,5 +432,5 @@ def int4_dequant_linear(x: torch.Tensor, weight: KMajorInt4, bias: torch.Tensor 
     """``F.linear`` with the weight dequantized into a scratch buffer first (one launch), then the
     library matmul: ``int4_linear``'s path for prefill-sized ``x``."""
     n, k = weight.out_features, weight.in_features
-    w = scratch(x.device, f"int4 dequantized weight {x.dtype}", n * k, x.dtype)[: n * k].view(n, k)
+    w = scratch_matrix(x.device, f"int4 dequantized weight {x.dtype}", n, k, x.dtype)
     return torch.nn.functional.linear(x, dequantize_int4(weight, w), bias)
