@@ -427,28 +427,29 @@ _PDL = [False]  # what the launchers' pdl_enabled answers for the case being cap
 _PATCHED: list = []
 
 
+# What the launchers ask of the device, answered as an sm_90 GPU would (CPU tensors would always say no).
+_AS_ON_THE_GPU = {
+    "num_sms": lambda device, *a, **k: _SMS[0],
+    "_num_sms": lambda device, *a, **k: _SMS[0],
+    "pdl_enabled": lambda device: _PDL[0],  # off and on, per case
+    "l2_prefetch_supported": lambda device: True,
+}
+
+
 def _patch_sms() -> None:
     """Launchers size grids (split-K, KV partitions) by the SM count, and that becomes constexprs such
-    as K_PER_SPLIT: make every loaded kernels module answer like the GPU, not like the CPU path (8).
-    Their ``pdl_enabled`` answers ``_PDL`` (CPU tensors would always say no)."""
+    as K_PER_SPLIT; whether they use PDL and the L2 prefetch becomes constexprs too: make every loaded
+    kernels module answer ``_AS_ON_THE_GPU``, not like the CPU path."""
     done = {(id(mod), attr) for mod, attr, _ in _PATCHED}
     for mod in list(sys.modules.values()):
         name = getattr(mod, "__name__", "") or ""
         if not name.startswith((PKG + ".", "leanserve.kernels.")):
             continue
-        fn = getattr(mod, "pdl_enabled", None)
-        if callable(fn) and (id(mod), "pdl_enabled") not in done:
-            _PATCHED.append((mod, "pdl_enabled", fn))
-            mod.pdl_enabled = lambda device: _PDL[0]
-        fn = getattr(mod, "l2_prefetch_supported", None)  # as on sm_90, whatever the tensors' device
-        if callable(fn) and (id(mod), "l2_prefetch_supported") not in done:
-            _PATCHED.append((mod, "l2_prefetch_supported", fn))
-            mod.l2_prefetch_supported = lambda device: True
-        for attr in ("num_sms", "_num_sms"):
+        for attr, answer in _AS_ON_THE_GPU.items():
             fn = getattr(mod, attr, None)
             if callable(fn) and (id(mod), attr) not in done:
                 _PATCHED.append((mod, attr, fn))
-                setattr(mod, attr, lambda device, *a, **k: _SMS[0])
+                setattr(mod, attr, answer)
 
 
 def _run_tests(paths: list[str]) -> str:

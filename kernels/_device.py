@@ -41,26 +41,28 @@ def _triton_has_gdc() -> bool:
     return gdc_wait is not None
 
 
+def _compiled_on_sm90(device: torch.device) -> bool:
+    """Compiled kernels (not the interpreter, which cannot run inline PTX) on a CUDA device of compute
+    capability 9.0 or newer."""
+    if device.type != "cuda" or interpreter_enabled():
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _cuda_capability(index) >= (9, 0)
+
+
 def pdl_supported(device: torch.device) -> bool:
     """Whether kernels on ``device`` can be launched with programmatic dependent launch (PDL).
 
     PDL lets a kernel start while the one before it drains: it may load what the previous kernel does
     not write (weights) and then waits for it (``griddepcontrol.wait``) before touching anything else.
-    It needs a CUDA device of compute capability 9.0 or newer; the interpreter cannot run the inline
-    assembly.
+    It needs sm_90+ and a Triton that has the ``griddepcontrol`` wrappers.
     """
-    if device.type != "cuda" or interpreter_enabled() or not _triton_has_gdc():
-        return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _cuda_capability(index) >= (9, 0)
+    return _compiled_on_sm90(device) and _triton_has_gdc()
 
 
 def l2_prefetch_supported(device: torch.device) -> bool:
-    """Whether kernels on ``device`` can issue bulk L2 prefetches (``_prefetch.py``): compiled, sm_90+."""
-    if device.type != "cuda" or interpreter_enabled():
-        return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _cuda_capability(index) >= (9, 0)
+    """Whether kernels on ``device`` can issue bulk L2 prefetches (``_prefetch.py``): sm_90+."""
+    return _compiled_on_sm90(device)
 
 
 def resolve_pdl(device: torch.device, requested: bool | None) -> bool:

@@ -150,7 +150,8 @@ def _gemv_kernel(
     if GATED:
         up_tile = w_tile + N_UP * stride_wn
         w_up = tl.load(up_tile + tl.minimum(k_begin, K - BLOCK_K))
-    prefetch_share(pf_ptr, pf_bytes, pf_piece, pid_n * tl.num_programs(1) + pid_k, PF_PIECES, PF_EARLY)
+    program = pid_n * tl.num_programs(1) + pid_k  # among all, for its share of the prefetch
+    prefetch_share(pf_ptr, pf_bytes, pf_piece, program, PF_PIECES, PF_EARLY)
     # Everything above reads only weights; x (and the workspace) may be the previous kernel's output.
     pdl_wait(USE_PDL)
     pdl_launch_dependents(USE_PDL)
@@ -180,7 +181,7 @@ def _gemv_kernel(
         if GATED:
             w_up = tl.load(up_tile + last)
             acc_up += _tile_sum(w_up, x_tile + last, keep, True, M_PAD, BLOCK_N, CHUNKS, VEC)
-    prefetch_share(pf_ptr, pf_bytes, pf_piece, pid_n * tl.num_programs(1) + pid_k, PF_PIECES, PF_LATE)
+    prefetch_share(pf_ptr, pf_bytes, pf_piece, program, PF_PIECES, PF_LATE)
     y = tl.sum(acc, axis=2)  # [M_PAD, BLOCK_N]
     up = tl.sum(acc_up, axis=2)
 

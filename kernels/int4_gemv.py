@@ -268,6 +268,16 @@ def _int4_gemv_kernel(
 
 
 @triton.jit
+def _pair_plane(lo, hi, zero, scale16, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr):
+    """Nibbles ``j`` (``lo``) and ``j + 4`` (``hi``) of each word, ``[BLOCK_N, 4 * CHUNKS]`` of ``1 + q/16``,
+    dequantized and interleaved as ``[BLOCK_N, CHUNKS, 8]``: entry ``2s + h`` of a chunk is word ``s``'s
+    nibble ``j + 4h``, its input ``8j + 2s + h``."""
+    shape: tl.constexpr = [BLOCK_N, CHUNKS, 4]
+    both = tl.join(tl.reshape((lo - zero) * scale16, shape), tl.reshape((hi - zero) * scale16, shape))
+    return tl.reshape(both, [BLOCK_N, CHUNKS, 8])
+
+
+@triton.jit
 def _int4_dequant_kernel(w_ptr, f_ptr, out_ptr, N, KC, G, one_bits, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
                          GROUP_CHUNKS: tl.constexpr, ASM: tl.constexpr):
     """``W^T [N, K]`` (``nn.Linear``'s layout) in ``out``'s dtype from a ``[BLOCK_N, 4 * CHUNKS]`` tile of
@@ -292,15 +302,10 @@ def _int4_dequant_kernel(w_ptr, f_ptr, out_ptr, N, KC, G, one_bits, BLOCK_N: tl.
     # The chunk's inputs put in order (nibble j + 4h of word s is input 8j + 2s + h) at the price of one
     # layout change: on an H200 the layer took 32 us so, against 60-114 us for four 16-byte stores per
     # chunk from the nibble planes as they come (RESULTS.md, fourth session).
-    shape: tl.constexpr = [BLOCK_N, CHUNKS, 4]
-    a0 = tl.reshape(tl.join(tl.reshape((n0 - zero) * scale16, shape), tl.reshape((n4 - zero) * scale16, shape)),
-                    [BLOCK_N, CHUNKS, 8])
-    a1 = tl.reshape(tl.join(tl.reshape((n1 - zero) * scale16, shape), tl.reshape((n5 - zero) * scale16, shape)),
-                    [BLOCK_N, CHUNKS, 8])
-    a2 = tl.reshape(tl.join(tl.reshape((n2 - zero) * scale16, shape), tl.reshape((n6 - zero) * scale16, shape)),
-                    [BLOCK_N, CHUNKS, 8])
-    a3 = tl.reshape(tl.join(tl.reshape((n3 - zero) * scale16, shape), tl.reshape((n7 - zero) * scale16, shape)),
-                    [BLOCK_N, CHUNKS, 8])
+    a0 = _pair_plane(n0, n4, zero, scale16, BLOCK_N, CHUNKS)
+    a1 = _pair_plane(n1, n5, zero, scale16, BLOCK_N, CHUNKS)
+    a2 = _pair_plane(n2, n6, zero, scale16, BLOCK_N, CHUNKS)
+    a3 = _pair_plane(n3, n7, zero, scale16, BLOCK_N, CHUNKS)
     # [rows, chunks, 8 (2s + h), 2 (j's low bit), 2 (j's high bit)] -> [rows, chunks, j, 2s + h]
     both = tl.join(tl.join(a0, a1), tl.join(a2, a3))
     values = tl.reshape(tl.permute(both, (0, 1, 4, 3, 2)), [BLOCK_N, CHUNKS * 32])
