@@ -23,6 +23,21 @@ def _onednn_bf16() -> bool:
 needs_onednn_bf16 = pytest.mark.skipif(not _onednn_bf16(), reason="oneDNN cannot run bf16 matmuls here")
 
 
+# A real AutoAWQ checkpoint with reference logits, beside the repository (see its README).
+AWQ_FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "tiny-llama-awq"
+needs_awq_fixture = pytest.mark.skipif(not AWQ_FIXTURE.exists(), reason=f"fixture {AWQ_FIXTURE} not found")
+
+
+def random_norms(model) -> None:
+    """Distinct norm weights (a fresh checkpoint has them all 1, which would hide a swapped norm): an
+    ``adjust`` for ``build_tiny_checkpoint``."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.copy_(1 + 0.3 * torch.randn(param.shape, generator=gen))
+
+
 # ChatML-ish, word-level: role and content are separate words so they tokenize to known ids.
 CHAT_SPECIAL = ["<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>", "system", "user", "assistant"]
 CHAT_TEMPLATE = (

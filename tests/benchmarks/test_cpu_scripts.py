@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import needs_onednn_bf16
+from tests.quant.conftest import write_word_text
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
@@ -34,10 +35,9 @@ def test_cpu_decode_times_both_paths_and_finds_them_equal(tiny_llama_dir: Path) 
 @pytest.mark.slow
 @needs_onednn_bf16
 def test_cpu_bf16_measures_speed_and_quality(tiny_llama_dir: Path, tmp_path: Path) -> None:
-    # The tiny checkpoint's vocabulary is the words t0..t299: the held-out "book" is made of them.
     data = tmp_path / "data"
     data.mkdir()
-    (data / "book.txt").write_text(" ".join(f"t{5 + (i * 7) % 290}" for i in range(4000)))
+    write_word_text(data / "book.txt", words=4000)  # the tiny checkpoint's vocabulary, t0..t299
     plot = tmp_path / "bf16.png"
     result = run_script(str(BENCH / "cpu_bf16.py"), "--model", str(tiny_llama_dir), "--rounds", "1", "--iters", "2",
                         "--eval-tokens", "512", "--data-dir", str(data), "--plot", str(plot))

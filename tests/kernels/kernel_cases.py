@@ -91,3 +91,11 @@ def nan_like(t: torch.Tensor) -> torch.Tensor:
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
     atol, rtol = TOLERANCES[dtype]
     torch.testing.assert_close(actual.float(), expected.float(), atol=atol, rtol=rtol)
+
+
+def assert_matches(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    """A matmul-like output (``got`` in ``dtype``) against its fp32 reference: sums of K products of unit
+    normals (|y| ~ sqrt(K)), so the absolute tolerance scales with them."""
+    atol, rtol = TOLERANCES[dtype]
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    torch.testing.assert_close(got.float(), want, atol=atol * want.abs().max().item(), rtol=rtol)

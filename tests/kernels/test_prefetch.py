@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import triton
-import triton.language as tl
-from leanserve.kernels import _prefetch, gemv
 
-from tests.kernels.kernel_cases import DEVICE, generator, randn
-from tests.kernels.test_gemv import assert_matches
+triton = pytest.importorskip("triton")
+
+import triton.language as tl  # noqa: E402
+from leanserve.kernels import _prefetch, gemv  # noqa: E402
+
+from tests.kernels.kernel_cases import DEVICE, assert_matches, generator, randn  # noqa: E402
 
 
 @triton.jit
@@ -70,14 +71,25 @@ def test_off_where_a_bulk_prefetch_cannot_run(monkeypatch: pytest.MonkeyPatch) -
 
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("position", ["early", "late"])
-def test_a_prefetching_gemv_gives_the_same_result(gated: bool, position: str) -> None:
-    """The launcher takes the prefetch arguments; where they cannot run (the interpreter: no PTX) the
-    kernel compiles them out and computes the same. On an sm_90 GPU the GPU test below runs them."""
+def test_a_prefetching_gemv_asks_for_the_tensor_and_gives_the_same_result(
+    gated: bool, position: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The launcher hands ``prefetch_args`` the tensor (none while ``config.prefetch`` is off), shared by
+    all of its programs, one piece per thread. Where the prefetch cannot run (the interpreter: no PTX)
+    the kernel compiles it out and computes the same; on an sm_90 GPU the GPU test below runs it."""
+    asked: list[tuple] = []
+    real = gemv.prefetch_args
+    monkeypatch.setattr(gemv, "prefetch_args", lambda *a: asked.append(a) or real(*a))
     gen = generator(31)
     x, w, after = randn(gen, 1, 96), randn(gen, 48, 96), randn(gen, 300, 20)
-    want = gemv.gemv(x, w, gated=gated, config=gemv.GemvConfig(block_n=8))
-    got = gemv.gemv(x, w, gated=gated, config=gemv.GemvConfig(block_n=8, prefetch=position), prefetch=after)
+    plain, prefetching = gemv.GemvConfig(block_n=8, splits=2), gemv.GemvConfig(block_n=8, splits=2, prefetch=position)
+    want = gemv.gemv(x, w, gated=gated, config=plain, prefetch=after)
+    got = gemv.gemv(x, w, gated=gated, config=prefetching, prefetch=after)
     assert torch.equal(got, want)
+    assert asked[0][0] is None and asked[1][0] is after
+    if not gated:  # (gated launches go unsplit, with rows of their own)
+        plan = gemv._plan(1, 48, 96, x.dtype, x.device, prefetching)
+        assert asked[1][1:3] == (triton.cdiv(48, plan.block_n) * plan.splits, 32 * plan.num_warps)
 
 
 def test_an_unknown_prefetch_position_is_refused() -> None:

@@ -18,12 +18,10 @@ from leanserve.model.loader import load_model
 from leanserve.model.runner import ModelRunner, StepSeq, allocate_kv_cache
 from leanserve.model.sampler import SampleRequest
 from leanserve.sampling_params import SamplingParams
-from tests.conftest import build_tiny_checkpoint, needs_onednn_bf16
-from tests.model.test_llama_fused_decode import random_norms
+from tests.conftest import AWQ_FIXTURE, build_tiny_checkpoint, needs_awq_fixture, needs_onednn_bf16, random_norms
 
 CPU = torch.device("cpu")
 BLOCK = 4
-AWQ_FIXTURE = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "tiny-llama-awq"
 
 
 def decode_steps(model, prompts: list[list[int]], tables: list[list[int]], steps: int) -> list[list[int]]:
@@ -94,7 +92,7 @@ def test_flat_decode_equals_the_layers(
     assert all(equal for _, equal in seen)
 
 
-@pytest.mark.skipif(not AWQ_FIXTURE.exists(), reason=f"fixture {AWQ_FIXTURE} not found")
+@needs_awq_fixture
 def test_flat_decode_equals_the_layers_int4(monkeypatch: pytest.MonkeyPatch) -> None:
     model = load_model(AWQ_FIXTURE, CPU, torch.float32)
     seen = spy_both_paths(monkeypatch)

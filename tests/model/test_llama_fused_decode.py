@@ -20,19 +20,10 @@ from leanserve.model.loader import load_model
 from leanserve.model.runner import ModelRunner, StepSeq, allocate_kv_cache
 from leanserve.model.sampler import SampleRequest
 from leanserve.sampling_params import SamplingParams
-from tests.conftest import build_tiny_checkpoint
+from tests.conftest import build_tiny_checkpoint, random_norms
 
 CPU = torch.device("cpu")
 BLOCK = 4
-
-
-def random_norms(model) -> None:
-    """Distinct norm weights (a fresh checkpoint has them all 1, which would hide a swapped norm)."""
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.copy_(1 + 0.3 * torch.randn(param.shape, generator=gen))
 
 
 def generate(model, prompt: list[int], steps: int) -> list[tuple[int, float, list]]:
@@ -88,7 +79,8 @@ def test_each_projection_is_handed_the_next_ones_weights(tmp_path: Path) -> None
         handed.append((w, prefetch))
         return ref.linear_residual(x, w, b, residual)
 
-    model.decode_ops = backend.DecodeOps(norm_linear, norm_gated_linear, linear_residual, lambda device: 1)
+    model.decode_ops = dataclasses.replace(ref, norm_linear=norm_linear, norm_gated_linear=norm_gated_linear,
+                                           linear_residual=linear_residual, max_rows=lambda device: 1)
     generate(model, [5, 17, 42], 1)  # one decode step through forward_decode
     order = [w for layer in model.model.layers for w in (
         layer.self_attn.qkv_proj.weight, layer.self_attn.o_proj.weight, layer.mlp.gate_up_proj.weight,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,9 +16,7 @@ from leanserve.quant.awq_format import (
     quantization_config,
     quantize_weight,
 )
-
-FIXTURE = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "tiny-llama-awq"
-needs_fixture = pytest.mark.skipif(not FIXTURE.exists(), reason=f"fixture {FIXTURE} not found")
+from tests.conftest import AWQ_FIXTURE, needs_awq_fixture
 
 
 def test_pack_puts_columns_in_awq_nibble_order() -> None:
@@ -63,10 +60,10 @@ def test_quantize_round_trip_and_error_bound() -> None:
     assert ((deq - w).abs() <= step * 1.01).all()  # within one step (the zero point is rounded too)
 
 
-@needs_fixture
+@needs_awq_fixture
 def test_fixture_bits_repack_identically() -> None:
     """Unpack + pack reproduces AutoAWQ's words bit for bit: our writer speaks its format."""
-    with safe_open(str(FIXTURE / "model.safetensors"), "pt") as f:
+    with safe_open(str(AWQ_FIXTURE / "model.safetensors"), "pt") as f:
         for name in ("model.layers.0.self_attn.q_proj.qweight", "model.layers.1.mlp.down_proj.qzeros"):
             t = f.get_tensor(name)
             assert torch.equal(pack_awq(unpack_awq(t)), t)
@@ -80,10 +77,10 @@ def test_quantization_config_shape() -> None:
 
 
 def _reference() -> dict:
-    return json.loads((FIXTURE / "reference_logits.json").read_text())
+    return json.loads((AWQ_FIXTURE / "reference_logits.json").read_text())
 
 
-@needs_fixture
+@needs_awq_fixture
 @pytest.mark.parametrize("backend", ["reference", "int4pack"])
 def test_fixture_logits_through_loader(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from leanserve.model.loader import load_model
@@ -91,7 +88,7 @@ def test_fixture_logits_through_loader(backend: str, monkeypatch: pytest.MonkeyP
 
     monkeypatch.setenv("LEANSERVE_AWQ_BACKEND", backend)
     ref = _reference()
-    model = load_model(FIXTURE, torch.device("cpu"), torch.float32)
+    model = load_model(AWQ_FIXTURE, torch.device("cpu"), torch.float32)
     logits = dense_logits(model, torch.tensor([ref["input_ids"]]))[0]
     expected = torch.tensor(ref["logits_last"])
     scale = expected.abs().max().item()
@@ -108,7 +105,7 @@ def test_fixture_logits_through_loader(backend: str, monkeypatch: pytest.MonkeyP
         assert torch.equal(argmax[clear], exact[clear]) and clear.sum() >= len(exact) - 3
 
 
-@needs_fixture
+@needs_awq_fixture
 def test_fixture_through_engine(monkeypatch: pytest.MonkeyPatch) -> None:
     """The serving path: greedy top-1 at every prompt position and the first generated token."""
     from leanserve.engine.config import EngineConfig
@@ -118,7 +115,7 @@ def test_fixture_through_engine(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setenv("LEANSERVE_AWQ_BACKEND", "reference")
     ref = _reference()
-    engine = LLMEngine(EngineConfig(model=str(FIXTURE), kv_cache_memory=1 << 20, device="cpu"))
+    engine = LLMEngine(EngineConfig(model=str(AWQ_FIXTURE), kv_cache_memory=1 << 20, device="cpu"))
     engine.add_request("r", ref["input_ids"], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1))
     outputs = []
     while engine.has_unfinished_requests():
