@@ -4,9 +4,10 @@
 
 Reads the JSON lines that ``decode_step.py`` and ``quant.py --gpu-only`` printed on the card
 (``h200_decode_step.json``, ``h200_awq.json``, the second to fourth sessions' ``h200_b_*.json``,
-``h200_c_*.json`` and ``h200_d_*.json``) and draws: the
+``h200_c_*.json``, ``h200_d_*.json`` and ``h200_e_*.json``) and draws: the
 1.1B decode step against its weight-read floor (fused and unfused layer ops under CUDA graphs, then
-PDL and the 1-row GEMV, and the full runner step), and the AWQ INT4 GEMM against fp16
+PDL and the 1-row GEMV, the full runner step, and the same model with AWQ int4 projections), and the
+AWQ INT4 GEMM against fp16
 ``torch.matmul`` by batch rows.
 """
 
@@ -35,6 +36,8 @@ def main() -> None:
     # The fourth: the norm fold dropped; AWQ served through the K-major int4 GEMV.
     step_d = json.loads((args.results / "h200_d_decode_step.json").read_text())["gemv_pdl"]["rows"]
     awq_d = json.loads((args.results / "h200_d_awq.json").read_text())
+    # The fifth: the whole model with AWQ int4 projections (fp16, the K-major GEMV).
+    step_int4 = json.loads((args.results / "h200_e_decode_step.json").read_text())["awq_int4"]["rows"]
 
     import matplotlib
 
@@ -57,6 +60,10 @@ def main() -> None:
               label="runner step, 1st session (graph + logits + sampling)")
     left.plot([r["batch"] for r in step_d], [r["step_ms"] for r in step_d], "v-", label="runner step, 4th session")
     left.plot(batches, [1.5 * r["floor_ms"] for r in fused], ":", color="grey", label="bar: 1.5x floor")
+    left.plot([r["batch"] for r in step_int4], [r["graph_ms"] for r in step_int4], "*-", color="tab:cyan",
+              label="CUDA graph, AWQ int4 projections, fp16 (5th session)")
+    left.plot([r["batch"] for r in step_int4], [r["floor_ms"] for r in step_int4], "--", color="tab:cyan",
+              label="floor of the int4 model (0.65 GB read per step)")
     left.set_xscale("log", base=2)
     left.set_xlabel("decode batch (sequences, 512-token contexts)")
     left.set_ylabel("ms per step")
