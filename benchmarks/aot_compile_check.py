@@ -340,23 +340,20 @@ def _cases(modules, full: bool):
                         yield (f"gemv m={m} bias={bias} splits={split} {dtype_name}/{shape_name}(N{n},K{k})", linear)
                 # The decoder's 1-row fusions (gemv.norm_gated_linear, gemv.linear_residual): each is its
                 # own specialisation; and the resident-grid launch (GemvConfig.persistent), plain and fused.
-                # And each with the next weights prefetched into L2 (GemvConfig.prefetch).
-                for fusion, persistent, prefetch in itertools.product(("", "gated", "residual"), (False, True),
-                                                                      (None, "early", "late")):
-                    if not (fusion or persistent or prefetch) or (persistent and prefetch):
+                for fusion, persistent in itertools.product(("", "gated", "residual"), (False, True)):
+                    if not (fusion or persistent):
                         continue
 
-                    def fused(n=n, k=k, fusion=fusion, persistent=persistent, prefetch=prefetch, dtype=dtype):
+                    def fused(n=n, k=k, fusion=fusion, persistent=persistent, dtype=dtype):
                         gated = fusion == "gated"
                         n_out = n // 2 if gated else n
                         res = torch.zeros(1, n_out, dtype=dtype) if fusion == "residual" else None
                         gemv_mod.gemv(torch.zeros(1, k, dtype=dtype), torch.zeros(n, k, dtype=dtype),
                                       residual=res, out=res, gated=gated,
-                                      prefetch=torch.zeros(n, k, dtype=dtype) if prefetch else None,
-                                      config=gemv_mod.GemvConfig(persistent=persistent, prefetch=prefetch))
+                                      config=gemv_mod.GemvConfig(persistent=persistent))
 
-                    yield (f"gemv m=1 {fusion or 'plain'} persistent={persistent} prefetch={prefetch} "
-                           f"{dtype_name}/{shape_name}(N{n},K{k})", fused)
+                    yield (f"gemv m=1 {fusion or 'plain'} persistent={persistent} {dtype_name}/{shape_name}(N{n},K{k})",
+                           fused)
 
         if awq is not None:
             has_gemv_config = "gemv_config" in awq.awq_gemm.__code__.co_varnames
@@ -432,14 +429,13 @@ _AS_ON_THE_GPU = {
     "num_sms": lambda device, *a, **k: _SMS[0],
     "_num_sms": lambda device, *a, **k: _SMS[0],
     "pdl_enabled": lambda device: _PDL[0],  # off and on, per case
-    "l2_prefetch_supported": lambda device: True,
 }
 
 
 def _patch_sms() -> None:
     """Launchers size grids (split-K, KV partitions) by the SM count, and that becomes constexprs such
-    as K_PER_SPLIT; whether they use PDL and the L2 prefetch becomes constexprs too: make every loaded
-    kernels module answer ``_AS_ON_THE_GPU``, not like the CPU path."""
+    as K_PER_SPLIT; whether they use PDL becomes a constexpr too: make every loaded kernels module
+    answer ``_AS_ON_THE_GPU``, not like the CPU path."""
     done = {(id(mod), attr) for mod, attr, _ in _PATCHED}
     for mod in list(sys.modules.values()):
         name = getattr(mod, "__name__", "") or ""

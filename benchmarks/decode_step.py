@@ -25,9 +25,6 @@ All of it for each variant of the model's kernels (``--variants``; all of them b
 - ``gate_apart`` / ``residual_apart``: ``gemv_pdl`` with one of the 1-row fusions taken apart again
   (the SiLU kernel after gate_up; an add after o_proj and down_proj), the other kept. (The third,
   the RMSNorm folded into the next GEMV, lost and was removed: RESULTS.md.)
-- ``l2_prefetch`` / ``l2_prefetch_late``: ``gemv_pdl`` with each 1-row GEMV asking L2 for the next
-  projection's weights before its PDL wait / once its own are loaded (``GemvConfig.prefetch``,
-  ``kernels/_prefetch.py``);
 - ``awq_int4``: the model's own ops on the same model with AWQ int4 projections (random codes, group
   128) in fp16, as an AWQ checkpoint is served: the K-major int4 GEMV for decode batches of up to 6
   rows. Its floor counts the int4 bytes (and the fp16 LM head), so it is a different floor;
@@ -191,8 +188,7 @@ def profile_host_step(runner, seqs, steps: int = 50) -> None:
 
 
 # The GEMV config the model's 1-row linears use, per variant (default: gemv's own, PDL on).
-GEMV_CONFIGS = {"persistent": {"pdl": True, "persistent": True}, "l2_prefetch": {"pdl": True, "prefetch": "early"},
-                "l2_prefetch_late": {"pdl": True, "prefetch": "late"}}
+GEMV_CONFIGS = {"persistent": {"pdl": True, "persistent": True}}
 
 
 def rotary_then_write(apply_rotary, query, key, value, positions, cos, sin, k_cache, v_cache, slot_mapping):
@@ -224,18 +220,17 @@ def kernel_variants(device: torch.device) -> dict[str, tuple[object, bool]]:
     layer_apart = dataclasses.replace(triton_ops, decode=backend.reference_decode_ops())
     variants = {"fused": (cublas, False), "gemv_pdl": (triton_ops, True), "fused_pdl": (cublas, True),
                 "unfused": (unfused, False), "rotary_apart": (apart, True), "layer_apart": (layer_apart, True),
-                "persistent": (triton_ops, True), "l2_prefetch": (triton_ops, True),
-                "l2_prefetch_late": (triton_ops, True), "awq_int4": (triton_ops, True)}
+                "persistent": (triton_ops, True), "awq_int4": (triton_ops, True)}
     # One fusion of DecodeOps at a time taken apart again (the others kept): which of them pays.
     from leanserve.kernels import gemv
     from leanserve.kernels.fused_layers import silu_and_mul
 
     fused = triton_ops.decode
 
-    def gate_apart(x, norm_weight, eps, weight, bias=None, prefetch=None):
-        return silu_and_mul(gemv.norm_linear(x, norm_weight, eps, weight, bias, prefetch))
+    def gate_apart(x, norm_weight, eps, weight, bias=None):
+        return silu_and_mul(gemv.norm_linear(x, norm_weight, eps, weight, bias))
 
-    def residual_apart(x, weight, bias, residual, prefetch=None):
+    def residual_apart(x, weight, bias, residual):
         return residual.add_(gemv.linear(x, weight, bias))
 
     for name, decode in (

@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
 # One lease of a GPU machine, as one script: install the tree, run the kernel and CUDA-graph tests
 # compiled (not interpreted), then the 1.1B decode step by kernel variant (issue 6's open bar) and the
-# projections' GEMVs (matmul_probe: one by one, and a layer's chain, with and without the L2 prefetch of
-# the next weights), then the AWQ GEMM (issue 7's bar, met: 2.70x) and the other diagnostics. Each step
-# has a time limit and its own log under OUT; a failing step does not stop the others. The fourth H200
-# session's first call ran all six steps, with limits cut to 560 s, in 234 s. The default steps are
-# kernel_tests decode_step matmul_probe (450 s of limits); STEPS="awq_bench decode_sweep kernels_bench"
-# runs the rest. The benchmarks print a JSON line per finished part, so a step cut short keeps what it
-# measured.
+# projections' GEMVs (matmul_probe: one by one, and a layer's chain), then the AWQ GEMM (issue 7's bar,
+# met: 2.70x) and the other diagnostics. Each step has a time limit and its own log under OUT; a failing
+# step does not stop the others. The fourth H200 session's first call ran all six steps, with limits cut
+# to 560 s, in 234 s. The default steps are kernel_tests decode_step matmul_probe (450 s of limits);
+# STEPS="awq_bench decode_sweep kernels_bench" runs the rest. The benchmarks print a JSON line per
+# finished part, so a step cut short keeps what it measured.
 #
 #   bash benchmarks/gpu_session.sh [OUT_DIR]     (on the GPU machine, from the repo root)
 set -u
@@ -50,20 +49,19 @@ TESTS=${TESTS:-tests/kernels tests/model/test_cuda_graphs.py tests/model/test_ll
 # shellcheck disable=SC2086
 step kernel_tests "${T_TESTS:-150}" $PY -m pytest -q -n 8 --maxfail=20 -p no:cacheprovider $TESTS
 # The decode step by variant: the model's own ops (PDL, the 1-row GEMV with the gating and residual
-# fusions), the same with each GEMV prefetching the next projection's weights into L2 (untimed), the
-# same without the 1-row layer fusions, cuBLAS + PDL, and the same model with AWQ int4 projections in
-# fp16 (the K-major int4 GEMV; untimed in a whole model). decode_step.py lists the others (rotary_apart,
-# persistent, gate_apart, residual_apart: timed in the fourth H200 session; fused, unfused: the first).
+# fusions), the same without the 1-row layer fusions, cuBLAS + PDL, and the same model with AWQ int4
+# projections in fp16 (the K-major int4 GEMV; untimed in a whole model). decode_step.py lists the others
+# (rotary_apart, persistent, gate_apart, residual_apart: timed in the fourth H200 session; fused, unfused:
+# the first). The L2 prefetch of the next weights, timed in the fifth H200 session, lost and was removed.
 step decode_step "${T_DECODE:-200}" $PY benchmarks/decode_step.py --iters 30 --batches "${DECODE_BATCHES:-1,8,32,64}" \
-    --variants "${DECODE_VARIANTS:-gemv_pdl,l2_prefetch,l2_prefetch_late,layer_apart,fused_pdl,awq_int4}" --profile-host
+    --variants "${DECODE_VARIANTS:-gemv_pdl,layer_apart,fused_pdl,awq_int4}" --profile-host
 # The int4 GEMV sweep at M=1 only by default (the bar); AWQ_SWEEP_M adds the K-major GEMV at 2/4/6/8 rows,
 # the dequantize kernels alone at 16 and the tiled GEMM at 16/64/256.
 step awq_bench "${T_AWQ:-150}" $PY benchmarks/quant.py --gpu-only ${AWQ_SWEEP:---sweep} --sweep-m ${AWQ_SWEEP_M:-1}
 # The decode attention inside a 1.1B model's graph, by the minimum partition length (MIN_PARTITION_TOKENS).
 step decode_sweep "${T_SWEEP:-60}" $PY benchmarks/kernels.py --decode-graph-sweep --iters 30 --warmup 5
 # Where the projections lose (matmul_probe: cuBLAS vs the Triton GEMV on the 1.1B model's projections, PDL
-# off/on, with the L2 prefetch of the next weights, a dependent layer chain, a launch sweep), and the
-# attention kernels.
+# off/on, a dependent layer chain, a launch sweep), and the attention kernels.
 step matmul_probe "${T_PROBE:-100}" $PY benchmarks/decode_step.py --matmul-probe
 step kernels_bench "${T_KERNELS:-60}" $PY benchmarks/kernels.py --iters 50 --warmup 10
 # Not in the default steps: the AWQ GEMV's loads alone (is the grid or the arithmetic the limit?), and

@@ -5,15 +5,13 @@ launch gaps do not count (serving replays graphs too):
 
 - ``matmul_probe``: one call's share of a graph cycling through 8 weight copies (so weights come from
   HBM, not the 60 MB L2): ``F.linear`` (what the model called before), ``torch.mv``, a matmul with the
-  weight stored transposed, and the GEMV with programmatic dependent launch (PDL) off and on, and with
-  PDL and the L2 prefetch of the next copy's weights (``GemvConfig.prefetch`` early / late). The 8
+  weight stored transposed, and the GEMV with programmatic dependent launch (PDL) off and on. The 8
   calls are independent, back to back: with PDL each may start while the one before drains;
 - ``gemv_sweep``: the GEMV's launch parameters (rows per program, warps, K split, and the resident-grid
   launch by programs per SM) per shape, PDL off;
 - ``layer_chain``: one decoder layer's projections as a dependent chain (qkv -> o -> gate_up -> down,
   each reading the previous output), 8 layers of distinct weights per graph: us per layer and % of
-  copy bandwidth for its 88 MB, also with each projection prefetching the next one's weights. This is
-  where PDL and the prefetch can hide each kernel's ramp-up and tail.
+  copy bandwidth for its 88 MB. This is where PDL can hide each kernel's ramp-up and tail.
 """
 
 from __future__ import annotations
@@ -42,7 +40,7 @@ def _gemv(config) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
 
 
 def projections(bandwidth: float) -> list[dict]:
-    from leanserve.kernels.gemv import GemvConfig, gemv
+    from leanserve.kernels.gemv import GemvConfig
 
     variants: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
         "F.linear": F.linear,
@@ -50,7 +48,6 @@ def projections(bandwidth: float) -> list[dict]:
         "gemv+pdl": _gemv(GemvConfig(pdl=True)),
         "persistent+pdl": _gemv(GemvConfig(pdl=True, persistent=True)),
     }
-    early, late = GemvConfig(pdl=True, prefetch="early"), GemvConfig(pdl=True, prefetch="late")
     rows = []
     for name, (out_f, in_f) in SHAPES.items():
         weights = [torch.randn(out_f, in_f, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(COPIES)]
@@ -59,11 +56,6 @@ def projections(bandwidth: float) -> list[dict]:
         for m in ROWS:
             x = torch.randn(m, in_f, device="cuda", dtype=torch.bfloat16)
             calls = {label: [lambda w=w, x=x, f=f: f(x, w) for w in weights] for label, f in variants.items()}
-            # each call asks L2 for the next copy's weights: a chain of projections of this size
-            for label, config in (("gemv+pdl+L2 early", early), ("gemv+pdl+L2 late", late)):
-                calls[label] = [
-                    lambda w=w, x=x, after=weights[(i + 1) % COPIES], c=config: gemv(x, w, config=c, prefetch=after)
-                    for i, w in enumerate(weights)]
             if m in (1, 8):
                 calls["x @ W^T stored"] = [lambda w=w, x=x: x @ w for w in transposed]
             if m == 1:
@@ -117,35 +109,22 @@ def layer_chain(bandwidth: float) -> list[dict]:
     layers = [{name: torch.randn(out_f, in_f, device="cuda", dtype=torch.bfloat16) * 0.02
                for name, (out_f, in_f) in SHAPES.items()} for _ in range(COPIES)]
     nbytes = sum(out_f * in_f * 2 for out_f, in_f in SHAPES.values())
-    from leanserve.kernels.gemv import gemv
-
-    def prefetching(config):  # f(x, weight, the next projection's weight)
-        return lambda x, w, after: gemv(x, w, config=config, prefetch=after)
-
-    def plain(f):
-        return lambda x, w, after: f(x, w)
-
-    variants = {"F.linear": plain(F.linear), "gemv": plain(_gemv(GemvConfig(pdl=False))),
-                "gemv+pdl": plain(_gemv(GemvConfig(pdl=True))),
-                # each projection asks L2 for the next one's weights (the next layer's qkv after down)
-                "gemv+pdl+L2 early": prefetching(GemvConfig(pdl=True, prefetch="early")),
-                "gemv+pdl+L2 late": prefetching(GemvConfig(pdl=True, prefetch="late")),
-                "persistent+pdl": plain(_gemv(GemvConfig(pdl=True, persistent=True))),
-                "persistent+pdl, 3 per SM": plain(_gemv(GemvConfig(pdl=True, persistent=True, programs_per_sm=3)))}
+    variants = {"F.linear": F.linear, "gemv": _gemv(GemvConfig(pdl=False)), "gemv+pdl": _gemv(GemvConfig(pdl=True)),
+                "persistent+pdl": _gemv(GemvConfig(pdl=True, persistent=True)),
+                "persistent+pdl, 3 per SM": _gemv(GemvConfig(pdl=True, persistent=True, programs_per_sm=3))}
     rows = []
     for m in ROWS:
         x = torch.randn(m, SHAPES["qkv"][1], device="cuda", dtype=torch.bfloat16)
 
-        def layer(w: dict[str, torch.Tensor], after: torch.Tensor, f, x=x) -> torch.Tensor:
+        def layer(w: dict[str, torch.Tensor], f, x=x) -> torch.Tensor:
             # Each projection reads the previous one's output (sliced to its input width), as in the model.
-            h = f(x, w["qkv"], w["o"])[:, : SHAPES["o"][1]]
-            h = f(h, w["o"], w["gate_up"])
-            h = f(h, w["gate_up"], w["down"])[:, : SHAPES["down"][1]]
-            return f(h, w["down"], after)
+            h = f(x, w["qkv"])[:, : SHAPES["o"][1]]
+            h = f(h, w["o"])
+            h = f(h, w["gate_up"])[:, : SHAPES["down"][1]]
+            return f(h, w["down"])
 
         for label, f in variants.items():
-            us = graph_us([lambda w=w, i=i, f=f: layer(w, layers[(i + 1) % COPIES]["qkv"], f)
-                           for i, w in enumerate(layers)])
+            us = graph_us([lambda w=w, f=f: layer(w, f) for w in layers])
             rows.append(dict(m=m, variant=label, us_per_layer=us, pct_of_copy=_pct(nbytes, us, bandwidth)))
             print(f"  layer chain M={m} {label:20s} {us:7.1f} us per layer ({nbytes / 1e6:.0f} MB)  "
                   f"{_pct(nbytes, us, bandwidth):5.1f}% of copy")

@@ -60,11 +60,6 @@ def pdl_supported(device: torch.device) -> bool:
     return _compiled_on_sm90(device) and _triton_has_gdc()
 
 
-def l2_prefetch_supported(device: torch.device) -> bool:
-    """Whether kernels on ``device`` can issue bulk L2 prefetches (``_prefetch.py``): sm_90+."""
-    return _compiled_on_sm90(device)
-
-
 def resolve_pdl(device: torch.device, requested: bool | None) -> bool:
     """A launch config's ``pdl`` setting on ``device``: None follows ``pdl_enabled``; True asks for PDL
     where it is supported; False turns it off."""

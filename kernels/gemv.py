@@ -37,7 +37,6 @@ import triton.language as tl
 from . import _checks
 from ._device import num_sms, pdl_enabled, resolve_pdl
 from ._pdl import pdl_launch, pdl_launch_dependents, pdl_wait
-from ._prefetch import prefetch_args, prefetch_share
 from ._workspace import scratch
 from .fused_layers import rms_norm, silu_and_mul
 
@@ -61,16 +60,11 @@ class GemvConfig:
     num_warps: int = 4
     pdl: bool | None = None  # programmatic dependent launch: None as _device.pdl_enabled, True where supported
     # A resident grid of ``programs_per_sm`` programs per SM, each streaming several row blocks
-    # (``_gemv_persistent_kernel``; splits is then ignored, and so is ``gemv``'s prefetch). Off: on an H200
-    # it won on o_proj and down_proj (4.5 vs 5.0, 9.6 vs 10.5 us), lost on qkv and gate_up (6.7 vs 5.3,
-    # 18.7 vs 13.6) and made the 1.1B decode step slower (1.099 vs 1.058 ms, RESULTS.md).
+    # (``_gemv_persistent_kernel``; splits is then ignored). Off: on an H200 it won on o_proj and down_proj
+    # (4.5 vs 5.0, 9.6 vs 10.5 us), lost on qkv and gate_up (6.7 vs 5.3, 18.7 vs 13.6) and made the 1.1B
+    # decode step slower (1.099 vs 1.058 ms, RESULTS.md).
     persistent: bool = False
     programs_per_sm: int = 2
-    # Take ``gemv``'s ``prefetch`` (the next kernel's weights into L2): "early", each program asks before its
-    # PDL wait (overlapping the previous kernel), or "late", once its own weights are loaded (overlapping
-    # its epilogue and the kernels after it). Not yet timed: off (None) by default; ``decode_step.py``'s
-    # ``l2_prefetch`` / ``l2_prefetch_late`` variants and ``matmul_probe``'s prefetching rows time it.
-    prefetch: str | None = None
 
 
 # The launch of the model's GEMVs (``linear`` and the decode fusions), which only take the GEMV with PDL
@@ -111,21 +105,18 @@ def _epilogue(y, up, bias_ptr, res_ptr, w_rows, offs_m, offs_n, N_UP, stride_rm,
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, res_ptr, pf_ptr, pf_bytes, pf_piece,
+    x_ptr, w_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, res_ptr,
     M, N, K, K_SLICE, stride_xm, stride_wn, stride_ym, stride_rm, N_UP,
     M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
     SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PDL: tl.constexpr,
-    RESIDUAL: tl.constexpr, GATED: tl.constexpr, PF_EARLY: tl.constexpr, PF_LATE: tl.constexpr,
-    PF_PIECES: tl.constexpr,
+    RESIDUAL: tl.constexpr, GATED: tl.constexpr,
 ):
     """One (block of ``BLOCK_N`` outputs, slice of K). SPLIT: partials + arrival counter (see module
     docstring); otherwise the program stores its outputs.
 
     Decode fusions (``gemv``'s ``residual`` / ``gated``): RESIDUAL adds ``res`` (which may be ``y``
     itself: each output is read and written by one program) to the result; GATED reads rows ``n`` and
-    ``N_UP + n`` of W (gate and up) and stores ``silu(gate) * up`` as output ``n`` (unsplit only).
-    PF_EARLY / PF_LATE: this program asks L2 for its share of the next kernel's weights (``_prefetch.py``)
-    before its PDL wait / once its own weights are loaded."""
+    ``N_UP + n`` of W (gate and up) and stores ``silu(gate) * up`` as output ``n`` (unsplit only)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     CHUNKS: tl.constexpr = BLOCK_K // VEC
@@ -150,8 +141,6 @@ def _gemv_kernel(
     if GATED:
         up_tile = w_tile + N_UP * stride_wn
         w_up = tl.load(up_tile + tl.minimum(k_begin, K - BLOCK_K))
-    program = pid_n * tl.num_programs(1) + pid_k  # among all, for its share of the prefetch
-    prefetch_share(pf_ptr, pf_bytes, pf_piece, program, PF_PIECES, PF_EARLY)
     # Everything above reads only weights; x (and the workspace) may be the previous kernel's output.
     pdl_wait(USE_PDL)
     pdl_launch_dependents(USE_PDL)
@@ -181,7 +170,6 @@ def _gemv_kernel(
         if GATED:
             w_up = tl.load(up_tile + last)
             acc_up += _tile_sum(w_up, x_tile + last, keep, True, M_PAD, BLOCK_N, CHUNKS, VEC)
-    prefetch_share(pf_ptr, pf_bytes, pf_piece, program, PF_PIECES, PF_LATE)
     y = tl.sum(acc, axis=2)  # [M_PAD, BLOCK_N]
     up = tl.sum(acc_up, axis=2)
 
@@ -381,7 +369,6 @@ def gemv(
     out: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
     gated: bool = False,
-    prefetch: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for ``x [M <= 8, K]`` and ``weight [N, K]`` (same dtype, fp32
     accumulation), in ``x.dtype``. ``out`` is an optional preallocated ``[M, N]`` output.
@@ -391,9 +378,6 @@ def gemv(
     - ``gated``: ``weight`` stacks gate over up (``[2 I, K]``), the output is ``silu_and_mul`` of the
       linear, ``[M, I]`` (always unsplit);
     - ``residual [M, N]``: added to the result; ``out=residual`` updates it in place.
-
-    ``prefetch``: the weights of the kernel that runs next, of which each program asks L2 for its share
-    (``_prefetch.py``; where ``config.prefetch`` is set, on sm_90+, and not with ``persistent``).
 
     Only metadata is checked (no index tensors, so no value checks and nothing for
     ``trusted_inputs()`` to skip). With PDL the first weight tile is read before waiting for the kernel
@@ -436,18 +420,14 @@ def gemv(
         partials, counters = split_workspace(x.device, plan.splits * m * n, blocks)
     else:
         partials = counters = out  # unused
-    if config.prefetch not in (None, "early", "late"):
-        _checks.fail(f"prefetch must be None, 'early' or 'late', got {config.prefetch!r}")
-    pf = prefetch_args(prefetch if config.prefetch else None, blocks * plan.splits, 32 * plan.num_warps, weight)
     _gemv_kernel[(blocks, plan.splits)](
         x, weight, bias if bias is not None else weight, out, partials, counters,
-        residual if residual is not None else out, *pf[:3],
+        residual if residual is not None else out,
         m, n, k, plan.k_slice, x.stride(0), weight.stride(0), out.stride(0),
         residual.stride(0) if residual is not None else 0, n,
         M_PAD=plan.m_pad, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, VEC=plan.vec,
         SPLIT=plan.splits > 1, HAS_BIAS=bias is not None, RESIDUAL=residual is not None,
-        GATED=gated, PF_EARLY=pf[3] and config.prefetch == "early", PF_LATE=pf[3] and config.prefetch == "late",
-        PF_PIECES=32 * plan.num_warps, num_warps=plan.num_warps, **pdl_launch(plan.pdl),
+        GATED=gated, num_warps=plan.num_warps, **pdl_launch(plan.pdl),
     )
     return out
 
@@ -503,28 +483,24 @@ def _fuses(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *ot
 
 
 def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
-                bias: torch.Tensor | None = None, prefetch: torch.Tensor | None = None) -> torch.Tensor:
-    """``linear(rms_norm(x, norm_weight, eps), weight, bias)``: two launches (see above). ``prefetch``
-    here and below: the next projection's weights (``gemv``'s, when ``MODEL_LAUNCH.prefetch``)."""
-    normed = rms_norm(x, norm_weight, eps)
-    if _fuses(normed, weight, bias):
-        return gemv(normed, weight, bias, config=MODEL_LAUNCH, prefetch=prefetch)
-    return linear(normed, weight, bias)
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``linear(rms_norm(x, norm_weight, eps), weight, bias)``: two launches (see above)."""
+    return linear(rms_norm(x, norm_weight, eps), weight, bias)
 
 
 def norm_gated_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
-                      bias: torch.Tensor | None = None, prefetch: torch.Tensor | None = None) -> torch.Tensor:
+                      bias: torch.Tensor | None = None) -> torch.Tensor:
     """``silu_and_mul(linear(rms_norm(x, norm_weight, eps), weight, bias))``: ``weight`` stacks gate and up;
     the norm, then the GEMV with the gating in its epilogue."""
     normed = rms_norm(x, norm_weight, eps)
     if _fuses(normed, weight, bias):
-        return gemv(normed, weight, bias, config=MODEL_LAUNCH, gated=True, prefetch=prefetch)
+        return gemv(normed, weight, bias, config=MODEL_LAUNCH, gated=True)
     return silu_and_mul(linear(normed, weight, bias))
 
 
 def linear_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                    residual: torch.Tensor, prefetch: torch.Tensor | None = None) -> torch.Tensor:
+                    residual: torch.Tensor) -> torch.Tensor:
     """``residual + linear(x, weight, bias)``, written into ``residual`` (the decoder's residual stream)."""
     if _fuses(x, weight, bias, residual):
-        return gemv(x, weight, bias, config=MODEL_LAUNCH, residual=residual, out=residual, prefetch=prefetch)
+        return gemv(x, weight, bias, config=MODEL_LAUNCH, residual=residual, out=residual)
     return residual.add_(linear(x, weight, bias))

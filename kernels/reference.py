@@ -225,19 +225,18 @@ linear = torch.nn.functional.linear
 
 
 def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
-                bias: torch.Tensor | None = None, prefetch: torch.Tensor | None = None) -> torch.Tensor:
-    """``linear(rms_norm(x, norm_weight, eps), weight, bias)``. ``prefetch`` (the next weights, a hint
-    for the GPU kernels) is ignored here, as in the two forms below."""
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``linear(rms_norm(x, norm_weight, eps), weight, bias)``."""
     return linear(rms_norm(x, norm_weight, eps), weight, bias)
 
 
 def norm_gated_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
-                      bias: torch.Tensor | None = None, prefetch: torch.Tensor | None = None) -> torch.Tensor:
+                      bias: torch.Tensor | None = None) -> torch.Tensor:
     """``silu_and_mul(linear(rms_norm(x, norm_weight, eps), weight, bias))``: ``weight`` stacks gate and up."""
     return silu_and_mul(linear(rms_norm(x, norm_weight, eps), weight, bias))
 
 
 def linear_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                    residual: torch.Tensor, prefetch: torch.Tensor | None = None) -> torch.Tensor:
+                    residual: torch.Tensor) -> torch.Tensor:
     """``residual + linear(x, weight, bias)`` (a new tensor; the CUDA form writes into ``residual``)."""
     return linear(x, weight, bias) + residual

@@ -1,9 +1,8 @@
 """The decoder's fused layer path for small decode batches (``LlamaDecoderLayer.forward_decode``).
 
-On CUDA it folds the MLP gating and the residual adds into the projections' GEMVs, and hands each
-GEMV the next projection's weights to prefetch into L2. Here its reference forms run on the CPU: they
-are the same ops in the same order, so the two paths must agree bit for bit, and any wiring mistake (a
-norm's weight on the wrong projection, a residual added twice) shows.
+On CUDA it folds the MLP gating and the residual adds into the projections' GEMVs. Here its reference
+forms run on the CPU: they are the same ops in the same order, so the two paths must agree bit for bit,
+and any wiring mistake (a norm's weight on the wrong projection, a residual added twice) shows.
 """
 
 from __future__ import annotations
@@ -60,35 +59,6 @@ def test_fused_decode_path_equals_the_layer_path(arch: str, tmp_path: Path, monk
     assert got == want
 
 
-def test_each_projection_is_handed_the_next_ones_weights(tmp_path: Path) -> None:
-    """The L2 prefetch chain: qkv -> o_proj -> gate_up -> down_proj -> the next layer's qkv, and after the
-    last layer the LM head (the prefetch is a hint, so only this wiring can be checked on a CPU)."""
-    model = load_model(build_tiny_checkpoint(tmp_path, "llama"), CPU, torch.float32, pack_weights=False)
-    ref = backend.reference_decode_ops()
-    handed: list[tuple[torch.Tensor, torch.Tensor | None]] = []
-
-    def norm_linear(x, nw, eps, w, b=None, prefetch=None):
-        handed.append((w, prefetch))
-        return ref.norm_linear(x, nw, eps, w, b)
-
-    def norm_gated_linear(x, nw, eps, w, b=None, prefetch=None):
-        handed.append((w, prefetch))
-        return ref.norm_gated_linear(x, nw, eps, w, b)
-
-    def linear_residual(x, w, b, residual, prefetch=None):
-        handed.append((w, prefetch))
-        return ref.linear_residual(x, w, b, residual)
-
-    model.decode_ops = dataclasses.replace(ref, norm_linear=norm_linear, norm_gated_linear=norm_gated_linear,
-                                           linear_residual=linear_residual, max_rows=lambda device: 1)
-    generate(model, [5, 17, 42], 1)  # one decode step through forward_decode
-    order = [w for layer in model.model.layers for w in (
-        layer.self_attn.qkv_proj.weight, layer.self_attn.o_proj.weight, layer.mlp.gate_up_proj.weight,
-        layer.mlp.down_proj.weight)]
-    assert [w for w, _ in handed] == order
-    assert all(after is want for (_, after), want in zip(handed, order[1:] + [model.lm_head_weight()], strict=True))
-
-
 def test_fused_decode_path_skips_packed_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Weights packed for oneDNN (or int4) are not the plain matrices forward_decode reads."""
     model = load_model(build_tiny_checkpoint(tmp_path, "llama"), CPU, torch.float32)
@@ -102,12 +72,10 @@ def test_fused_decode_path_skips_packed_weights(tmp_path: Path, monkeypatch: pyt
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("enforce_eager", [True, False])  # eager steps, and the batch-1 CUDA graph
-@pytest.mark.parametrize("prefetch", [None, "early", "late"])  # the GEMVs' L2 prefetch of the next weights
-def test_fused_decode_path_on_cuda_matches_transformers(tiny_llama_dir: Path, enforce_eager: bool, prefetch: str | None,
+def test_fused_decode_path_on_cuda_matches_transformers(tiny_llama_dir: Path, enforce_eager: bool,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """One request at a time, so every decode step is a 1-row batch: with PDL (sm_90+) the fused GEMVs
     run them; greedy tokens equal transformers' in fp32."""
-    from leanserve.kernels import gemv
     from transformers import AutoModelForCausalLM
 
     from leanserve.engine.config import EngineConfig
@@ -115,7 +83,6 @@ def test_fused_decode_path_on_cuda_matches_transformers(tiny_llama_dir: Path, en
     from tests.engine.test_correctness import hf_greedy, random_prompts
 
     monkeypatch.setenv("LEANSERVE_PDL", "1")
-    monkeypatch.setattr(gemv, "MODEL_LAUNCH", gemv.GemvConfig(pdl=True, prefetch=prefetch))
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("the fused path needs PDL (sm_90+)")
     calls = []

@@ -160,23 +160,18 @@ class LlamaDecoderLayer(nn.Module):
         meta: AttentionMetadata,
         rotary: RotaryEmbedding,
         ops: DecodeOps,
-        next_weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The same layer for a small decode batch with fewer launches: the gating in gate_up, the
         residual adds in o_proj and down_proj (``DecodeOps``; the norms stay kernels of their own).
         ``hidden`` is the residual stream itself (``ops.linear_residual`` may update it in place);
-        returns it after the layer. Each projection is handed the weights of the one after it, the last
-        ``next_weight`` (the next layer's qkv), for the kernels that prefetch them into L2."""
+        returns it after the layer."""
         attn, mlp = self.self_attn, self.mlp
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
-        o_w, gate_up_w, down_w = attn.o_proj.weight, mlp.gate_up_proj.weight, mlp.down_proj.weight
-        qkv = ops.norm_linear(hidden, norm1.weight, norm1.eps, attn.qkv_proj.weight, attn.qkv_proj.bias,
-                              prefetch=o_w)
+        qkv = ops.norm_linear(hidden, norm1.weight, norm1.eps, attn.qkv_proj.weight, attn.qkv_proj.bias)
         out = attn.attend(positions, qkv, kv_cache, meta, rotary)
-        hidden = ops.linear_residual(out, o_w, attn.o_proj.bias, hidden, prefetch=gate_up_w)
-        act = ops.norm_gated_linear(hidden, norm2.weight, norm2.eps, gate_up_w, mlp.gate_up_proj.bias,
-                                    prefetch=down_w)
-        return ops.linear_residual(act, down_w, mlp.down_proj.bias, hidden, prefetch=next_weight)
+        hidden = ops.linear_residual(out, attn.o_proj.weight, attn.o_proj.bias, hidden)
+        act = ops.norm_gated_linear(hidden, norm2.weight, norm2.eps, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias)
+        return ops.linear_residual(act, mlp.down_proj.weight, mlp.down_proj.bias, hidden)
 
     def dense(self) -> bool:
         """Whether every projection is a plain ``Linear`` with its weight in place (not int4, not packed
@@ -230,10 +225,8 @@ class LlamaForCausalLM(nn.Module):
         rows = input_ids.shape[0]
         if 0 < rows <= self.decode_ops.max_rows(input_ids.device) and self._dense_layers():
             hidden = self.model.embed_tokens(input_ids)
-            layers = self.model.layers
-            for i, (layer, kv_cache) in enumerate(zip(layers, kv_caches, strict=False)):
-                after = layers[i + 1].self_attn.qkv_proj.weight if i + 1 < len(layers) else self.lm_head_weight()
-                hidden = layer.forward_decode(positions, hidden, kv_cache, meta, self.rotary, self.decode_ops, after)
+            for layer, kv_cache in zip(self.model.layers, kv_caches, strict=False):
+                hidden = layer.forward_decode(positions, hidden, kv_cache, meta, self.rotary, self.decode_ops)
             return self.model.norm(hidden)
         if meta.decode_groups is not None and 0 < rows == meta.num_decode_tokens:
             # Only decodes, laid out by the CPU runner: the flat loop of cpu_decode.py, same result.
