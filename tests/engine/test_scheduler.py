@@ -102,3 +102,49 @@ def test_without_chunking_long_prompt_runs_alone() -> None:
     sched.add(seq("short", 2, arrival=1))
     batch = sched.schedule()
     assert [s.request_id for s in batch.seqs] == ["long"] and batch.num_new_tokens == [10]
+
+
+def test_decodes_go_first_even_behind_an_earlier_long_prefill() -> None:
+    sched = make(max_num_batched_tokens=8)
+    long, short = seq("long", 40, arrival=0.0), seq("short", 2, arrival=1.0)
+    sched.add(long)
+    sched.add(short)
+    finish_step(sched, sched.schedule())  # long's first chunk; short waits for budget
+    for _ in range(3):
+        batch = sched.schedule()
+        new = dict(zip([s.request_id for s in batch.seqs], batch.num_new_tokens))
+        assert batch.num_tokens <= 8
+        if short.num_computed_tokens:  # once short is past its prompt, it decodes every step
+            assert new["short"] == 1
+        finish_step(sched, batch)
+    assert short.num_computed_tokens >= 3 and long.num_uncomputed_tokens > 0
+
+
+def test_a_new_prompt_starts_beside_a_long_prefill_not_after_it() -> None:
+    sched = make(max_num_batched_tokens=16)
+    long = seq("long", 100)
+    sched.add(long)
+    finish_step(sched, sched.schedule())
+    sched.add(seq("new", 3, arrival=1.0))
+    batch = sched.schedule()
+    new = dict(zip([s.request_id for s in batch.seqs], batch.num_new_tokens))
+    # The newcomer's whole prompt runs now; the long prefill keeps the rest of the budget.
+    assert new == {"long": 13, "new": 3}
+
+
+def test_a_long_prompt_waiting_shares_the_budget_with_a_running_prefill() -> None:
+    sched = make(max_num_batched_tokens=16)
+    sched.add(seq("first", 100))
+    finish_step(sched, sched.schedule())
+    sched.add(seq("second", 100, arrival=1.0))
+    batch = sched.schedule()
+    assert dict(zip([s.request_id for s in batch.seqs], batch.num_new_tokens)) == {"first": 8, "second": 8}
+
+
+def test_a_running_prefill_takes_the_whole_budget_when_nobody_can_be_admitted() -> None:
+    sched = make(max_num_batched_tokens=16, max_num_seqs=1)
+    sched.add(seq("long", 100))
+    finish_step(sched, sched.schedule())
+    sched.add(seq("queued", 3, arrival=1.0))  # over max_num_seqs: it cannot start this step
+    batch = sched.schedule()
+    assert [s.request_id for s in batch.seqs] == ["long"] and batch.num_new_tokens == [16]

@@ -1,10 +1,12 @@
 """Continuous batching: which sequences run in the next forward pass, and how many tokens each.
 
 Every step has a token budget (``max_num_batched_tokens``) and a sequence cap (``max_num_seqs``).
-Running sequences go first, in priority order: a decode costs one token, an unfinished prefill takes
-the next chunk that fits the budget (chunked prefill), so a long prompt never stalls everyone's next
-token. Then waiting sequences are admitted while blocks, budget and the cap allow. A sequence leaves
-the moment it finishes. When a running sequence needs a block and none is free, the lowest-priority,
+Running decodes go first, one token each, so a long prompt never stalls anyone's next token. Running
+prefills come next, in priority order, each taking the next chunk that fits (chunked prefill); while
+requests wait, they take at most half of what is left, so that a new prompt starts beside a long one
+rather than after it. Then waiting sequences are admitted while blocks, budget and the cap allow, and
+whatever budget admission leaves goes back to the running prefills. A sequence leaves the moment it
+finishes. When a running sequence needs a block and none is free, the lowest-priority,
 latest-arrived running sequence is preempted: its blocks are freed and it returns to the head of the
 queue to be recomputed later (its tokens so far are kept, so its output is unchanged).
 """
@@ -82,27 +84,52 @@ class Scheduler:
     # ---- one step -------------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
-        budget = self.config.max_num_batched_tokens
         self.running.sort(key=lambda s: s.sort_key)
         scheduled: set[int] = set()
+        budget = self._schedule_running(batch, scheduled, self.config.max_num_batched_tokens, decodes=True)
+        batch.preempted = self._preempted_this_step
+        # Half of what is left is kept for admission while anyone waits: a 6000-token prompt in 256-token
+        # chunks would otherwise hold every new request's first token for its whole prefill.
+        admitting = bool(self.waiting) and not batch.preempted
+        reserve = budget // 2 if admitting else 0
+        budget = self._schedule_running(batch, scheduled, budget - reserve, decodes=False) + reserve
+        batch.preempted = self._preempted_this_step
+        self._preempted_this_step = []
+        if not batch.preempted:  # memory is tight after a preemption: admit nobody until it eases
+            budget = self._admit(batch, budget)
+        self._extend_prefills(batch, budget)
+        return batch
+
+    def _schedule_running(self, batch: ScheduledBatch, scheduled: set[int], budget: int, decodes: bool) -> int:
+        """Schedule the running decodes (``decodes``) or prefills in priority order; the budget left."""
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num_new = min(seq.num_uncomputed_tokens, budget)
+            if id(seq) in scheduled or (seq.num_uncomputed_tokens == 1) != decodes:
+                i += 1
+                continue
             if not self._make_room_for(seq, scheduled):
                 continue  # seq itself was preempted; the list shifted under i
+            num_new = min(seq.num_uncomputed_tokens, budget)
             self.block_manager.append_slot(seq)
             batch.seqs.append(seq)
             batch.num_new_tokens.append(num_new)
             scheduled.add(id(seq))
             budget -= num_new
             i += 1
-        batch.preempted = self._preempted_this_step
-        self._preempted_this_step = []
-        if batch.preempted:
-            return batch  # memory is tight: admit nobody until it eases
-        self._admit(batch, budget)
-        return batch
+        return budget
+
+    @staticmethod
+    def _extend_prefills(batch: ScheduledBatch, budget: int) -> None:
+        """Give budget nobody took to the scheduled prefills' chunks, in batch order. A running sequence
+        holds blocks for all its tokens, so a longer chunk needs none."""
+        for j, seq in enumerate(batch.seqs):
+            if budget <= 0:
+                return
+            extra = min(seq.num_uncomputed_tokens - batch.num_new_tokens[j], budget)
+            if extra > 0:
+                batch.num_new_tokens[j] += extra
+                budget -= extra
 
     def _make_room_for(self, seq: Sequence, scheduled: set[int]) -> bool:
         """Preempt until ``seq`` can take its next slot; False if ``seq`` itself had to go."""
@@ -144,11 +171,12 @@ class Scheduler:
         self.admission_hold_s = hold
         return hold > 0
 
-    def _admit(self, batch: ScheduledBatch, budget: int) -> None:
+    def _admit(self, batch: ScheduledBatch, budget: int) -> int:
+        """Admit waiting sequences while blocks, ``budget`` and the cap allow; the budget left."""
         if self.config.policy == "static" and self.running:
-            return
+            return budget
         if self._hold_for_window(budget):
-            return
+            return budget
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             reserve = self.config.watermark_blocks if self.running else 0
@@ -159,7 +187,7 @@ class Scheduler:
             if num_new > budget and not self.config.enable_chunked_prefill:
                 if batch.seqs:
                     self.block_manager.free(seq)
-                    break
+                    return budget
                 # Without chunking, a prompt over the budget still has to run whole, alone.
                 budget = num_new
             num_new = min(num_new, budget)
@@ -169,3 +197,4 @@ class Scheduler:
             batch.seqs.append(seq)
             batch.num_new_tokens.append(num_new)
             budget -= num_new
+        return budget
