@@ -55,3 +55,22 @@ def test_streaming_holds_back_a_possible_stop_prefix(tokenizer) -> None:
         seen += detok.take_delta(finished=False)
     assert "ST" not in seen  # might still become STOP
     assert detok.take_delta(finished=True).endswith("ST")
+
+
+def test_unchecked_tokens_grow_the_text_but_never_match_a_stop(tokenizer) -> None:
+    """What min_tokens asks of stop strings: one that ends in an unchecked token is never matched later;
+    one that starts there and ends in a checked token is."""
+    ids = tokenizer(" the cat sat on the mat", add_special_tokens=False)["input_ids"]
+    prompt_ids = tokenizer("x")["input_ids"]
+    cat_ends = next(i for i in range(len(ids)) if tokenizer.decode(ids[: i + 1]).endswith("cat"))
+    for stop, want in (("cat", None), ("cat sat", "cat sat")):
+        detok = IncrementalDetokenizer(tokenizer, prompt_ids, stop=[stop])
+        hit, at = None, None
+        for at, token in enumerate(ids):
+            hit = detok.add_token(token, check_stop=at > cat_ends)
+            if hit is not None:
+                break
+        assert hit == want
+        if want:
+            assert at == cat_ends + 1
+            assert detok.text == " the "  # cut where the stop string began, in unchecked text

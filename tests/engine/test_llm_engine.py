@@ -13,7 +13,11 @@ from leanserve.sampling_params import SamplingParams
 
 @pytest.fixture(scope="module")
 def engine(tiny_llama_dir: Path) -> LLMEngine:
-    return LLMEngine(EngineConfig(model=str(tiny_llama_dir), kv_cache_memory=1 << 20, max_model_len=256))
+    # No batching window: it opens with the arrival rate, so the requests of earlier tests could hold a
+    # later test's first step back.
+    return LLMEngine(
+        EngineConfig(model=str(tiny_llama_dir), kv_cache_memory=1 << 20, max_model_len=256, max_batch_wait_ms=0)
+    )
 
 
 def run(engine: LLMEngine, requests: dict[str, tuple[list[int], SamplingParams]]) -> dict[str, list]:
@@ -41,6 +45,76 @@ def test_stop_token_ids_end_the_request(engine: LLMEngine) -> None:
     got = [t for o in cut["s"] for t in o.new_token_ids]
     assert got == tokens[: tokens.index(stop_at) + 1]
     assert cut["s"][-1].finish_reason == "stop" and cut["s"][-1].stop_reason == stop_at
+
+
+def tokens_of(outs: list) -> list[int]:
+    return [t for o in outs for t in o.new_token_ids]
+
+
+NEVER = -1e9  # a logit_bias that keeps a token out, as the min_tokens block should
+
+
+def test_min_tokens_blocks_every_eos_id(tmp_path: Path) -> None:
+    """EOS ids from config.json (a list) and generation_config.json are all held back until min_tokens:
+    the tokens before are greedy's next best, and the first one allowed ends the request."""
+    import json
+
+    from tests.conftest import build_tiny_checkpoint
+
+    model_dir = build_tiny_checkpoint(tmp_path / "multi-eos", "llama", eos_token_id=[1, 7])
+    (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 9]}))
+    engine = LLMEngine(EngineConfig(model=str(model_dir), kv_cache_memory=1 << 20, max_model_len=256))
+    assert engine.eos_token_ids == {1, 7, 9}
+    eos_first = {1: 100.0, 7: 100.0, 9: 100.0}  # greedy picks an EOS at every step
+
+    def params(**kw) -> SamplingParams:
+        return SamplingParams(**{"max_tokens": 12, "temperature": 0.0, "logit_bias": eos_first, **kw})
+
+    outs = run(engine, {  # in one batch: each row is blocked on its own
+        "free": ([5, 6, 7], params()),
+        "held": ([5, 6, 7], params(min_tokens=5)),
+        "ref": ([5, 6, 7], params(max_tokens=5, logit_bias={1: NEVER, 7: NEVER, 9: NEVER})),
+    })
+    assert tokens_of(outs["free"]) in ([1], [7], [9]) and outs["free"][-1].finish_reason == "stop"
+    held = tokens_of(outs["held"])
+    assert held[:5] == tokens_of(outs["ref"]) and len(held) == 6 and held[5] in (1, 7, 9)
+    assert outs["held"][-1].finish_reason == "stop" and outs["held"][-1].stop_reason == held[5]
+
+
+def test_min_tokens_blocks_stop_token_ids(engine: LLMEngine) -> None:
+    first = tokens_of(run(engine, {"f": ([5, 6, 7], SamplingParams(max_tokens=1, temperature=0.0))})["f"])[0]
+    base = {"temperature": 0.0, "ignore_eos": True}
+    outs = run(engine, {
+        "held": ([5, 6, 7], SamplingParams(
+            max_tokens=12, stop_token_ids=[first], logit_bias={first: 100.0}, min_tokens=4, **base)),
+        "ref": ([5, 6, 7], SamplingParams(max_tokens=4, logit_bias={first: NEVER}, **base)),
+    })
+    held = tokens_of(outs["held"])
+    assert held == tokens_of(outs["ref"]) + [first]
+    assert outs["held"][-1].finish_reason == "stop" and outs["held"][-1].stop_reason == first
+
+
+def test_min_tokens_leaves_eos_alone_under_ignore_eos(engine: LLMEngine) -> None:
+    """With ignore_eos EOS ends nothing, so min_tokens has nothing to hold back: it stays sampleable."""
+    eos = engine.tokenizer.eos_token_id
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, min_tokens=3, logit_bias={eos: 100.0})
+    outs = run(engine, {"i": ([5, 6, 7], params)})
+    assert tokens_of(outs["i"]) == [eos] * 5 and outs["i"][-1].finish_reason == "length"
+
+
+def test_min_tokens_delays_stop_strings(engine: LLMEngine) -> None:
+    """Every token is t42 and the stop string is "t42": it ends the request at the min_tokens-th token at
+    the earliest (as in vLLM: the output then holds min_tokens tokens, the last one cut as the stop)."""
+    def params(min_tokens: int) -> SamplingParams:
+        return SamplingParams(max_tokens=10, temperature=0.0, logit_bias={42: 100.0}, stop=["t42"],
+                              min_tokens=min_tokens)
+
+    outs = run(engine, {"free": ([5, 6, 7], params(0)), "held": ([5, 6, 7], params(4))})
+    assert tokens_of(outs["free"]) == [42] and "".join(o.text_delta for o in outs["free"]).split() == []
+    assert tokens_of(outs["held"]) == [42] * 4
+    last = outs["held"][-1]
+    assert last.finish_reason == "stop" and last.stop_reason == "t42"
+    assert "".join(o.text_delta for o in outs["held"]).split() == ["t42"] * 3
 
 
 def test_seed_reproducible_whatever_the_batch(engine: LLMEngine) -> None:

@@ -8,9 +8,11 @@ from leanserve.sampling_params import SamplingParams
 VOCAB = 50
 
 
-def row(prompt: list[int] | None = None, output: list[int] | None = None, **params) -> SampleRequest:
+def row(
+    prompt: list[int] | None = None, output: list[int] | None = None, blocked: tuple[int, ...] = (), **params
+) -> SampleRequest:
     prompt = prompt or [1, 2]
-    return SampleRequest(SamplingParams(**params), prompt + (output or []), len(prompt))
+    return SampleRequest(SamplingParams(**params), prompt + (output or []), len(prompt), blocked)
 
 
 def logits_from_probs(probs: list[float]) -> torch.Tensor:
@@ -89,3 +91,28 @@ def test_repetition_penalty_matches_transformers() -> None:
     ours = Sampler._apply_penalties_and_bias(logits, [request])
     theirs = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([history]), logits.clone())
     assert torch.allclose(ours, theirs)
+
+
+def test_blocked_tokens_are_never_picked_but_keep_their_raw_logprobs() -> None:
+    """One batched -inf write: each row loses only its own ids, greedy falls to the next best, sampled
+    rows never draw them, a bias cannot lift them back, and logprobs stay the raw ones (like logit_bias)."""
+    logits = logits_from_probs([0.6, 0.3, 0.1]).repeat(3, 1)
+    rows = [
+        row(temperature=0.0, logprobs=2, blocked=(0, 10_000, -1)),  # out-of-vocab ids ignored
+        row(temperature=0.0, logprobs=2),
+        row(temperature=0.0, logit_bias={1: 50.0}, blocked=(0, 1)),
+    ]
+    out = Sampler()(logits, rows)
+    assert out.token_ids == [1, 0, 2]
+    raw = torch.log_softmax(logits[0], -1)
+    assert abs(out.logprobs[0] - float(raw[1])) < 1e-6
+    assert [t for t, _ in out.top_logprobs[0]] == [0, 1]  # the blocked id still shows as an alternative
+    sampled = set(Sampler()(logits.repeat(100, 1), [row(blocked=(0,))] * 300).token_ids)
+    assert sampled == {1, 2}
+
+
+def test_blocking_leaves_the_callers_logits_alone() -> None:
+    logits = logits_from_probs([0.6, 0.4])
+    before = logits.clone()
+    assert Sampler()(logits, [row(temperature=0.0, blocked=(0,))]).token_ids == [1]
+    assert torch.equal(logits, before)

@@ -37,8 +37,13 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
-    def add_token(self, token_id: int) -> str | None:
-        """Append one generated token; returns the stop string if the text now contains one."""
+    def add_token(self, token_id: int, check_stop: bool = True) -> str | None:
+        """Append one generated token; returns the stop string if the text now contains one.
+
+        With ``check_stop`` False the text grows but is not searched (a request still short of its
+        ``min_tokens``): a stop string that ends there is then never matched, while one that starts
+        there and ends in a later, checked token still is.
+        """
         self.token_ids.append(token_id)
         prefix = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
         full = self._decode(self.token_ids[self.prefix_offset :])
@@ -53,7 +58,7 @@ class IncrementalDetokenizer:
             del self.token_ids[:drop]
             self.prefix_offset -= drop
             self.read_offset -= drop
-        if not self.stop:
+        if not self.stop or not check_stop:
             return None
         search_from = max(0, before - self._hold)
         best: tuple[int, str] | None = None

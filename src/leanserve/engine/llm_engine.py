@@ -274,7 +274,9 @@ class LLMEngine:
                     num_new=num_new,
                     block_table=seq.block_table,
                     num_prompt_tokens=seq.num_prompt_tokens,
-                    sample=SampleRequest(seq.params, seq.token_ids, seq.num_prompt_tokens)
+                    sample=SampleRequest(
+                        seq.params, seq.token_ids, seq.num_prompt_tokens, self._blocked_token_ids(seq)
+                    )
                     if reaches_end
                     else None,
                     prompt_logprobs=seq.params.prompt_logprobs if want_prompt else None,
@@ -321,13 +323,25 @@ class LLMEngine:
         self.last_step = stats
         return outputs
 
+    def _blocked_token_ids(self, seq: Sequence) -> tuple[int, ...]:
+        """The ids that would end ``seq`` but may not yet: the next token is short of ``min_tokens``."""
+        p = seq.params
+        if seq.num_output_tokens >= p.min_tokens:
+            return ()
+        eos = () if p.ignore_eos else tuple(self.eos_token_ids)
+        return eos + tuple(p.stop_token_ids)
+
     def _check_stop(self, seq: Sequence, token: int) -> FinishReason | None:
         p = seq.params
-        stop_string = self.detokenizers[seq.request_id].add_token(token)
+        # vLLM's min_tokens: the request has at least min_tokens tokens when it ends. Stop tokens were
+        # blocked before sampling them; a stop string is looked for once min_tokens are out (it may end
+        # in the min_tokens-th, as in vLLM: the output then still holds min_tokens tokens).
+        may_stop = seq.num_output_tokens >= p.min_tokens
+        stop_string = self.detokenizers[seq.request_id].add_token(token, check_stop=may_stop)
         if stop_string is not None:
             seq.stop_reason = stop_string
             return FinishReason.STOP
-        if seq.num_output_tokens >= p.min_tokens:
+        if may_stop:
             if not p.ignore_eos and token in self.eos_token_ids:
                 seq.stop_reason = token
                 return FinishReason.STOP

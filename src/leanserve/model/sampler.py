@@ -1,10 +1,11 @@
 """Turn a batch of next-token logits into tokens, each row under its own request's parameters.
 
-Order of operations (per row): logit_bias, repetition / presence / frequency penalties, temperature,
-top-k, top-p, min-p, then sample. Greedy rows take the argmax of the processed logits. Reported
-logprobs are those of the model's own distribution (raw logits), which is what evaluation harnesses
-and the quality metric want. A seeded row draws from a generator keyed on (seed, output index), so
-its tokens do not depend on what else shares the batch, nor on preemption and recomputation.
+Order of operations (per row): logit_bias, repetition / presence / frequency penalties, blocked tokens
+(-inf), temperature, top-k, top-p, min-p, then sample. Greedy rows take the argmax of the processed
+logits. Reported logprobs are those of the model's own distribution (raw logits), which is what
+evaluation harnesses and the quality metric want: neither a bias nor a blocked token changes them.
+A seeded row draws from a generator keyed on (seed, output index), so its tokens do not depend on
+what else shares the batch, nor on preemption and recomputation.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ class SampleRequest:
     params: SamplingParams
     token_ids: list[int]
     num_prompt_tokens: int
+    # Ids this row must not pick this step: the engine fills it with the request's stop tokens while
+    # the output is shorter than ``min_tokens``, so that EOS cannot end it early.
+    blocked_token_ids: tuple[int, ...] = ()
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -57,7 +61,7 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, rows: list[SampleRequest]) -> SamplerOutput:
         logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1)
-        processed = self._apply_penalties_and_bias(logits, rows)
+        processed = self._block_tokens(self._apply_penalties_and_bias(logits, rows), rows)
         greedy = [r.params.greedy for r in rows]
         if all(greedy):
             tokens = processed.argmax(dim=-1)
@@ -106,6 +110,21 @@ class Sampler:
                     logits.dtype
                 )
         return logits
+
+    @staticmethod
+    def _block_tokens(logits: torch.Tensor, rows: list[SampleRequest]) -> torch.Tensor:
+        """Every row's blocked ids at -inf, in one indexed write for the whole batch. Last of the logit
+        edits, so that no bias can lift a blocked token back."""
+        if not any(r.blocked_token_ids for r in rows):
+            return logits
+        vocab = logits.shape[1]
+        # An id outside the vocabulary (a stop_token_ids entry is not range-checked) is never sampled.
+        pairs = [(i, t) for i, r in enumerate(rows) for t in r.blocked_token_ids if 0 <= t < vocab]
+        if not pairs:
+            return logits
+        index = torch.tensor(pairs, dtype=torch.long, device=logits.device).T
+        # Out of place: ``logits`` may be the caller's tensor when no bias or penalty cloned it.
+        return logits.index_put((index[0], index[1]), torch.tensor(float("-inf"), device=logits.device))
 
     @staticmethod
     def _sample(
