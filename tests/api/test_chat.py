@@ -87,6 +87,24 @@ def test_chat_logprobs(client: openai.OpenAI) -> None:
         chat(client, top_logprobs=2)  # needs logprobs=true
 
 
+def test_chat_logprobs_stop_at_the_stop_string(client: openai.OpenAI) -> None:
+    full = chat(client, logprobs=True).choices[0]
+    tokens = [e.token for e in full.logprobs.content]
+    stop = tokens[2][2:] + tokens[3]  # starts inside the third token
+    kept = full.message.content[: full.message.content.index(stop)]
+    for stream in (False, True):
+        if stream:
+            chunks = [c for ch in chat(client, logprobs=True, stop=stop, stream=True) for c in ch.choices]
+            content = "".join(c.delta.content or "" for c in chunks)
+            entries = [e for c in chunks if c.logprobs for e in c.logprobs.content]
+        else:
+            r = chat(client, logprobs=True, stop=stop).choices[0]
+            content, entries = r.message.content, r.logprobs.content
+        assert content == kept and "".join(e.token for e in entries) == kept
+        assert entries[-1].token == tokens[2][:2]  # the cut token keeps its part before the stop
+        assert b"".join(bytes(e.bytes) for e in entries) == kept.encode()
+
+
 def test_chat_content_parts_and_roles(client: openai.OpenAI) -> None:
     parts = [{"role": "developer", "content": "t40 t41"},
              {"role": "user", "content": [{"type": "text", "text": "t50 t51"}, {"type": "text", "text": " t52"}]}]

@@ -126,6 +126,37 @@ def test_stop_strings(client: openai.OpenAI) -> None:
     assert streamed.split() == words[:2]  # the stop string never leaks into the stream
 
 
+def kept_tokens(tokens: list[str], length: int) -> list[str]:
+    """The tokens of a text cut to ``length`` characters: the one the cut falls in keeps its part."""
+    out, at = [], 0
+    for token in tokens:
+        if at >= length:
+            break
+        out.append(token[: length - at])
+        at += len(token)
+    return out
+
+
+def test_stop_string_cuts_logprobs(client: openai.OpenAI) -> None:
+    full = greedy(client, PROMPT, logprobs=1).choices[0]
+    tokens = full.logprobs.tokens
+    stop = tokens[2][2:] + tokens[3]  # " t123" " t45" -> "123 t45": starts inside a token
+    kept = full.text[: full.text.index(stop)]
+    expected = kept_tokens(tokens, len(kept))
+    assert expected[-1] == " t"  # the cut token keeps its part before the stop string
+    r = greedy(client, PROMPT, logprobs=1, stop=stop).choices[0]
+    assert r.text == kept and r.logprobs.tokens == expected
+    assert r.logprobs.text_offset == full.logprobs.text_offset[: len(expected)]
+    assert r.logprobs.token_logprobs == full.logprobs.token_logprobs[: len(expected)]
+    chunks = [c.choices[0] for c in greedy(client, PROMPT, logprobs=1, stop=stop, stream=True)]
+    assert "".join(c.text for c in chunks) == kept
+    assert [t for c in chunks for t in c.logprobs.tokens] == expected
+    # Echoed: the prompt's tokens, then the output's, cut the same way.
+    r = greedy(client, PROMPT, logprobs=1, stop=stop, echo=True).choices[0]
+    assert r.text == PROMPT + kept and r.logprobs.tokens[len(PROMPT_IDS) :] == expected
+    assert r.logprobs.text_offset[-1] == len(PROMPT) + len(kept) - len(expected[-1])
+
+
 def test_seed_and_n(client: openai.OpenAI) -> None:
     kw: dict[str, Any] = dict(model="tiny", prompt=PROMPT, max_tokens=8, temperature=1.0,
                               extra_body={"ignore_eos": True})

@@ -89,6 +89,43 @@ def test_chat_bad_input_is_400(server: ServerThread, body: Any, param: str | Non
     assert_error(post(server, "/v1/chat/completions", body), 400, param=param)
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        # Raw JSON: the escape "\ud800" parses to a lone surrogate.
+        ("/v1/completions", r'{"prompt": "\ud800", "max_tokens": 2}', "prompt"),
+        ("/v1/completions", r'{"prompt": ["t10", "t11 \udc00"], "max_tokens": 2}', "prompt[1]"),
+        ("/v1/completions", r'{"prompt": "t10", "stop": "\ud800"}', "stop"),
+        ("/v1/chat/completions", r'{"messages": [{"role": "user", "content": "t10\ud800"}]}',
+         "messages[0].content"),
+        ("/v1/chat/completions", r'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}]}',
+         "messages[0].content[0].text"),
+        ("/tokenize", r'{"prompt": "\ud800"}', "prompt"),
+        ("/tokenize", r'{"messages": [{"role": "user", "content": "\udfff"}]}', "messages[0].content"),
+    ],
+)
+def test_lone_surrogate_is_400(server: ServerThread, path: str, body: str, param: str) -> None:
+    e = assert_error(post(server, path, body), 400, param=param, code="invalid_value")
+    assert e["type"] == "invalid_request_error"
+    assert f"'{param}'" in e["message"] and "valid Unicode" in e["message"] and "lone surrogate" in e["message"]
+
+
+def test_surrogate_pair_is_one_character(server: ServerThread) -> None:
+    r = post(server, "/tokenize", r'{"prompt": "t10 \ud83d\ude00"}')  # U+1F600, escaped as JSON writes it
+    assert r.status_code == 200 and r.json()["count"] == 2
+
+
+@pytest.mark.parametrize("role", ["system", "developer", "user", "assistant", "tool"])
+def test_chat_message_needs_content(server: ServerThread, role: str) -> None:
+    messages: list[dict[str, Any]] = [{"role": "user", "content": "t10"}, {"role": role}]
+    assert_error(post(server, "/v1/chat/completions", {"messages": messages}), 400, param="messages[1].content",
+                 code="missing_required_parameter")
+    messages[1]["content"] = None
+    assert_error(post(server, "/v1/chat/completions", {"messages": messages}), 400, param="messages[1].content")
+    messages[1]["content"] = ""  # empty content is content
+    assert post(server, "/v1/chat/completions", {"messages": messages, "max_tokens": 1}).status_code == 200
+
+
 def test_context_length_exceeded(server: ServerThread) -> None:
     prompt = list(range(8, 8 + 100))
     e = assert_error(post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 50}), 400,

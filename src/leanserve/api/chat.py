@@ -14,7 +14,7 @@ from fastapi import Request
 from starlette.responses import Response
 
 from leanserve.api.errors import APIError, bad_request
-from leanserve.api.logprobs import chat_logprobs
+from leanserve.api.logprobs import OutputPieces, chat_logprobs
 from leanserve.api.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -36,7 +36,7 @@ from leanserve.api.streaming import (
     sse,
     sse_error,
 )
-from leanserve.api.tokens import TokenText, encode, render_chat
+from leanserve.api.tokens import TokenBytes, encode, render_chat
 from leanserve.api.usage import UsageCounter
 from leanserve.engine.llm_engine import RequestOutput
 
@@ -88,13 +88,13 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     streams = [
         state.generate(f"{request_id}-{i}", prompt_ids, p, priority) for i, p in enumerate(params)
     ]
-    token_texts = [TokenText(tokenizer, prompt_ids) for _ in range(n)]  # per choice: each has its context
+    logprobs = _ChoiceLogprobs(tokenizer, prompt_ids, params[0].skip_special_tokens, n, top_k)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _stream(streams, n, top_k, token_texts, request_id, model_name, include_usage)
+        events = _stream(streams, n, logprobs, request_id, model_name, include_usage)
         return SSEResponse(events, on_close=ticket.release)
     try:
-        replies, usage = await run_until_disconnect(request.receive, _collect(streams, n, top_k, token_texts))
+        replies, usage = await run_until_disconnect(request.receive, _collect(streams, n, logprobs))
     except ClientDisconnected:
         return Response(status_code=499)  # nobody is listening; the requests are aborted
     finally:
@@ -112,16 +112,33 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     return Response(response.model_dump_json(), media_type="application/json")
 
 
+class _ChoiceLogprobs:
+    """Each choice's logprobs as its text arrives (``None`` from ``add`` when none were asked for)."""
+
+    def __init__(
+        self, tokenizer: object, prompt_ids: list[int], skip_special_tokens: bool, n: int, top_k: int | None
+    ) -> None:
+        self.top_k = top_k
+        self.token_bytes = TokenBytes(tokenizer)
+        # One per choice: each reads its tokens in the context of its own earlier ones.
+        self.outputs = [OutputPieces(tokenizer, prompt_ids, skip_special_tokens) for _ in range(n)]
+
+    def add(self, i: int, out: RequestOutput) -> list[ChatTokenLogprob] | None:
+        if self.top_k is None:
+            return None
+        pieces = self.outputs[i].add(out.logprobs or [], out.text_delta, out.finished)
+        return chat_logprobs(pieces, self.token_bytes, self.top_k)
+
+
 async def _collect(
-    streams: list[AsyncIterator[RequestOutput]], n: int, top_k: int | None, token_texts: list[TokenText]
+    streams: list[AsyncIterator[RequestOutput]], n: int, logprobs: _ChoiceLogprobs
 ) -> tuple[list[Reply], UsageCounter]:
     replies = [Reply() for _ in range(n)]
     usage = UsageCounter()
     async for i, out in merge(streams):
         r = replies[i]
         r.text += out.text_delta
-        if top_k is not None and out.logprobs:
-            r.logprobs.extend(chat_logprobs(out.logprobs, token_texts[i], top_k))
+        r.logprobs.extend(logprobs.add(i, out) or [])
         if out.finished:
             r.finish_reason = out.finish_reason
             usage.add(0, out)
@@ -131,8 +148,7 @@ async def _collect(
 async def _stream(
     streams: list[AsyncIterator[RequestOutput]],
     n: int,
-    top_k: int | None,
-    token_texts: list[TokenText],
+    logprobs: _ChoiceLogprobs,
     request_id: str,
     model_name: str,
     include_usage: bool,
@@ -146,11 +162,10 @@ async def _stream(
         for i in range(n):
             yield chunk(ChatChunkChoice(index=i, delta={"role": "assistant", "content": ""}))
         async for i, out in merge(streams):
-            logprobs = None
-            if top_k is not None and out.logprobs:
-                logprobs = ChatLogprobs(content=chat_logprobs(out.logprobs, token_texts[i], top_k))
-            if out.text_delta or logprobs is not None:
-                yield chunk(ChatChunkChoice(index=i, delta={"content": out.text_delta}, logprobs=logprobs))
+            content = logprobs.add(i, out)
+            if out.text_delta or content:
+                chunk_logprobs = ChatLogprobs(content=content) if content is not None else None
+                yield chunk(ChatChunkChoice(index=i, delta={"content": out.text_delta}, logprobs=chunk_logprobs))
             if out.finished:
                 usage.add(0, out)
                 yield chunk(ChatChunkChoice(index=i, delta={}, finish_reason=out.finish_reason))  # type: ignore[arg-type]

@@ -7,8 +7,9 @@ runs that many samples per prompt and keeps the n with the highest cumulative lo
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 from fastapi import Request
 from starlette.responses import Response
@@ -136,6 +137,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     for prompt in prompts:
         if not prompt.text:
             prompt.text = tokenizer.decode(prompt.token_ids) if echo else ""
+    new_builder = partial(_logprobs_builder, tokenizer, prompts, echo, requests[0][1].skip_special_tokens)
 
     ticket = state.admit(len(requests))
     request_id = f"cmpl-{uuid.uuid4().hex}"
@@ -150,7 +152,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _stream(streams(), prompts, n, echo, k, tokenizer, request_id, model_name, include_usage)
+        events = _stream(streams(), prompts, n, echo, k, new_builder, request_id, model_name, include_usage)
         return SSEResponse(events, on_close=ticket.release)
     try:
         samples = await run_until_disconnect(request.receive, _collect(streams(), requests))
@@ -158,7 +160,17 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         return Response(status_code=499)  # nobody is listening; the requests are aborted
     finally:
         ticket.release()
-    return _response(samples, prompts, n, best_of, echo, k, tokenizer, request_id, model_name)
+    return _response(samples, prompts, n, best_of, echo, k, new_builder, request_id, model_name)
+
+
+def _logprobs_builder(
+    tokenizer: object, prompts: list[Prompt], echo: bool, skip_special_tokens: bool, p: int
+) -> CompletionLogprobsBuilder:
+    """Prompt ``p``'s builder: its output reads in the prompt's context, after the echoed prompt."""
+    prompt = prompts[p]
+    return CompletionLogprobsBuilder(
+        tokenizer, prompt.token_ids, skip_special_tokens, text_start=len(prompt.text) if echo else 0
+    )
 
 
 async def _collect(
@@ -180,7 +192,7 @@ def _response(
     best_of: int,
     echo: bool,
     k: int | None,
-    tokenizer: object,
+    new_builder: Callable[[int], CompletionLogprobsBuilder],
     request_id: str,
     model_name: str,
 ) -> Response:
@@ -193,10 +205,10 @@ def _response(
         for j, s in enumerate(group):
             logprobs = None
             if k is not None:
-                builder = CompletionLogprobsBuilder(tokenizer, [] if echo else prompt.token_ids)
+                builder = new_builder(p)
                 if echo:
                     builder.add_prompt(prompt.token_ids, s.prompt_logprobs or [None])
-                builder.add(s.logprobs)
+                builder.add(s.logprobs, s.text, finished=True)
                 logprobs = builder.take()
             choices.append(
                 CompletionChoice(
@@ -216,7 +228,7 @@ async def _stream(
     n: int,
     echo: bool,
     k: int | None,
-    tokenizer: object,
+    new_builder: Callable[[int], CompletionLogprobsBuilder],
     request_id: str,
     model_name: str,
     include_usage: bool,
@@ -229,14 +241,14 @@ async def _stream(
             text = ""
             builder = builders.get(i)
             if builder is None:
-                builder = builders[i] = CompletionLogprobsBuilder(tokenizer, [] if echo else prompts[p].token_ids)
+                builder = builders[i] = new_builder(p)
                 if echo:
                     text = prompts[p].text
                     if k is not None:
                         builder.add_prompt(prompts[p].token_ids, out.prompt_logprobs or [None])
             text += out.text_delta
-            if k is not None and out.logprobs:
-                builder.add(out.logprobs)
+            if k is not None:
+                builder.add(out.logprobs or [], out.text_delta, out.finished)
             logprobs = builder.take() if k is not None else None
             if out.finished:
                 usage.add(p, out)

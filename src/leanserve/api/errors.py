@@ -77,11 +77,36 @@ def _param_of(loc: tuple[Any, ...]) -> str | None:
     return out or None
 
 
+def _is_type_mismatch(kind: str) -> bool:
+    return kind.endswith("_type") or kind.endswith("_parsing")
+
+
+def _within(param: str | None, outer: str | None) -> bool:
+    return outer is None or param == outer or (param or "").startswith((f"{outer}[", f"{outer}."))
+
+
+def _most_telling(errors: list[Any]) -> Any:
+    """The error to report: the first one, unless a union's branches failed before it.
+
+    A value in a union (``prompt``: a string, a list of strings, token ids...) fails every branch,
+    and the type mismatches of the branches it was never meant for come first; the branch its type
+    matched says what is wrong with it (a lone surrogate in ``prompt[1]``).
+    """
+    first = errors[0]
+    if not _is_type_mismatch(first.get("type", "")):
+        return first
+    outer = _param_of(tuple(first.get("loc", ())))
+    for e in errors[1:]:
+        if not _is_type_mismatch(e.get("type", "")) and _within(_param_of(tuple(e.get("loc", ()))), outer):
+            return e
+    return first
+
+
 def validation_error(exc: RequestValidationError) -> APIError:
     errors = exc.errors()
     if not errors:
         return bad_request("invalid request body")
-    first = errors[0]
+    first = _most_telling(list(errors))
     kind = first.get("type", "")
     if kind == "json_invalid":
         return bad_request(f"the request body is not valid JSON: {first.get('msg')}", code="invalid_json")
@@ -90,7 +115,7 @@ def validation_error(exc: RequestValidationError) -> APIError:
         if param is None:
             return bad_request("the request needs a JSON body", code="missing_required_parameter")
         return bad_request(f"missing required parameter: '{param}'", param=param, code="missing_required_parameter")
-    code = "invalid_type" if kind.endswith("_type") or kind.endswith("_parsing") else "invalid_value"
+    code = "invalid_type" if _is_type_mismatch(kind) else "invalid_value"
     where = f"'{param}'" if param else "the request body"
     msg = str(first.get("msg", "invalid value"))
     return bad_request(f"invalid value for {where}: {msg}", param=param, code=code)

@@ -7,18 +7,34 @@ as clients such as evaluation harnesses send extras. ``null`` means "use the def
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
 _INT64 = 1 << 63
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def valid_unicode(text: str) -> str:
+    """Refuse lone surrogates: JSON's "\\ud800" escape parses to one, but it is not a character,
+    so no tokenizer (nor UTF-8) can take it. Every text field is a ``Str``, so this is the one check."""
+    found = _SURROGATE.search(text)
+    if found is None:
+        return text
+    raise PydanticCustomError(
+        "invalid_unicode",
+        f"text must be valid Unicode: it contains a lone surrogate (U+{ord(found.group()):04X}) "
+        f"at character {found.start()}",
+    )
 
 # Strict scalars: JSON numbers for numbers, no NaN or infinities.
 Float = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 Int = Annotated[int, Field(strict=True, ge=-_INT64, lt=_INT64)]
 Bool = Annotated[bool, Field(strict=True)]
-Str = Annotated[str, Field(strict=True)]
+Str = Annotated[str, Field(strict=True), AfterValidator(valid_unicode)]
 TokenIds = list[Annotated[int, Field(strict=True)]]
 
 
@@ -75,7 +91,9 @@ class ContentPart(_Request):
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Str | list[ContentPart] | None = None
+    # Required for every role, as OpenAI does: only an assistant message with tool_calls may omit it,
+    # and this server takes no tools. "" is a message with empty content.
+    content: Str | list[ContentPart]
     name: Str | None = None
 
 

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 from typing import Any
+
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from leanserve.api.errors import APIError, bad_request
 from leanserve.api.protocol import ChatMessage
@@ -46,7 +50,7 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
                     )
                 texts.append(part.text)
             content = "".join(texts)
-        message = {"role": "system" if m.role == "developer" else m.role, "content": content or ""}
+        message = {"role": "system" if m.role == "developer" else m.role, "content": content}
         if m.name is not None:
             message["name"] = m.name
         out.append(message)
@@ -70,37 +74,111 @@ def render_chat(tokenizer: Any, messages: list[ChatMessage], add_generation_prom
 
 
 class TokenText:
-    """Each token's text as it reads in context (" world", not "world"), for logprobs.
+    """Each token's text as it reads in the decoded output (" world", not "world"), for logprobs.
 
-    A token decoded alone loses what depends on its neighbours (SentencePiece's leading space, a
-    word-level tokenizer's separators), so a token's text is what it adds to the decoded text of the
-    few tokens before it. The pieces then concatenate to the text, and ``text_offset`` adds up.
+    The same steps as the engine's incremental detokenizer (``engine/detokenizer.py``), so that the
+    pieces of a choice's tokens concatenate to exactly the text the engine produced: a token is decoded
+    together with the tokens since the last complete character (and a few before them, for merges
+    around a boundary) and adds what lies beyond their text. A token that ends inside a multi-byte
+    character (byte-level BPE splits "¿" into two tokens) adds "", and the character comes with the
+    token that completes it: decoding that token alone would invent a U+FFFD the text never has.
     """
 
     _CONTEXT = 5
 
-    def __init__(self, tokenizer: Any, context: list[int] | None = None) -> None:
+    def __init__(self, tokenizer: Any, context: list[int] | None = None, skip_special_tokens: bool = False) -> None:
         self.tokenizer = tokenizer
-        self.reset(context or [])
+        self.skip_special_tokens = skip_special_tokens
+        self.ids = list((context or [])[-self._CONTEXT :])
+        self.prefix_offset = 0  # ids[prefix_offset:read_offset] decode to text already handed out
+        self.read_offset = len(self.ids)  # ids after it end inside a character, so add nothing yet
+        self._prefix: str | None = None
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
-    def reset(self, context: list[int]) -> None:
-        self.context = list(context[-self._CONTEXT :])
-        self._prefix = None
-
-    def piece(self, token_id: int) -> str:
-        """The text ``token_id`` would add after the current context (the context is unchanged)."""
-        if not self.context:
-            return self._decode([token_id])
+    def _decoded(self, token_id: int) -> tuple[str, str]:
+        """The text before ``token_id`` and the text with it, over the same window of tokens."""
         if self._prefix is None:
-            self._prefix = self._decode(self.context)
-        full = self._decode([*self.context, token_id])
-        if full.startswith(self._prefix):
-            return full[len(self._prefix) :]
-        return self._decode([token_id])
+            self._prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        return self._prefix, self._decode([*self.ids[self.prefix_offset :], token_id])
 
-    def advance(self, token_id: int) -> None:
-        self.context = [*self.context, token_id][-self._CONTEXT :]
+    def peek(self, token_id: int) -> str:
+        """What ``token_id`` would add here, for a top_logprobs alternative (nothing changes).
+
+        An alternative that ends inside a character has no later token to complete it, so its text
+        keeps the U+FFFD (its bytes say exactly what it is).
+        """
+        prefix, full = self._decoded(token_id)
+        return full[len(prefix) :]
+
+    def add(self, token_id: int) -> str:
+        """Append the chosen ``token_id``; returns the text it adds ("" while a character is incomplete)."""
+        prefix, full = self._decoded(token_id)
+        self.ids.append(token_id)
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         self._prefix = None
+        if self.prefix_offset > self._CONTEXT:  # keep the window as short as the decode needs
+            drop = self.prefix_offset - self._CONTEXT
+            del self.ids[:drop]
+            self.prefix_offset -= drop
+            self.read_offset -= drop
+        return full[len(prefix) :]
+
+
+# GPT-2's byte-level BPE alphabet, character -> byte (every byte is one visible character).
+_BYTE_LEVEL = {char: byte for byte, char in bytes_to_unicode().items()}
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _decoder_types(tokenizer: Any) -> set[str]:
+    """The decoder step types of a fast tokenizer's pipeline ("ByteLevel", "ByteFallback", ...)."""
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    if decoder is None:
+        return set()
+    try:
+        spec = json.loads(decoder.__getstate__())
+    except Exception:  # a decoder without a serialized form: nothing to learn from it
+        return set()
+    steps = spec.get("decoders") or [spec]
+    return {step.get("type", "") for step in steps if isinstance(step, dict)}
+
+
+class TokenBytes:
+    """A token's own UTF-8 bytes, for chat logprobs' ``bytes``.
+
+    A token may hold part of a character, so its bytes come from the vocabulary, not from its text:
+    a byte-level BPE token's string maps back to bytes through the byte alphabet, and a SentencePiece
+    byte-fallback token ``<0xC2>`` is that byte (its other tokens are whole characters, "▁" for a
+    space). Other tokens (added and special tokens, word-level vocabularies) hold whole characters:
+    their bytes are those of the text they add ("" for a special token the output skips).
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        types = _decoder_types(tokenizer)
+        self.byte_level = "ByteLevel" in types
+        self.byte_fallback = "ByteFallback" in types
+        self.added = set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+
+    def __call__(self, token_id: int, text: str) -> bytes:
+        """``text`` is what the token adds in its context (used where the vocabulary says nothing)."""
+        raw = self._from_vocabulary(token_id) if token_id not in self.added else None
+        return text.encode("utf-8") if raw is None else raw
+
+    def _from_vocabulary(self, token_id: int) -> bytes | None:
+        if not (self.byte_level or self.byte_fallback):
+            return None
+        token = self.tokenizer.convert_ids_to_tokens(token_id)
+        if not isinstance(token, str):
+            return None
+        if self.byte_level:
+            if not all(c in _BYTE_LEVEL for c in token):
+                return None
+            return bytes(_BYTE_LEVEL[c] for c in token)
+        single = _BYTE_FALLBACK.fullmatch(token)
+        if single:
+            return bytes([int(single.group(1), 16)])
+        return token.replace("\u2581", " ").encode("utf-8")  # SentencePiece writes a space as "▁"
