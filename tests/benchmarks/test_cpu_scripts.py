@@ -47,3 +47,13 @@ def test_cpu_bf16_measures_speed_and_quality(tiny_llama_dir: Path, tmp_path: Pat
     assert quality["tokens"] == 511 and quality["ppl_fp32"] > 1 and 0.5 < quality["top1_agreement"] <= 1
     assert 0 <= quality["mean_kl"] < 0.01 and abs(quality["ppl_bf16"] / quality["ppl_fp32"] - 1) < 0.01
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_long_prompt_ttft_short_request_starts_beside_the_prefill(tiny_llama_dir: Path) -> None:
+    result = run_script(str(BENCH / "long_prompt_ttft.py"), "--model", str(tiny_llama_dir), "--long", "400",
+                        "--after-chunks", "1", "--max-num-batched-tokens", "64")
+    # The short prompt runs in the next step, not after the long one's 5 remaining 64-token chunks.
+    assert result["max_num_batched_tokens"] == 64
+    assert result["short_ttft_steps"] == 1 and result["short_ttft_s"] > 0
+    assert result["long_finished_step"] >= 6  # 336 tokens left, at most 64 a step, then a decode
