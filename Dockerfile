@@ -1,5 +1,7 @@
 # syntax=docker/dockerfile:1
 # leanserve: `docker build -t leanserve:0.1.0 .`, then run with `--gpus all` (or without, on CPU).
+# The image runs `leanserve <command>`: with no arguments it serves; `docker run IMAGE serve --model X`,
+# `docker run IMAGE router --replica URL ...` (compose and deploy/k8s pass the subcommand the same way).
 # torch from PyPI bundles its own CUDA 12.4 user-space libraries; the base image brings the matching
 # CUDA runtime and the NVIDIA container toolkit hooks, the host brings the driver.
 FROM nvidia/cuda:12.4.1-runtime-ubuntu22.04
@@ -16,11 +18,15 @@ ENV DEBIAN_FRONTEND=noninteractive \
     LEANSERVE_HOST=0.0.0.0 \
     LEANSERVE_PORT=8000
 
-# Ubuntu's python3 tracks security updates within the release; pinning its exact build would only
+# Ubuntu's packages track security updates within the release; pinning their exact builds would only
 # break the build when the archive moves on.
+# gcc, libc6-dev and python3-dev are run-time dependencies, not build leftovers: on first use Triton
+# compiles its CUDA launcher, a small C extension that includes Python.h, with the system C compiler.
+# Without them every Triton kernel fails at its first launch. The libcuda.so it links against is the
+# driver's, injected by the NVIDIA container toolkit, so the runtime base image is enough.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv \
+    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv
 
@@ -51,4 +57,7 @@ EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \
     CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('LEANSERVE_PORT', '8000') + '/health', timeout=4)"]
 
-ENTRYPOINT ["leanserve", "serve"]
+# The subcommand lives in CMD so that whatever a consumer passes (compose `command`, Kubernetes `args`)
+# replaces it rather than being appended to `serve`.
+ENTRYPOINT ["leanserve"]
+CMD ["serve"]

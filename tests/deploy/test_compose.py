@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from tests.deploy.conftest import ROOT
+from tests.deploy.containers import compose_argv, image_config
 
 COMPOSE = ROOT / "docker-compose.yml"
 SCHEMA_PACKAGE = "docker-compose==1.29.2"  # its wheel ships the compose-spec JSON schema
@@ -110,7 +111,7 @@ def test_profiles_and_gpu_reservations(compose) -> None:
 
 def test_router_fronts_both_replicas(compose) -> None:
     router = compose["services"]["router"]
-    argv = router["entrypoint"] + router["command"]
+    argv = compose_argv(image_config(), router)
     assert argv[:2] == ["leanserve", "router"]
     replicas = [argv[i + 1] for i, a in enumerate(argv) if a == "--replica"]
     assert replicas == ["http://leanserve-a:8000", "http://leanserve-b:8000"]

@@ -8,29 +8,7 @@ import subprocess
 import pytest
 
 from tests.deploy.conftest import ROOT
-
-DOCKERFILE = ROOT / "Dockerfile"
-
-
-def instructions(text: str) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) pairs, continuation lines joined and comments dropped."""
-    logical, current = [], ""
-    for line in text.splitlines():
-        stripped = line.strip()
-        if not current and (not stripped or stripped.startswith("#")):
-            continue
-        if current and stripped.startswith("#"):
-            continue  # a comment inside a continued instruction
-        if stripped.endswith("\\"):
-            current += stripped[:-1] + " "
-            continue
-        logical.append(current + stripped)
-        current = ""
-    out = []
-    for item in logical:
-        keyword, _, args = item.partition(" ")
-        out.append((keyword.upper(), re.sub(r"\s+", " ", args).strip()))
-    return out
+from tests.deploy.containers import DOCKERFILE, apt_packages, image_config, instructions, stages
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +63,10 @@ def test_packages_pinned_and_model_wheel_without_deps(steps) -> None:
 
 
 def test_entrypoint_cache_volume_and_copied_paths(steps) -> None:
-    entry = [args for kw, args in steps if kw == "ENTRYPOINT"]
-    assert entry and entry[-1].replace(" ", "") == '["leanserve","serve"]'
+    # The subcommand is CMD, so compose `command` and Kubernetes `args` replace it instead of following
+    # it (tests/deploy/test_containers.py parses every deployment's resulting argv).
+    image = image_config()
+    assert image.entrypoint == ["leanserve"] and image.cmd == ["serve"]
     volumes = " ".join(args for kw, args in steps if kw == "VOLUME")
     env = " ".join(args for kw, args in steps if kw == "ENV")
     assert "/cache" in volumes and "LEANSERVE_CACHE_DIR=/cache" in env
@@ -95,6 +75,22 @@ def test_entrypoint_cache_volume_and_copied_paths(steps) -> None:
             for source in args.split()[:-1]:
                 if not source.startswith("--"):
                     assert (ROOT / source).exists(), f"COPY source {source} is not in the repo"
+
+
+def test_gpu_stage_can_compile_triton_launchers(steps) -> None:
+    """Triton builds a C extension (it includes Python.h) with the system compiler at first launch."""
+    final = stages(steps)[-1]
+    assert final[0][1].startswith("nvidia/cuda:"), "the final stage is not the CUDA image"
+    packages = apt_packages(final)
+    assert packages & {"gcc", "clang"} or any(re.fullmatch(r"(gcc|clang)-\d+", p) for p in packages), packages
+    assert "libc6-dev" in packages, "a compiler without libc headers and crt files cannot link"
+    assert any(re.fullmatch(r"(lib)?python3(\.\d+)?-dev", p) for p in packages), "no Python headers"
+
+
+def test_apt_packages_parser() -> None:
+    stage = instructions("FROM a:1\nRUN apt-get update && apt-get install -y --no-install-recommends x y=1.2 "
+                         "&& rm -rf /var/lib/apt/lists/*\nRUN pip install gcc\n")
+    assert apt_packages(stages(stage)[0]) == {"x", "y"}
 
 
 def test_parser_handles_continuations() -> None:
