@@ -29,7 +29,8 @@ def create_app(config: RouterConfig, transport: httpx.AsyncBaseTransport | None 
     app.state.router = router
 
     async def proxied(request: Request) -> Response:
-        return await router.forward(request.method, request.url.path, await request.body(), request.headers)
+        body = await request.body()
+        return await router.forward(request.method, request.url.path, body, request.headers, request.receive)
 
     for path in ("/v1/completions", "/v1/chat/completions"):
         app.add_api_route(path, proxied, methods=["POST"], include_in_schema=False)

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+import sys
+from collections.abc import Callable
+from urllib.parse import urlsplit
 
 from leanserve.router.autoscaler import AutoscalerConfig
+from leanserve.router.discovery import parse_target
 from leanserve.router.policies import POLICIES
 from leanserve.router.proxy import RouterConfig
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+# Their INFO lines are one per health and metrics poll: ~4 a second per replica at the defaults.
+CHATTY_LOGGERS = ("httpx", "httpcore")
 
 
 def add_router_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,7 +43,7 @@ def add_router_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-replicas", type=int, default=8, help="autoscaler ceiling")
     p.add_argument("--ttft-target", type=float, default=1.0, help="autoscaler p95 TTFT target (s)")
     p.add_argument("--e2e-target", type=float, default=10.0, help="autoscaler p95 e2e target (s)")
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-level", default="info", metavar="LEVEL", help=f"one of {', '.join(LOG_LEVELS)}")
 
 
 def add_router_subcommand(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -60,12 +69,101 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
     )
 
 
+# ---- validation: every mistake is one line and exit status 2 before anything starts ------------
+
+def _check_targets(args: argparse.Namespace) -> str | None:
+    if not (args.replica or args.canary or args.discover):
+        return "nowhere to send requests: give --replica URL (repeatable) or --discover HOST:PORT"
+    return None
+
+
+def _url_problem(url: str) -> str | None:
+    # Caught here, a URL without a scheme would otherwise wait for a health check that never passes.
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # a port that is not a number in 0-65535 raises only when read
+    except ValueError as exc:
+        return str(exc)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "want http://HOST:PORT or https://HOST:PORT"
+    return None
+
+
+def _check_urls(args: argparse.Namespace) -> str | None:
+    for flag, urls in (("--replica", args.replica), ("--canary", args.canary)):
+        for url in urls:
+            if problem := _url_problem(url):
+                return f"{flag} {url!r}: {problem}"
+    return None
+
+
+def _check_discover(args: argparse.Namespace) -> str | None:
+    if args.discover is None:
+        return None
+    try:
+        parse_target(args.discover)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _check_numbers(args: argparse.Namespace) -> str | None:
+    rules: tuple[tuple[str, float, Callable[[float], bool], str], ...] = (
+        ("--canary-weight", args.canary_weight, lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+        ("--max-attempts", args.max_attempts, lambda v: v >= 1, "must be 1 or more"),
+        ("--poll-interval", args.poll_interval, lambda v: v > 0, "must be greater than 0"),
+        ("--eject-after", args.eject_after, lambda v: v >= 1, "must be 1 or more"),
+        ("--readmit-after", args.readmit_after, lambda v: v >= 1, "must be 1 or more"),
+        ("--replica-max-concurrency", args.replica_max_concurrency, lambda v: v >= 1, "must be 1 or more"),
+        ("--latency-target", args.latency_target, lambda v: v >= 0, "must be 0 (off) or more"),
+        ("--prefix-chars", args.prefix_chars, lambda v: v >= 1, "must be 1 or more"),
+        ("--port", args.port, lambda v: 0 <= v <= 65535, "must be a port number in 0-65535"),
+        ("--min-replicas", args.min_replicas, lambda v: v >= 1, "must be 1 or more"),
+        ("--max-replicas", args.max_replicas, lambda v: v >= args.min_replicas, "must be >= --min-replicas"),
+        ("--ttft-target", args.ttft_target, lambda v: v > 0, "must be greater than 0"),
+        ("--e2e-target", args.e2e_target, lambda v: v > 0, "must be greater than 0"),
+    )
+    for flag, value, ok, rule in rules:
+        if not math.isfinite(value) or not ok(value):  # float() takes "nan" and "inf"
+            return f"{flag} {rule}, got {value}"
+    return None
+
+
+def _check_log_level(args: argparse.Namespace) -> str | None:
+    if args.log_level.lower() not in LOG_LEVELS:
+        return f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {args.log_level!r}"
+    return None
+
+
+def argument_error(args: argparse.Namespace) -> str | None:
+    """The first thing wrong with the router's arguments, or None."""
+    checks = (_check_targets, _check_urls, _check_discover, _check_numbers, _check_log_level)
+    return next((problem for check in checks if (problem := check(args))), None)
+
+
+def _fail(message: str) -> int:
+    print(f"leanserve router: error: {message}", file=sys.stderr)
+    return 2
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    chatty = logging.DEBUG if level.lower() == "debug" else logging.WARNING
+    for name in CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(chatty)
+
+
 def run_router(args: argparse.Namespace) -> int:
+    if problem := argument_error(args):
+        return _fail(problem)
     import uvicorn
 
     from leanserve.router.app import create_app
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    app = create_app(config_from_args(args))
+    try:
+        app = create_app(config_from_args(args))
+    except ValueError as exc:  # a combination the checks above do not know about yet
+        return _fail(str(exc))
+    configure_logging(args.log_level)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
     return 0

@@ -9,7 +9,8 @@ import socket
 
 def parse_target(target: str) -> tuple[str, int]:
     host, _, port = target.rpartition(":")
-    if not host or not port.isdigit():
+    # A URL ("http://svc:8000") would split into a host no resolver knows: refuse it, not retry it forever.
+    if not host or "/" in host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"--discover wants HOST:PORT, got {target!r}")
     return host, int(port)
 

@@ -8,11 +8,13 @@ import json
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
+import anyio
 import httpx
 from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from leanserve.router.autoscaler import Autoscaler, AutoscalerConfig, FleetMetrics
 from leanserve.router.discovery import parse_target, resolve_async
@@ -20,6 +22,7 @@ from leanserve.router.health import probe, record_check
 from leanserve.router.metrics import RouterMetrics
 from leanserve.router.policies import choose_pool, make_policy
 from leanserve.router.replica import LatencyWindow, ReplicaState
+from leanserve.router.sse import EventWatch, upstream_failed_event
 
 log = logging.getLogger("leanserve.router")
 
@@ -39,6 +42,68 @@ def openai_error(status: int, message: str, type_: str, code: str | None = None)
 
 def _forwardable(headers: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in headers.items() if k.lower() not in DROP_HEADERS}
+
+
+def _uncompressed(headers: dict[str, str]) -> dict[str, str]:
+    """Ask for an identity-encoded body: the router reads a stream's events to tell a complete
+    answer from a cut one, which it cannot do through gzip."""
+    out = {k: v for k, v in headers.items() if k.lower() != "accept-encoding"}
+    out["accept-encoding"] = "identity"
+    return out
+
+
+def _readable_events(upstream: httpx.Response) -> bool:
+    content_type = upstream.headers.get("content-type", "")
+    encoding = upstream.headers.get("content-encoding", "identity")
+    return content_type.startswith("text/event-stream") and encoding in ("", "identity")
+
+
+async def _chain(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    if first:
+        yield first
+    async for chunk in rest:
+        yield chunk
+
+
+async def _wait_for_disconnect(receive: Receive) -> None:
+    # The body was read before routing, so the next message the server has for us is the disconnect.
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_client_leaves(receive: Receive, work: Awaitable[Response]) -> Response:
+    """Await `work`; if the client disconnects first, cancel it (which closes the upstream
+    connection, so the replica aborts the generation) and answer nobody."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        # Stop listening before anything else calls receive(): a StreamingResponse listens too.
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if task.cancelled():
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+    return task.result()
+
+
+class _RelayedStream(StreamingResponse):
+    """A StreamingResponse that runs `on_close` however it ends, also when the client left before the
+    body started: a generator that never ran has no `finally` to release the replica with."""
+
+    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], Awaitable[None]],
+                 headers: Mapping[str, str]) -> None:
+        super().__init__(content, status_code=200, headers=headers)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._on_close()
 
 
 def prompt_key(body: dict) -> str:
@@ -159,11 +224,25 @@ class Router:
         if not urls:
             return
         known = {r.url for r in self.replicas}
-        static = set(self.config.replicas) | set(self.config.canaries)
+        static = {u.rstrip("/") for u in (*self.config.replicas, *self.config.canaries)}
         for url in urls:
             if url not in known:
                 self._add(url, canary=False)
+        dropped = [r for r in self.replicas if r.url not in urls and r.url not in static]
         self.replicas = [r for r in self.replicas if r.url in urls or r.url in static]
+        for r in dropped:
+            self._retire(r)
+
+    def _retire(self, r: ReplicaState) -> None:
+        log.info("%s left the discovered set", r.url)
+        r.retired = True
+        if r.in_flight == 0:
+            self._forget(r)  # else the last request on it to finish does (see _release)
+
+    def _forget(self, r: ReplicaState) -> None:
+        # The same address can come back (a pod restarted in place): its series are the new one's then.
+        if all(x.url != r.url for x in self.replicas):
+            self.metrics.forget(r.url)
 
     def _record(self, r: ReplicaState, ok: bool) -> None:
         change = record_check(r, ok, self.config.eject_after, self.config.readmit_after)
@@ -202,11 +281,23 @@ class Router:
         return self.policy.choose(pool, key)
 
     def _release(self, r: ReplicaState) -> None:
+        """The last thing an attempt does to `r`'s metrics: a retired replica's series go after it."""
         r.in_flight -= 1
         self.metrics.in_flight.labels(r.url).set(r.in_flight)
+        if r.retired and r.in_flight == 0:
+            self._forget(r)
 
-    async def forward(self, method: str, path: str, body: bytes, headers: Mapping[str, str]) -> Response:
-        """Send to a replica; on a failure before any byte reached the client, try another one."""
+    async def forward(self, method: str, path: str, body: bytes, headers: Mapping[str, str],
+                      receive: Receive | None = None) -> Response:
+        """Send to a replica; on a failure before any byte reached the client, try another one.
+
+        With the client's `receive`, a client that disconnects before the answer is in hand has its
+        upstream request closed too, so the replica stops generating for nobody.
+        """
+        work = self._forward(method, path, body, headers)
+        return await (work if receive is None else _unless_client_leaves(receive, work))
+
+    async def _forward(self, method: str, path: str, body: bytes, headers: Mapping[str, str]) -> Response:
         assert self._client is not None
         parsed: dict = {}
         if body:
@@ -215,6 +306,8 @@ class Router:
         stream = bool(parsed.get("stream"))
         key = prompt_key(parsed)
         out_headers = _forwardable(headers)
+        if stream:
+            out_headers = _uncompressed(out_headers)
         tried: set[str] = set()
         last: Response | None = None
         for attempt in range(self.config.max_attempts):
@@ -257,15 +350,22 @@ class Router:
         except httpx.HTTPError as exc:
             if upstream is not None:
                 await upstream.aclose()
-            self._release(r)
             self.metrics.requests.labels(r.url, "error").inc()
             if isinstance(exc, httpx.TransportError):
                 self._record(r, ok=False)  # passive health: don't wait for the poller to notice
+            self._release(r)
             log.warning("attempt on %s failed: %r", r.url, exc)
             return openai_error(502, f"replica failed: {type(exc).__name__}", "upstream_error",
                                 "upstream_failed")
-        self._release(r)
+        except asyncio.CancelledError:
+            # The client left (see forward). Count and release first: the close below is an await.
+            self.metrics.requests.labels(r.url, "cancelled").inc()
+            self._release(r)
+            if upstream is not None:
+                await asyncio.shield(upstream.aclose())  # the closed connection is the replica's abort
+            raise
         self.metrics.requests.labels(r.url, str(upstream.status_code)).inc()
+        self._release(r)
         if upstream.status_code == 200:
             elapsed = time.monotonic() - t0
             r.e2e.add(elapsed)
@@ -284,25 +384,54 @@ class Router:
         self.metrics.ttfb.labels(r.url).observe(ttfb)
         self.metrics.requests.labels(r.url, "200").inc()
 
+        watch = EventWatch(sse=_readable_events(upstream))
+
         async def body() -> AsyncIterator[bytes]:
-            completed = False
+            failure: httpx.HTTPError | None = None  # None and no [DONE]: closed cleanly, but cut short
             try:
-                if first:
-                    yield first
-                async for chunk in chunks:  # raw bytes, yielded as they arrive: no re-buffering
-                    yield chunk
-                completed = True
+                async for chunk in _chain(first, chunks):  # yielded as they arrive, whole events only
+                    if whole := watch.feed(chunk):
+                        yield whole
+                if tail := watch.finish():
+                    yield tail
             except httpx.HTTPError as exc:
-                # Bytes already went to the client, so no retry: end the stream and let it see that.
-                log.warning("stream from %s broke mid-way: %r", r.url, exc)
+                failure = exc
+            if watch.done:  # a connection that broke after [DONE] still delivered the whole answer
+                self._stream_completed(r, t0)
+                return
+            # Bytes already went to the client, so no retry: tell it the answer is cut short.
+            self._stream_failed(r, failure, watch)
+            if watch.sse:
+                yield upstream_failed_event(_describe(failure))
+
+        stream = body()
+
+        async def close() -> None:
+            try:
+                with anyio.CancelScope(shield=True):
+                    await stream.aclose()  # a generator left suspended at a yield must not hold on
+                    await upstream.aclose()
             finally:
-                await upstream.aclose()
                 self._release(r)
-                if completed:
-                    elapsed = time.monotonic() - t0
-                    r.e2e.add(elapsed)
-                    self.fleet_e2e.add(elapsed)
 
         headers = _forwardable(upstream.headers)
         headers["x-leanserve-replica"] = r.url
-        return StreamingResponse(body(), status_code=200, headers=headers)
+        return _RelayedStream(stream, close, headers)
+
+    def _stream_completed(self, r: ReplicaState, t0: float) -> None:
+        elapsed = time.monotonic() - t0
+        r.e2e.add(elapsed)
+        self.fleet_e2e.add(elapsed)
+
+    def _stream_failed(self, r: ReplicaState, failure: httpx.HTTPError | None, watch: EventWatch) -> None:
+        reason = "truncated" if failure is None else "error"
+        log.warning("stream from %s broke mid-way (%s), %d bytes of an unfinished event dropped",
+                    r.url, _describe(failure), watch.dropped)
+        self.metrics.stream_failures.labels(r.url, reason).inc()
+        if isinstance(failure, httpx.TransportError):
+            self._record(r, ok=False)  # a replica that died mid-stream is as down as one that refuses
+
+
+
+def _describe(failure: httpx.HTTPError | None) -> str:
+    return "closed without [DONE]" if failure is None else type(failure).__name__

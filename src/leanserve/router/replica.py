@@ -47,6 +47,7 @@ class ReplicaState:
     p95_latency_s: float = 0.0  # recent router-measured end-to-end p95
     weight: float = 1.0  # relative capacity (a bigger GPU gets a larger share)
     canary: bool = False
+    retired: bool = False  # discovery dropped it; its metric series go once nothing is in flight
     # Router bookkeeping, not routing inputs.
     in_flight_at_poll: int = 0
     consecutive_failures: int = 0
