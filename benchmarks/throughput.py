@@ -44,6 +44,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from leanserve.settings import parse_kv_cache_memory
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "pride_and_prejudice.txt"
 HF_STATIC_BATCH = 8
@@ -144,7 +146,7 @@ class TimedModel:
 
 # ---- 1. our engine ------------------------------------------------------------------------------
 def run_engine(
-    model: str | None, requests: Sequence[Request], threads: int, kv_cache_memory: float | None = None
+    model: str | None, requests: Sequence[Request], threads: int, kv_cache_memory: float | int | None = None
 ) -> Result:
     from leanserve.engine.config import EngineConfig
     from leanserve.engine.llm_engine import LLMEngine
@@ -397,10 +399,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--data", default=str(DEFAULT_DATA), help="a text file to cut prompts from")
     p.add_argument(
         "--kv-cache-memory",
-        type=float,
+        type=parse_kv_cache_memory,
         default=None,
-        help="engine KV budget: a fraction of free memory (<= 1) or bytes; default: the engine's own (0.9, max 4 GiB "
-        "on CPU). Tests use a small one because zeroing 4 GiB takes seconds.",
+        help="engine KV budget, as the server reads it (0.5, 90%%, 8GiB, bytes); default: the engine's own (0.9, max "
+        "4 GiB on CPU). Tests use a small one because zeroing 4 GiB takes seconds.",
     )
     # One thread by default: on a shared 2-core box, 2 OpenMP threads stall on each other's barriers whenever a
     # neighbour holds a core (decode steps measured 3x slower at load ~4), and HF's continuous batching loop runs
@@ -437,8 +439,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     model_dir = Path(resolve_model_path(args.model))
     requests = build_requests(AutoTokenizer.from_pretrained(model_dir), workload)
 
-    kv = args.kv_cache_memory
-    engine = run_engine(args.model, requests, args.threads, kv if kv is None or kv <= 1 else int(kv))
+    engine = run_engine(args.model, requests, args.threads, args.kv_cache_memory)
     torch.set_num_threads(args.threads)  # the engine set it already; repeated here so the HF phases state it
     results = [engine]
     static = continuous = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -235,3 +236,23 @@ def test_failed_load_stops_the_server(start_server: Callable[..., ServerThread],
     s.thread.join(timeout=30)
     assert not s.thread.is_alive() and s.state.status == "failed"
     assert "no such checkpoint" in (s.state.load_error or "")
+
+
+def test_failed_load_logs_one_error_line_and_the_trace_at_debug(start_server: Callable[..., ServerThread],
+                                                                monkeypatch: pytest.MonkeyPatch,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """The operator gets the model and the reason on one ERROR line; the stack is for --log-level debug."""
+    def broken(settings: Any) -> Any:
+        raise ValueError("unsupported GGUF tensor 'rope_freqs.weight'")
+
+    monkeypatch.setattr(server_module, "build_engine", broken)
+    caplog.set_level(logging.DEBUG, logger=server_module.logger.name)
+    s = start_server(inject=False, wait_ready=False)
+    s.thread.join(timeout=30)
+    assert not s.thread.is_alive() and s.state.status == "failed"
+    records = [r for r in caplog.records if r.name == server_module.logger.name]
+    errors = [r for r in records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].exc_info is None
+    message = errors[0].getMessage()
+    assert s.state.settings.model in message and "rope_freqs.weight" in message and "\n" not in message
+    assert any(r.levelno == logging.DEBUG and r.exc_info for r in records)

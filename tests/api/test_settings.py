@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
 from leanserve.cli import build_parser, serve_overrides
-from leanserve.settings import ServerSettings, default_model_name, load_settings
+from leanserve.settings import (
+    STANDALONE_ENV_VARS,
+    ServerSettings,
+    SettingsError,
+    default_model_name,
+    describe_validation_error,
+    load_settings,
+)
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = ROOT / "configs"
 
 
 @pytest.fixture(autouse=True)
@@ -18,7 +27,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     import os
 
     for key in list(os.environ):
-        if key.startswith("LEANSERVE_"):
+        if key.upper().startswith("LEANSERVE_"):
             monkeypatch.delenv(key)
 
 
@@ -44,7 +53,7 @@ def test_config_path_from_env_and_errors(tmp_path: Path, monkeypatch: pytest.Mon
     config.write_text("drain_timeout_s: 3\n")
     monkeypatch.setenv("LEANSERVE_CONFIG", str(config))
     assert load_settings().drain_timeout_s == 3
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(SettingsError, match="config file not found"):
         load_settings(config=str(tmp_path / "missing.yaml"))
     config.write_text("engine:\n  max_num_seqz: 3\n")  # a typo is an error, not a silent default
     with pytest.raises(ValidationError):
@@ -103,3 +112,116 @@ def test_cli_lists_subcommands() -> None:
     parser = build_parser()
     choices = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
     assert "serve" in choices and "router" in choices
+
+
+# ---- one reading of kv_cache_memory, whatever the source ----------------------------------------------
+def kv_from_every_source(text: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """kv_cache_memory as settings hold it when ``text`` comes from the flag, the environment and YAML
+    (as YAML reads it: a number stays a number)."""
+    flag = serve_overrides(build_parser().parse_args(["serve", "--kv-cache-memory", text]))
+    from_flag = load_settings(**flag).engine.kv_cache_memory
+    monkeypatch.setenv("LEANSERVE_ENGINE__KV_CACHE_MEMORY", text)
+    from_env = load_settings().engine.kv_cache_memory
+    monkeypatch.delenv("LEANSERVE_ENGINE__KV_CACHE_MEMORY")
+    config = tmp_path / "kv.yaml"
+    config.write_text(f"engine:\n  kv_cache_memory: {text}\n")
+    from_yaml = load_settings(config=str(config)).engine.kv_cache_memory
+    return [from_flag, from_env, from_yaml]
+
+
+KV_MEANINGS = {
+    "1": 1.0,  # all free memory, never one byte
+    "0.5": 0.5,
+    "90%": 0.9,
+    "1073741824": 1 << 30,
+    "4e9": 4_000_000_000,
+    "512MiB": 512 << 20,
+    "8GiB": 8 << 30,
+    "4GB": 4_000_000_000,
+}
+
+
+def test_kv_cache_memory_means_the_same_from_every_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for text, meaning in KV_MEANINGS.items():
+        values = kv_from_every_source(text, tmp_path, monkeypatch)
+        assert values == [meaning] * 3, text
+        # A fraction stays a float and bytes an int: that is how the engine tells them apart.
+        assert all(type(v) is type(meaning) for v in values), (text, values)
+
+
+def test_kv_cache_memory_refuses_nonsense_from_every_source(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "kv.yaml"
+    for text in ("0", "-1", "1.5", "nan", "inf", "true", "150%", "8XB", "lots"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", "--kv-cache-memory", text])
+        monkeypatch.setenv("LEANSERVE_ENGINE__KV_CACHE_MEMORY", text)
+        with pytest.raises(ValidationError, match="kv_cache_memory"):
+            load_settings()
+        monkeypatch.delenv("LEANSERVE_ENGINE__KV_CACHE_MEMORY")
+        config.write_text(f"engine:\n  kv_cache_memory: {text}\n")
+        with pytest.raises(ValidationError, match="kv_cache_memory"):
+            load_settings(config=str(config))
+
+
+# ---- values checked wherever they come from -----------------------------------------------------------
+def test_device_dtype_and_numbers_are_checked_from_every_source(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    for env, value in (("ENGINE__DEVICE", "tpu"), ("ENGINE__DTYPE", "int3"), ("COST__USD_PER_GPU_HOUR", "nan"),
+                       ("DRAIN_TIMEOUT_S", "inf"), ("SCHEDULER__MAX_BATCH_WAIT_MS", "-1")):
+        monkeypatch.setenv(f"LEANSERVE_{env}", value)
+        with pytest.raises(ValidationError) as info:
+            load_settings()
+        message = describe_validation_error(info.value)
+        assert "\n" not in message and env.lower().replace("__", ".") in message, message
+        monkeypatch.delenv(f"LEANSERVE_{env}")
+    config = tmp_path / "c.yaml"
+    config.write_text("engine:\n  device: cuda:x\n")
+    with pytest.raises(ValidationError, match="must be auto, cpu, cuda or cuda:N"):
+        load_settings(config=str(config))
+    assert load_settings(engine={"device": "cuda:1"}).engine.device == "cuda:1"  # present or not: checked at start
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ("port: [8000\n", "not valid YAML: .* at line 2"),
+    ("- port\n- 8000\n", "must be a mapping of settings .* not a list"),
+    ("8000\n", "must be a mapping of settings .* not a number"),
+])
+def test_the_config_file_must_be_a_yaml_mapping(text: str, needle: str, tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(text)
+    with pytest.raises(SettingsError, match=needle) as info:
+        load_settings(config=str(config))
+    assert "\n" not in str(info.value)
+    config.write_text("")  # an empty file is no settings, not a mistake
+    assert load_settings(config=str(config)).port == 8000
+
+
+# ---- LEANSERVE_* environment variables ---------------------------------------------------------------
+def test_unknown_environment_variables_are_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LEANSERVE_MODEL_CACHE", "/x")  # a typo of LEANSERVE_CACHE_DIR
+    with pytest.raises(SettingsError, match="unknown environment variable LEANSERVE_MODEL_CACHE.*LEANSERVE_CACHE_DIR"):
+        load_settings()
+    monkeypatch.delenv("LEANSERVE_MODEL_CACHE")
+    monkeypatch.setenv("leanserve_prot", "9000")  # pydantic-settings reads names in any case
+    with pytest.raises(SettingsError, match="leanserve_prot"):
+        load_settings()
+    monkeypatch.delenv("leanserve_prot")
+    for name in STANDALONE_ENV_VARS:
+        if name != "LEANSERVE_CONFIG":
+            monkeypatch.setenv(name, "0")
+    monkeypatch.setenv("LEANSERVE_PORT", "9000")
+    monkeypatch.setenv("LEANSERVE_ENGINE__SEED", "3")
+    s = load_settings()
+    assert (s.port, s.engine.seed) == (9000, 3)
+
+
+def test_the_standalone_list_names_every_variable_the_code_reads() -> None:
+    """Each LEANSERVE_* name read straight from the environment in src/ or kernels/ is listed, and each
+    listed name is still read somewhere (or the list would excuse typos of a variable long gone)."""
+    read = re.compile(r"""(?:environ(?:\.get)?|getenv)\s*[(\[]\s*["'](LEANSERVE_[A-Z0-9_]+)["']""")
+    found: set[str] = set()
+    for folder in (ROOT / "src", ROOT / "kernels"):
+        for path in folder.rglob("*.py"):
+            found |= set(read.findall(path.read_text()))
+    assert found == set(STANDALONE_ENV_VARS), (found, set(STANDALONE_ENV_VARS))

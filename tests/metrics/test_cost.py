@@ -108,3 +108,83 @@ def test_registered_in_the_main_cli() -> None:
     cli = pytest.importorskip("leanserve.cli")
     args = cli.build_parser().parse_args(["cost", "--throughput", "100"])
     assert args.func is run_cost
+
+
+# ---- nonsense in, an error out (never NaN or negative dollars) ------------------------------------
+NONSENSE = [
+    ("--usd-per-gpu-hour", "-1"), ("--usd-per-gpu-hour", "nan"), ("--usd-per-gpu-hour", "0"),
+    ("--requests-per-day", "0"), ("--requests-per-day", "-100"), ("--output-tokens-per-day", "inf"),
+    ("--output-tokens-per-request", "-5"), ("--output-tokens-per-request", "0"), ("--req-s", "-1"),
+    ("--throughput", "inf"), ("--throughput", "nan"), ("--gpus-per-replica", "0"),
+    ("--batching-gain", "0"), ("--int4-gain", "nan"), ("--target-utilization", "1.5"),
+    ("--baseline-throughput", "-3"),
+]
+
+
+def test_flags_refuse_nonsense_with_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    for flag, value in NONSENSE:
+        argv = [flag, value] if flag == "--throughput" else ["--throughput", "500", flag, value]
+        with pytest.raises(SystemExit) as exit_info:
+            parse(*argv)
+        assert exit_info.value.code == 2, (flag, value)
+        assert f"argument {flag}:" in capsys.readouterr().err, (flag, value)
+
+
+@pytest.mark.parametrize(("fields", "needle"), [
+    ({"output_tok_s": math.nan, "req_s": 1.0}, "output_tok_s must be a finite number greater than 0"),
+    ({"output_tok_s": 100.0, "req_s": -1.0}, "req_s must be a finite number greater than 0"),
+    ({"output_tok_s": 100.0, "num_gpus": 0}, "num_gpus must be a whole number greater than 0"),
+])
+def test_benchmark_fields_are_checked_like_flags(fields: dict, needle: str, tmp_path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps(fields))  # json writes NaN, and json.loads reads it back
+    assert run_cost(parse("--bench", str(bench))) == 2
+    err = capsys.readouterr().err
+    assert needle in err and str(bench) in err
+
+
+def test_json_output_is_strict_json(capsys: pytest.CaptureFixture[str]) -> None:
+    def strict(text: str) -> dict:
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the JSON output"))
+
+    assert run_cost(parse("--throughput", "500", "--json")) == 0
+    report = strict(capsys.readouterr().out)
+    assert report["plan"]["usd_per_1k_requests"] > 0
+    # Zero traffic used to print NaN per 1K requests with status 0.
+    with pytest.raises(SystemExit):
+        parse("--throughput", "500", "--requests-per-day", "0", "--json")
+
+
+def test_both_traffic_figures_give_the_tokens_per_request() -> None:
+    # 1e9 tokens over 1e6 requests is 1000 tokens a request, not the assumed 200.
+    report = build_report(parse("--throughput", "500", "--requests-per-day", "1e6",
+                                "--output-tokens-per-day", "1e9"))
+    assert report["throughput"]["req_s"] == pytest.approx(0.5)
+    assert not any("tokens per request" in a for a in report["assumptions"])
+    plan = report["plan"]
+    assert (plan["requests_per_day"], plan["output_tokens_per_day"]) == (1e6, 1e9)
+    with pytest.raises(ValueError, match="at most two of"):
+        build_report(parse("--throughput", "500", "--requests-per-day", "1e6", "--output-tokens-per-day", "1e9",
+                           "--output-tokens-per-request", "300"))
+    # A measured ratio still counts when the traffic gives only one figure.
+    report = build_report(parse("--throughput", "500", "--req-s", "2", "--output-tokens-per-day", "1e9"))
+    assert report["plan"]["requests_per_day"] == pytest.approx(1e9 / 250)
+
+
+def test_plan_fleet_refuses_inputs_with_no_meaningful_plan() -> None:
+    tp = cost.Throughput(1000.0, 10.0)
+    traffic = cost.Traffic(requests_per_day=1e6)
+    for bad in (
+        lambda: cost.plan_fleet(tp, traffic, usd_per_gpu_hour=math.nan),
+        lambda: cost.plan_fleet(tp, traffic, usd_per_gpu_hour=-1.0),
+        lambda: cost.plan_fleet(cost.Throughput(math.inf, 10.0), traffic, 2.0),
+        lambda: cost.plan_fleet(cost.Throughput(1000.0, 10.0, gpus_per_replica=0), traffic, 2.0),
+        lambda: cost.plan_fleet(tp, cost.Traffic(requests_per_day=0.0), 2.0),
+        lambda: cost.plan_fleet(tp, cost.Traffic(output_tokens_per_day=-5.0), 2.0),
+    ):
+        with pytest.raises(ValueError):
+            bad()
+    # A free host is a plan (nothing costs anything, so nothing is saved), not a division by zero.
+    table = cost.savings_table(tp, traffic, 0.0, [cost.Lever("a", 2.0, "")])
+    assert [row.saving_vs_baseline for row in table.rows] == [0.0, 0.0]

@@ -174,3 +174,47 @@ def test_require_tool_skips_outside_ci_and_fails_in_ci(monkeypatch: pytest.Monke
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception, match="CI must install it"):
         require_tool(None, "x", "apt-get install x")
+
+
+def test_millisecond_latencies_land_in_fine_buckets() -> None:
+    """A ~1 ms decode step (an H200) and a few ms in the queue each get a bucket of their own; vLLM's
+    buckets started at 10 ms and 0.3 s, so every such percentile was interpolated inside the first."""
+    clock = Clock()
+    collector = EngineCollector(fake_engine(), settings_for_test(), GpuSampler(nvml=None), clock=clock)
+    prefill = StepStats(num_seqs=1, num_prefill_tokens=10, step_seconds=0.007)
+    decode = StepStats(num_seqs=1, num_decode_tokens=1, step_seconds=0.0012)
+    times = dict(arrival_time=0.0, first_scheduled_time=0.003, first_token_time=0.010)  # 3 ms queued
+    pending = collector.recorder.pending
+    pending.append((0.010, prefill, [output("r1", 1, **times)]))
+    pending.append((0.0112, decode, [output("r1", 2, **times)]))  # 1.2 ms apart
+    pending.append((0.0124, decode, [output("r1", 3, finished=True, **times)]))
+    clock.now = 10.0
+    s = render(collector)
+
+    def only_in(family: str, le: float, below: float) -> None:
+        cumulative = dict(s.buckets(family))
+        assert cumulative[below] == 0 and cumulative[le] == cumulative[float("inf")], (family, cumulative)
+
+    only_in("vllm:inter_token_latency_seconds", le=0.0015, below=0.001)
+    only_in("vllm:time_per_output_token_seconds", le=0.0015, below=0.001)
+    only_in("vllm:request_queue_time_seconds", le=0.005, below=0.0025)
+    only_in("vllm:request_prefill_time_seconds", le=0.01, below=0.005)
+
+
+def test_latency_buckets_keep_every_vllm_boundary() -> None:
+    """Dashboards and alerts written for vLLM may pick a vLLM ``le``; each must still be there."""
+    from leanserve.metrics import collector as c
+
+    vllm_itl = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                20.0, 40.0, 80.0)
+    vllm_request = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+                    240.0, 480.0, 960.0, 1920.0, 7680.0)
+    collector = EngineCollector(fake_engine(), settings_for_test(), GpuSampler(nvml=None), clock=Clock())
+    s = render(collector)
+    for family, vllm, first in (("vllm:inter_token_latency_seconds", vllm_itl, 0.001),
+                                ("vllm:request_queue_time_seconds", vllm_request, 0.001),
+                                ("vllm:e2e_request_latency_seconds", vllm_request, 0.3)):
+        bounds = [le for le, _ in s.buckets(family)]
+        assert set(vllm) <= set(bounds), family
+        assert bounds == sorted(bounds) and min(b for b in bounds if b >= first) == first, family
+    assert c.ITL_BUCKETS[0] < 0.001 and c.QUEUE_AND_PREFILL_BUCKETS[0] == 0.001

@@ -76,11 +76,7 @@ async def _load(app: FastAPI, state: ServerState) -> None:
         # On a thread of its own that then ends, not an executor thread that lives on (cpu_threads).
         engine = await asyncio.to_thread(run_on_own_thread, build_engine, state.settings)
     except Exception as exc:
-        logger.exception("the model failed to load")
-        state.status = "failed"
-        state.load_error = f"{type(exc).__name__}: {exc}"
-        if state.on_load_failure is not None:
-            state.on_load_failure()
+        _load_failed(state, exc)
         return
     await asyncio.to_thread(freeze_heap)
     engine.start()
@@ -88,6 +84,29 @@ async def _load(app: FastAPI, state: ServerState) -> None:
     if state.status == "loading":
         state.status = "ready"
     _engine_ready(app, engine, state.settings)
+
+
+def _load_failed(state: ServerState, exc: Exception) -> None:
+    """Say once, on one line, which model failed and why, then stop the server (exit status 1).
+
+    What fails here is the model's content (a damaged file, an unsupported tensor), so the operator
+    needs the file and the reason; the stack is for a developer, at debug level. The process exits
+    rather than answering 503 forever, so an orchestrator restarts it and shows the failure.
+    """
+    state.status = "failed"
+    state.load_error = f"{type(exc).__name__}: {exc}"
+    logger.error("the model %s failed to load: %s", _describe_model(state.settings.model), state.load_error)
+    logger.debug("where the model load failed", exc_info=exc)
+    if state.on_load_failure is not None:
+        state.on_load_failure()
+
+
+def _describe_model(model: str | None) -> str:
+    if model is not None:
+        return model
+    from leanserve.model.embedded import EMBEDDED_MODEL_NAME
+
+    return f"{EMBEDDED_MODEL_NAME} (the embedded default)"
 
 
 @contextlib.asynccontextmanager

@@ -86,7 +86,9 @@ class Traffic:
                 raise ValueError("output tokens per request unknown: give req/s or tokens per day")
             toks = reqs * tokens_per_request
         if reqs is None:
-            reqs = toks / tokens_per_request if tokens_per_request else 0.0
+            if not tokens_per_request:
+                raise ValueError("output tokens per request unknown: give requests per day or req/s")
+            reqs = toks / tokens_per_request
         return float(reqs), float(toks)
 
 
@@ -108,12 +110,22 @@ def plan_fleet(
     usd_per_gpu_hour: float,
     target_utilization: float = DEFAULT_TARGET_UTILIZATION,
 ) -> FleetPlan:
-    """Replicas needed so the average load stays at ``target_utilization`` of measured capacity."""
-    if throughput.output_tok_s <= 0:
-        raise ValueError("throughput must be positive")
+    """Replicas needed so the average load stays at ``target_utilization`` of measured capacity.
+
+    Raises ValueError on inputs with no meaningful plan (NaN, infinite, zero or negative), which
+    would otherwise come out as NaN or negative dollars, or as one replica for infinite capacity.
+    """
+    _require_positive("throughput", throughput.output_tok_s)
+    if throughput.req_s is not None:
+        _require_positive("requests/s", throughput.req_s)
+    if throughput.gpus_per_replica < 1:
+        raise ValueError(f"GPUs per replica must be at least 1, got {throughput.gpus_per_replica}")
+    _require_non_negative("price per GPU-hour", usd_per_gpu_hour)
     if not 0.0 < target_utilization <= 1.0:
         raise ValueError("target utilization must be in (0, 1]")
     reqs, toks = traffic.resolve(throughput.output_tokens_per_request)
+    _require_positive("requests per day", reqs)
+    _require_positive("output tokens per day", toks)
     demand_tok_s = toks / SECONDS_PER_DAY
     replicas = max(1, math.ceil(demand_tok_s / (throughput.output_tok_s * target_utilization) - 1e-9))
     gpus = replicas * throughput.gpus_per_replica
@@ -128,6 +140,16 @@ def plan_fleet(
         output_tokens_per_day=toks,
         utilization=demand_tok_s / (replicas * throughput.output_tok_s),
     )
+
+
+def _require_positive(what: str, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{what} must be a finite number greater than 0, got {value!r}")
+
+
+def _require_non_negative(what: str, value: float) -> None:
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{what} must be a finite number of at least 0, got {value!r}")
 
 
 # ---- the four levers ----------------------------------------------------------------------------
@@ -188,6 +210,8 @@ def savings_table(
 ) -> SavingsTable:
     """Cost at the baseline, then with each lever added cumulatively, then (if given) as measured."""
     table = SavingsTable()
+    for lever in levers:
+        _require_positive(f"the gain of {lever.name}", lever.gain)
     base_plan = plan_fleet(baseline, traffic, usd_per_gpu_hour, target_utilization)
 
     def row(label: str, tp: Throughput, assumed: bool) -> SavingsRow:
@@ -198,7 +222,8 @@ def savings_table(
             gpus=plan.gpus,
             usd_per_day=plan.usd_per_day,
             usd_per_1m_tokens=plan.usd_per_1m_tokens,
-            saving_vs_baseline=1.0 - plan.usd_per_day / base_plan.usd_per_day,
+            # At a price of 0 nothing costs anything, so nothing is saved either.
+            saving_vs_baseline=1.0 - plan.usd_per_day / base_plan.usd_per_day if base_plan.usd_per_day else 0.0,
             assumed=assumed,
         )
 
