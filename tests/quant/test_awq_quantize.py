@@ -131,20 +131,54 @@ def test_quantize_cli_checkpoint_serves_like_its_dequantized_model(
         assert got == expected, backend
 
 
-def test_quality_gate_fails_unless_forced(tiny_llama: Path, word_text: Path, tmp_path: Path, capsys) -> None:
-    args = ["quantize", "--model", str(tiny_llama), "--out", str(tmp_path / "rtn"), "--method", "rtn",
-            "--group-size", "auto", "--data", str(word_text), "--eval-tokens", "256", "--window", "128",
-            "--max-ppl-increase", "-100"]  # perplexity can never drop by 100%: the gate must trip
+def _worse_by(monkeypatch: pytest.MonkeyPatch, pct: float) -> None:
+    """Make the gate's evaluation report a perplexity rise of ``pct`` (a random tiny model's int4 copy may
+    as well score better than the float one, so a real failure cannot be counted on)."""
+    from leanserve.quant import evaluate as evaluate_module
+
+    real = evaluate_module.evaluate
+
+    def worse(*args, **kwargs):
+        result = real(*args, **kwargs)
+        primary = result.datasets[0]
+        primary.ppl = primary.baseline_ppl * (1 + pct / 100)
+        primary.ppl_increase_pct = pct
+        return result
+
+    monkeypatch.setattr(evaluate_module, "evaluate", worse)
+
+
+def test_quality_gate_failure_leaves_no_checkpoint_unless_forced(
+    tiny_llama: Path, word_text: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "rtn"
+    args = ["quantize", "--model", str(tiny_llama), "--out", str(out), "--method", "rtn",
+            "--group-size", "auto", "--data", str(word_text), "--eval-tokens", "256", "--window", "128"]
+    _worse_by(monkeypatch, 10.06)
     assert main(args) == 1
-    assert "quality gate failed" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "quality gate failed" in err and "+10.06%" in err and f"{out} was not written" in err
+    assert list(tmp_path.iterdir()) == []  # neither --out nor the staging folder beside it
     assert main([*args, "--force"]) == 0
     assert "--force: keeping it" in capsys.readouterr().out
-    assert json.loads((tmp_path / "rtn" / "config.json").read_text())["quantization_config"]["group_size"] == 64
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["group_size"] == 64
+    assert [p.name for p in tmp_path.iterdir()] == ["rtn"]
 
 
-def test_group_size_must_divide(tiny_llama: Path, tmp_path: Path) -> None:
-    with pytest.raises(SystemExit, match="does not divide"):
-        main(["quantize", "--model", str(tiny_llama), "--out", str(tmp_path / "x"), "--group-size", "48"])
+def test_crash_while_writing_leaves_no_checkpoint(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from leanserve.quant import awq_format
+
+    def crash(tensors, path, metadata=None):
+        Path(path).write_bytes(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(awq_format, "save_file", crash)
+    with pytest.raises(OSError, match="No space"):
+        main(["quantize", "--model", str(tiny_llama), "--out", str(tmp_path / "out"), "--method", "rtn",
+              "--group-size", str(GROUP), "--skip-eval"])
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_data_free_fallback(tiny_llama: Path, tmp_path: Path, capsys) -> None:

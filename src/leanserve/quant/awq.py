@@ -111,11 +111,20 @@ def text_region(path: Path, start: float, end: float) -> str:
     return text[int(len(text) * start) : int(len(text) * end)]
 
 
+class TextTooShort(ValueError):
+    """The text holds fewer tokens than one window needs; callers name the file and the flag."""
+
+    def __init__(self, tokens: int, needed: int) -> None:
+        super().__init__(f"the text has {tokens} tokens, fewer than one {needed}-token window")
+        self.tokens = tokens
+        self.needed = needed
+
+
 def token_windows(ids: list[int], num: int, seq_len: int) -> torch.Tensor:
     """``num`` non-overlapping windows of ``seq_len`` tokens spread evenly over ``ids``."""
     available = len(ids) // seq_len
     if available == 0:
-        raise ValueError(f"calibration text has {len(ids)} tokens, fewer than one {seq_len}-token window")
+        raise TextTooShort(len(ids), seq_len)
     num = min(num, available)
     starts = [int(i * available / num) * seq_len for i in range(num)]
     return torch.tensor([ids[s : s + seq_len] for s in starts], dtype=torch.long)

@@ -33,6 +33,12 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "generation_config.json",
 )
+# Everything ``write_checkpoint`` may put in a checkpoint folder.
+CHECKPOINT_FILES = frozenset({"config.json", "model.safetensors", *TOKENIZER_FILES})
+# Checkpoints are shared (a cache, or a container running as another uid): readable by everyone, as the
+# GGUF converter leaves its folders. safetensors and mkdtemp would otherwise make them owner-only.
+FILE_MODE = 0o644
+DIR_MODE = 0o755
 
 
 def quantization_config(group_size: int) -> dict[str, Any]:
@@ -154,6 +160,7 @@ def write_checkpoint(
 
     Unquantized tensors are stored in fp16 and ``torch_dtype`` says float16, as AutoAWQ does: vLLM's
     AWQ kernels run in fp16 and pick the dtype from there. (leanserve still runs them in fp32 on CPU.)
+    The folder and its files are readable by every user (``DIR_MODE``, ``FILE_MODE``).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     config = json.loads((src_dir / "config.json").read_text())
@@ -171,3 +178,7 @@ def write_checkpoint(
     for name in TOKENIZER_FILES:
         if (src_dir / name).exists():
             shutil.copy2(src_dir / name, out_dir / name)
+    out_dir.chmod(DIR_MODE)
+    for name in CHECKPOINT_FILES:
+        if (out_dir / name).exists():
+            (out_dir / name).chmod(FILE_MODE)

@@ -160,6 +160,11 @@ def evaluate(
     return result
 
 
+def _cell(value: float | None, width: int, spec: str) -> str:
+    """A right-aligned column; a missing value (no baseline) is a dash padded to the same width."""
+    return ("-" if value is None else format(value, spec)).rjust(width)
+
+
 def format_table(result: EvalResult) -> str:
     mb = lambda b: f"{b / 2**20:.1f} MiB"
     lines = [f"model:    {result.model}  ({mb(result.memory.total_bytes)} weights, linears "
@@ -169,10 +174,9 @@ def format_table(result: EvalResult) -> str:
     header = f"{'data':<24}{'tokens':>8}{'ppl':>10}{'base ppl':>10}{'Δppl %':>9}{'top-1 agr':>11}{'mean KL':>10}"
     lines += [header, "-" * len(header)]
     for d in result.datasets:
-        fmt = lambda v, spec: "-" if v is None else format(v, spec)
         lines.append(
-            f"{d.name:<24}{d.tokens:>8}{d.ppl:>10.3f}{fmt(d.baseline_ppl, '>10.3f')}"
-            f"{fmt(d.ppl_increase_pct, '>+9.2f')}{fmt(d.top1_agreement, '>11.3f')}{fmt(d.mean_kl, '>10.4f')}"
+            f"{d.name:<24}{d.tokens:>8}{d.ppl:>10.3f}{_cell(d.baseline_ppl, 10, '.3f')}"
+            f"{_cell(d.ppl_increase_pct, 9, '+.2f')}{_cell(d.top1_agreement, 11, '.3f')}{_cell(d.mean_kl, 10, '.4f')}"
         )
     lines.append(f"({result.seconds:.0f} s)")
     return "\n".join(lines)
