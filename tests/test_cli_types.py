@@ -14,6 +14,7 @@ from leanserve import cli_types
     (cli_types.positive_float, ["0.001", "2", "1e9"], ["0", "-1", "nan", "inf", "-0.0"]),
     (cli_types.non_negative_float, ["0", "2.5"], ["-0.1", "nan", "inf"]),
     (cli_types.fraction, ["0.01", "1"], ["0", "1.01", "-0.5", "nan"]),
+    (cli_types.unit_interval, ["0", "0.5", "1"], ["1.01", "-0.1", "nan", "inf"]),
     (cli_types.positive_int, ["1", "64"], ["0", "-3", "1.5", "x"]),
     (cli_types.non_negative_int, ["0", "7"], ["-1", "2.0"]),
     (cli_types.port, ["0", "8000", "65535"], ["-1", "65536", "http"]),

@@ -39,12 +39,8 @@ def restore_logging():
         logging.getLogger(n).handlers[:] = handlers
 
 
-BAD = [
+BAD = [  # wrong only together, or only once parsed: run_router says so
     pytest.param([], "nowhere to send requests", id="no-replica-no-discovery"),
-    pytest.param([*REPLICA, "--canary-weight", "2"], "--canary-weight must be in [0, 1], got 2.0",
-                 id="canary-weight-2"),
-    pytest.param([*REPLICA, "--canary-weight", "nan"], "--canary-weight", id="canary-weight-nan"),
-    pytest.param([*REPLICA, "--log-level", "verbose"], "--log-level must be one of", id="log-level"),
     pytest.param(["--discover", "svc"], "--discover wants HOST:PORT, got 'svc'", id="discover-no-port"),
     pytest.param(["--discover", "http://svc:8000"], "--discover wants HOST:PORT", id="discover-url"),
     pytest.param(["--discover", "svc:99999"], "--discover wants HOST:PORT", id="discover-port-range"),
@@ -52,13 +48,21 @@ BAD = [
     pytest.param(["--replica", "localhost:8000"], "--replica 'localhost:8000'", id="replica-host-port"),
     pytest.param(["--replica", "http://a:notaport"], "--replica 'http://a:notaport'", id="replica-bad-port"),
     pytest.param([*REPLICA, "--canary", "ftp://c"], "--canary 'ftp://c'", id="canary-scheme"),
-    pytest.param([*REPLICA, "--max-attempts", "0"], "--max-attempts must be 1 or more, got 0",
-                 id="max-attempts-0"),
-    pytest.param([*REPLICA, "--poll-interval", "0"], "--poll-interval", id="poll-interval-0"),
-    pytest.param([*REPLICA, "--eject-after", "0"], "--eject-after", id="eject-after-0"),
     pytest.param([*REPLICA, "--min-replicas", "3", "--max-replicas", "2"], "--max-replicas",
                  id="max-below-min"),
-    pytest.param([*REPLICA, "--port", "70000"], "--port", id="port-range"),
+]
+
+BAD_VALUES = [  # wrong on their own: argparse's types refuse them while parsing
+    pytest.param(["--canary-weight", "2"], "argument --canary-weight: must be in [0, 1], got '2'",
+                 id="canary-weight-2"),
+    pytest.param(["--canary-weight", "nan"], "argument --canary-weight", id="canary-weight-nan"),
+    pytest.param(["--log-level", "verbose"], "argument --log-level: invalid choice: 'verbose'", id="log-level"),
+    pytest.param(["--max-attempts", "0"], "argument --max-attempts: must be greater than 0, got '0'",
+                 id="max-attempts-0"),
+    pytest.param(["--poll-interval", "0"], "argument --poll-interval", id="poll-interval-0"),
+    pytest.param(["--eject-after", "0"], "argument --eject-after", id="eject-after-0"),
+    pytest.param(["--port", "70000"], "argument --port", id="port-range"),
+    pytest.param(["--latency-target", "-1"], "argument --latency-target", id="latency-target-negative"),
 ]
 
 
@@ -69,6 +73,15 @@ def test_bad_arguments_are_one_line_and_status_2(argv, message, served, restore_
     assert rc == 2 and not served
     assert err.startswith("leanserve router: error: ") and err.count("\n") == 1, err
     assert message in err
+
+
+@pytest.mark.parametrize(("argv", "message"), BAD_VALUES)
+def test_bad_values_are_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exited:
+        parse(*REPLICA, *argv)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and message in err, err
+    assert "Traceback" not in err
 
 
 def test_module_entry_point_exits_2_without_a_traceback():

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
-from collections.abc import Callable
 from urllib.parse import urlsplit
 
+from leanserve.cli_types import non_negative_float, port, positive_float, positive_int, unit_interval
 from leanserve.router.autoscaler import AutoscalerConfig
 from leanserve.router.discovery import parse_target
 from leanserve.router.policies import POLICIES
@@ -20,30 +19,32 @@ CHATTY_LOGGERS = ("httpx", "httpcore")
 
 
 def add_router_arguments(p: argparse.ArgumentParser) -> None:
+    # Ranges are checked by the argparse types (cli_types): a bad number is a usage error, exit 2.
     p.add_argument("--replica", action="append", default=[], metavar="URL",
                    help="replica base URL, e.g. http://127.0.0.1:8000 (repeat for each)")
     p.add_argument("--canary", action="append", default=[], metavar="URL", help="canary replica URL")
-    p.add_argument("--canary-weight", type=float, default=0.05,
-                   help="fraction of requests sent to the canaries (default 0.05)")
+    p.add_argument("--canary-weight", type=unit_interval, default=0.05,
+                   help="fraction of requests sent to the canaries, in [0, 1] (default 0.05)")
     p.add_argument("--discover", metavar="HOST:PORT",
                    help="also follow the replicas a DNS name resolves to (Kubernetes headless Service)")
     p.add_argument("--policy", choices=POLICIES, default="least-loaded")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--poll-interval", type=float, default=0.5, help="seconds between replica polls")
-    p.add_argument("--eject-after", type=int, default=3, help="failed health checks before ejection")
-    p.add_argument("--readmit-after", type=int, default=2, help="passing checks before readmission")
-    p.add_argument("--max-attempts", type=int, default=3, help="replicas tried per request")
-    p.add_argument("--replica-max-concurrency", type=int, default=32,
+    p.add_argument("--port", type=port, default=8080)
+    p.add_argument("--poll-interval", type=positive_float, default=0.5, help="seconds between replica polls")
+    p.add_argument("--eject-after", type=positive_int, default=3, help="failed health checks before ejection")
+    p.add_argument("--readmit-after", type=positive_int, default=2, help="passing checks before readmission")
+    p.add_argument("--max-attempts", type=positive_int, default=3, help="replicas tried per request")
+    p.add_argument("--replica-max-concurrency", type=positive_int, default=32,
                    help="concurrent requests one replica serves within SLO (pack policy, autoscaler)")
-    p.add_argument("--latency-target", type=float, default=0.0,
+    p.add_argument("--latency-target", type=non_negative_float, default=0.0,
                    help="pack policy: p95 seconds above which a replica takes no more (0 = off)")
-    p.add_argument("--prefix-chars", type=int, default=256, help="prefix-affinity key length")
-    p.add_argument("--min-replicas", type=int, default=1, help="autoscaler warm pool")
-    p.add_argument("--max-replicas", type=int, default=8, help="autoscaler ceiling")
-    p.add_argument("--ttft-target", type=float, default=1.0, help="autoscaler p95 TTFT target (s)")
-    p.add_argument("--e2e-target", type=float, default=10.0, help="autoscaler p95 e2e target (s)")
-    p.add_argument("--log-level", default="info", metavar="LEVEL", help=f"one of {', '.join(LOG_LEVELS)}")
+    p.add_argument("--prefix-chars", type=positive_int, default=256, help="prefix-affinity key length")
+    p.add_argument("--min-replicas", type=positive_int, default=1, help="autoscaler warm pool")
+    p.add_argument("--max-replicas", type=positive_int, default=8, help="autoscaler ceiling")
+    p.add_argument("--ttft-target", type=positive_float, default=1.0, help="autoscaler p95 TTFT target (s)")
+    p.add_argument("--e2e-target", type=positive_float, default=10.0, help="autoscaler p95 e2e target (s)")
+    p.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, default="info", metavar="LEVEL",
+                   help=f"one of {', '.join(LOG_LEVELS)}")
 
 
 def add_router_subcommand(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -107,37 +108,15 @@ def _check_discover(args: argparse.Namespace) -> str | None:
     return None
 
 
-def _check_numbers(args: argparse.Namespace) -> str | None:
-    rules: tuple[tuple[str, float, Callable[[float], bool], str], ...] = (
-        ("--canary-weight", args.canary_weight, lambda v: 0 <= v <= 1, "must be in [0, 1]"),
-        ("--max-attempts", args.max_attempts, lambda v: v >= 1, "must be 1 or more"),
-        ("--poll-interval", args.poll_interval, lambda v: v > 0, "must be greater than 0"),
-        ("--eject-after", args.eject_after, lambda v: v >= 1, "must be 1 or more"),
-        ("--readmit-after", args.readmit_after, lambda v: v >= 1, "must be 1 or more"),
-        ("--replica-max-concurrency", args.replica_max_concurrency, lambda v: v >= 1, "must be 1 or more"),
-        ("--latency-target", args.latency_target, lambda v: v >= 0, "must be 0 (off) or more"),
-        ("--prefix-chars", args.prefix_chars, lambda v: v >= 1, "must be 1 or more"),
-        ("--port", args.port, lambda v: 0 <= v <= 65535, "must be a port number in 0-65535"),
-        ("--min-replicas", args.min_replicas, lambda v: v >= 1, "must be 1 or more"),
-        ("--max-replicas", args.max_replicas, lambda v: v >= args.min_replicas, "must be >= --min-replicas"),
-        ("--ttft-target", args.ttft_target, lambda v: v > 0, "must be greater than 0"),
-        ("--e2e-target", args.e2e_target, lambda v: v > 0, "must be greater than 0"),
-    )
-    for flag, value, ok, rule in rules:
-        if not math.isfinite(value) or not ok(value):  # float() takes "nan" and "inf"
-            return f"{flag} {rule}, got {value}"
-    return None
-
-
-def _check_log_level(args: argparse.Namespace) -> str | None:
-    if args.log_level.lower() not in LOG_LEVELS:
-        return f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {args.log_level!r}"
+def _check_replica_bounds(args: argparse.Namespace) -> str | None:
+    if args.max_replicas < args.min_replicas:
+        return f"--max-replicas must be >= --min-replicas, got {args.max_replicas} < {args.min_replicas}"
     return None
 
 
 def argument_error(args: argparse.Namespace) -> str | None:
     """The first thing wrong with the router's arguments, or None."""
-    checks = (_check_targets, _check_urls, _check_discover, _check_numbers, _check_log_level)
+    checks = (_check_targets, _check_urls, _check_discover, _check_replica_bounds)
     return next((problem for check in checks if (problem := check(args))), None)
 
 
@@ -165,5 +144,5 @@ def run_router(args: argparse.Namespace) -> int:
     except ValueError as exc:  # a combination the checks above do not know about yet
         return _fail(str(exc))
     configure_logging(args.log_level)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
