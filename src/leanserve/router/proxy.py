@@ -16,6 +16,7 @@ import httpx
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from leanserve.api.streaming import ClientDisconnected, run_until_disconnect
 from leanserve.router.autoscaler import Autoscaler, AutoscalerConfig, FleetMetrics
 from leanserve.router.discovery import parse_target, resolve_async
 from leanserve.router.health import probe, record_check
@@ -65,29 +66,13 @@ async def _chain(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[byte
         yield chunk
 
 
-async def _wait_for_disconnect(receive: Receive) -> None:
-    # The body was read before routing, so the next message the server has for us is the disconnect.
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
 async def _unless_client_leaves(receive: Receive, work: Awaitable[Response]) -> Response:
     """Await `work`; if the client disconnects first, cancel it (which closes the upstream
     connection, so the replica aborts the generation) and answer nobody."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        # Stop listening before anything else calls receive(): a StreamingResponse listens too.
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-    if task.cancelled():
+        return await run_until_disconnect(receive, work)
+    except ClientDisconnected:
         return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
-    return task.result()
 
 
 class _RelayedStream(StreamingResponse):
