@@ -2,8 +2,8 @@
 # leanserve: `docker build -t leanserve:0.1.0 .`, then run with `--gpus all` (or without, on CPU).
 # The image runs `leanserve <command>`: with no arguments it serves; `docker run IMAGE serve --model X`,
 # `docker run IMAGE router --replica URL ...` (compose and deploy/k8s pass the subcommand the same way).
-# torch from PyPI bundles its own CUDA 12.4 user-space libraries; the base image brings the matching
-# CUDA runtime and the NVIDIA container toolkit hooks, the host brings the driver.
+# torch from PyPI bundles its own CUDA user-space libraries; the base image brings the NVIDIA container
+# toolkit hooks, the host brings the driver.
 FROM nvidia/cuda:12.4.1-runtime-ubuntu22.04
 
 ENV DEBIAN_FRONTEND=noninteractive \
@@ -30,8 +30,11 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv
 
-# The CUDA torch wheel is the largest layer and changes least often: its own layer, pinned.
-RUN pip install --no-cache-dir torch==2.5.1
+# The CUDA torch wheel is the largest layer and changes least often: its own layer, pinned to the stack
+# the Triton kernels were compiled, tested and timed on (torch 2.11 with Triton 3.6, on an H200;
+# benchmarks/RESULTS.md). torch brings its own CUDA user-space libraries, so the host driver must be
+# new enough for them rather than for the base image's CUDA.
+RUN pip install --no-cache-dir torch==2.11.0
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
