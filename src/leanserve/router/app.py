@@ -9,6 +9,7 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 
 from leanserve.router.proxy import Router, RouterConfig, openai_error
@@ -29,7 +30,10 @@ def create_app(config: RouterConfig, transport: httpx.AsyncBaseTransport | None 
     app.state.router = router
 
     async def proxied(request: Request) -> Response:
-        body = await request.body()
+        try:
+            body = await request.body()
+        except ClientDisconnect:  # gone before its request was whole: nothing to forward, nobody to answer
+            return Response(status_code=499)
         return await router.forward(request.method, request.url.path, body, request.headers, request.receive)
 
     for path in ("/v1/completions", "/v1/chat/completions"):
