@@ -291,7 +291,15 @@ def check_env_names(environ: Mapping[str, str]) -> None:
     unknown top-level one (LEANSERVE_MODEL_CACHE), which would leave the setting meant silently at
     its default.
     """
-    unknown = sorted(name for name in environ if _is_ours(name) and not _is_known(name))
+    port = environ.get(f"{ENV_PREFIX}PORT", "")
+    if port.startswith(("tcp://", "udp://")):
+        raise SettingsError(
+            f"{ENV_PREFIX}PORT={port} is a Kubernetes service link (a Service named leanserve in the "
+            "namespace), not a port: set enableServiceLinks: false in the pod spec"
+        )
+    unknown = sorted(
+        name for name in environ if _is_ours(name) and not _is_known(name) and not _SERVICE_LINK.fullmatch(name)
+    )
     if unknown:
         plural = "s" if len(unknown) > 1 else ""
         raise SettingsError(
@@ -299,6 +307,12 @@ def check_env_names(environ: Mapping[str, str]) -> None:
             "setting (LEANSERVE_PORT, LEANSERVE_ENGINE__MAX_NUM_SEQS, ...: see docs/api.md) or one of "
             f"{', '.join(STANDALONE_ENV_VARS)}"
         )
+
+
+# What Kubernetes injects for a Service named leanserve (LEANSERVE_SERVICE_HOST, LEANSERVE_PORT_80_TCP_ADDR,
+# ...): not ours to judge, and harmless since no setting has these names.
+_SERVICE_LINK = re.compile(r"LEANSERVE_(SERVICE_(HOST|PORT)(_\w+)?|PORT_[0-9]+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)",
+                           re.IGNORECASE)
 
 
 def _is_ours(name: str) -> bool:

@@ -198,6 +198,20 @@ def test_the_config_file_must_be_a_yaml_mapping(text: str, needle: str, tmp_path
 
 
 # ---- LEANSERVE_* environment variables ---------------------------------------------------------------
+def test_kubernetes_service_links_are_not_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What Kubernetes injects for a Service named leanserve passes the unknown-name check, and the one
+    that collides with a setting (LEANSERVE_PORT=tcp://...) says what it is."""
+    for name, value in {"LEANSERVE_SERVICE_HOST": "10.0.0.7", "LEANSERVE_SERVICE_PORT": "80",
+                        "LEANSERVE_SERVICE_PORT_HTTP": "80", "LEANSERVE_PORT_80_TCP": "tcp://10.0.0.7:80",
+                        "LEANSERVE_PORT_80_TCP_PROTO": "tcp", "LEANSERVE_PORT_80_TCP_PORT": "80",
+                        "LEANSERVE_PORT_80_TCP_ADDR": "10.0.0.7"}.items():
+        monkeypatch.setenv(name, value)
+    assert load_settings().port == 8000
+    monkeypatch.setenv("LEANSERVE_PORT", "tcp://10.0.0.7:80")
+    with pytest.raises(SettingsError, match="service link.*enableServiceLinks: false"):
+        load_settings()
+
+
 def test_unknown_environment_variables_are_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LEANSERVE_MODEL_CACHE", "/x")  # a typo of LEANSERVE_CACHE_DIR
     with pytest.raises(SettingsError, match="unknown environment variable LEANSERVE_MODEL_CACHE.*LEANSERVE_CACHE_DIR"):

@@ -204,3 +204,11 @@ def test_cache_volume_is_writable_by_the_image_user() -> None:
         pod = dep["spec"]["template"]["spec"]
         if any("persistentVolumeClaim" in v for v in pod.get("volumes", [])):
             assert pod.get("securityContext", {}).get("fsGroup") == int(gid or uid), name
+
+
+def test_no_pod_gets_service_links_that_read_as_settings() -> None:
+    """A Service named leanserve makes Kubernetes inject LEANSERVE_PORT=tcp://... (and more) into every
+    pod of the namespace unless the pod spec turns service links off."""
+    assert "leanserve" in k8s_by_kind("Service"), "no Service named leanserve: this check is moot"
+    for name, deployment in k8s_by_kind("Deployment").items():
+        assert deployment["spec"]["template"]["spec"].get("enableServiceLinks") is False, name
