@@ -74,3 +74,19 @@ def test_unchecked_tokens_grow_the_text_but_never_match_a_stop(tokenizer) -> Non
         if want:
             assert at == cat_ends + 1
             assert detok.text == " the "  # cut where the stop string began, in unchecked text
+
+
+def test_a_short_stop_in_unchecked_text_is_not_found_beside_a_long_one(tokenizer) -> None:
+    """Each stop string is looked for only where it could end in the new text: a longer one in the list
+    must not widen the window over text added unchecked (min_tokens)."""
+    ids = tokenizer(" one. two. three. four", add_special_tokens=False)["input_ids"]
+    prompt_ids = tokenizer("x")["input_ids"]
+    first_dot = next(i for i in range(len(ids)) if tokenizer.decode(ids[: i + 1]).endswith("."))
+    detok = IncrementalDetokenizer(tokenizer, prompt_ids, stop=[".", "a very long stop string"])
+    hit, at = None, None
+    for at, token in enumerate(ids):
+        hit = detok.add_token(token, check_stop=at > first_dot)
+        if hit is not None:
+            break
+    # Not at " two" (the "." behind it was added unchecked) but at the next ".", after "two".
+    assert hit == "." and at > first_dot + 1 and detok.text == " one. two"

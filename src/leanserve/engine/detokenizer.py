@@ -60,10 +60,11 @@ class IncrementalDetokenizer:
             self.read_offset -= drop
         if not self.stop or not check_stop:
             return None
-        search_from = max(0, before - self._hold)
         best: tuple[int, str] | None = None
         for s in self.stop:
-            at = self.text.find(s, search_from)
+            # Each string's own window: only a match that ends in the new text. A shared window (the
+            # longest string's) would find a short one lying wholly in text added unchecked.
+            at = self.text.find(s, max(0, before - len(s) + 1))
             if at != -1 and (best is None or at < best[0]):
                 best = (at, s)
         if best is None:
