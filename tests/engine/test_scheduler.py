@@ -148,3 +148,16 @@ def test_a_running_prefill_takes_the_whole_budget_when_nobody_can_be_admitted() 
     sched.add(seq("queued", 3, arrival=1.0))  # over max_num_seqs: it cannot start this step
     batch = sched.schedule()
     assert [s.request_id for s in batch.seqs] == ["long"] and batch.num_new_tokens == [16]
+
+
+def test_a_less_urgent_newcomer_does_not_take_an_urgent_prefills_budget() -> None:
+    sched = make(max_num_batched_tokens=16)
+    sched.add(seq("urgent", 100, priority=-1))
+    finish_step(sched, sched.schedule())
+    sched.add(seq("routine", 3, arrival=1.0))
+    batch = sched.schedule()
+    assert [s.request_id for s in batch.seqs] == ["urgent"] and batch.num_new_tokens == [16]
+    sched.add(seq("as-urgent", 3, priority=-1, arrival=2.0))
+    batch = sched.schedule()  # one as urgent waits: it gets the half kept back (the queue's head)
+    new = dict(zip([s.request_id for s in batch.seqs], batch.num_new_tokens))
+    assert new["as-urgent"] == 3 and new["urgent"] >= 8 and sum(new.values()) == 16

@@ -87,11 +87,10 @@ class Scheduler:
         self.running.sort(key=lambda s: s.sort_key)
         scheduled: set[int] = set()
         budget = self._schedule_running(batch, scheduled, self.config.max_num_batched_tokens, decodes=True)
-        batch.preempted = self._preempted_this_step
-        # Half of what is left is kept for admission while anyone waits: a 6000-token prompt in 256-token
-        # chunks would otherwise hold every new request's first token for its whole prefill.
-        admitting = bool(self.waiting) and not batch.preempted
-        reserve = budget // 2 if admitting else 0
+        # Half of what is left is kept for admission while someone waits who is as urgent as the running
+        # prefills: a 6000-token prompt in 256-token chunks would otherwise hold every new request's
+        # first token for its whole prefill.
+        reserve = budget // 2 if self._admission_may_share(scheduled) else 0
         budget = self._schedule_running(batch, scheduled, budget - reserve, decodes=False) + reserve
         batch.preempted = self._preempted_this_step
         self._preempted_this_step = []
@@ -99,6 +98,14 @@ class Scheduler:
             budget = self._admit(batch, budget)
         self._extend_prefills(batch, budget)
         return batch
+
+    def _admission_may_share(self, scheduled: set[int]) -> bool:
+        """Whether the waiting head may take budget from the running prefills: nobody was preempted this
+        step (memory is tight), and no running prefill outranks it."""
+        if not self.waiting or self._preempted_this_step:
+            return False
+        head = self.waiting[0].priority
+        return all(head <= s.priority for s in self.running if id(s) not in scheduled)
 
     def _schedule_running(self, batch: ScheduledBatch, scheduled: set[int], budget: int, decodes: bool) -> int:
         """Schedule the running decodes (``decodes``) or prefills in priority order; the budget left."""
