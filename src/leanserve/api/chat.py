@@ -80,15 +80,15 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         for i in range(n)
     ]
     state.validate(prompt_ids, params[0])
+    logprobs = _ChoiceLogprobs(tokenizer, prompt_ids, params[0].skip_special_tokens, n, top_k)
 
-    ticket = state.admit(n)
+    ticket = state.admit(n)  # from here on every path releases it
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     model_name = state.served_model_name
     priority = body.priority or 0
     streams = [
         state.generate(f"{request_id}-{i}", prompt_ids, p, priority) for i, p in enumerate(params)
     ]
-    logprobs = _ChoiceLogprobs(tokenizer, prompt_ids, params[0].skip_special_tokens, n, top_k)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = _stream(streams, n, logprobs, request_id, model_name, include_usage)
@@ -119,6 +119,8 @@ class _ChoiceLogprobs:
         self, tokenizer: object, prompt_ids: list[int], skip_special_tokens: bool, n: int, top_k: int | None
     ) -> None:
         self.top_k = top_k
+        if top_k is None:
+            return  # nothing asked for: no per-token work at all
         self.token_bytes = TokenBytes(tokenizer)
         # One per choice: each reads its tokens in the context of its own earlier ones.
         self.outputs = [OutputPieces(tokenizer, prompt_ids, skip_special_tokens) for _ in range(n)]
