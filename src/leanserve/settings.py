@@ -56,7 +56,7 @@ _SIZE_UNITS = {
     "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
 }
-_SIZE_RE = re.compile(r"\s*([+-]?[0-9][0-9_.]*(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z%]*)\s*")
+_SIZE_RE = re.compile(r"\s*([+-]?\.?[0-9][0-9_.]*(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z%]*)\s*")
 _DEVICE_RE = re.compile(r"auto|cpu|cuda(?::[0-9]+)?")
 
 

@@ -132,6 +132,7 @@ def kv_from_every_source(text: str, tmp_path: Path, monkeypatch: pytest.MonkeyPa
 KV_MEANINGS = {
     "1": 1.0,  # all free memory, never one byte
     "0.5": 0.5,
+    ".5": 0.5,  # float() reads it, so the flag always did
     "90%": 0.9,
     "1073741824": 1 << 30,
     "4e9": 4_000_000_000,
