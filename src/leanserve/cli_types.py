@@ -70,14 +70,6 @@ def positive_int(text: str) -> int:
     return value
 
 
-def non_negative_int(text: str) -> int:
-    """A whole number >= 0."""
-    value = _integer(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text!r}")
-    return value
-
-
 def port(text: str) -> int:
     """A TCP port, 0-65535 (0: any free port)."""
     value = _integer(text)
