@@ -1,7 +1,8 @@
 """Engine ``TokenLogprob``s -> the two OpenAI shapes: completions' parallel lists and chat's objects.
 
-Both list exactly the tokens whose text the client gets, each with the text it adds (``TokenText``):
-``OutputPieces`` follows a choice's text as the engine hands it out and releases tokens only that far.
+Both list exactly the tokens whose text the client gets, each with the text it adds (the engine's
+``IncrementalDecoder``, which also builds the text itself): ``OutputPieces`` follows a choice's text
+as the engine hands it out and releases tokens only that far.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from leanserve.api.protocol import ChatTokenLogprob, CompletionLogprobs, TopLogprob
-from leanserve.api.tokens import TokenBytes, TokenText, finite
+from leanserve.api.tokens import TokenBytes, finite
+from leanserve.engine.detokenizer import IncrementalDecoder
 from leanserve.engine.llm_engine import TokenLogprob
 
 
@@ -31,7 +33,7 @@ class Piece:
         return [(t, self.text if t == self.token_id else text, lp) for t, text, lp in self.top]
 
 
-def _next_piece(token_text: TokenText, token_id: int, entry: TokenLogprob | None, offset: int) -> Piece:
+def _next_piece(token_text: IncrementalDecoder, token_id: int, entry: TokenLogprob | None, offset: int) -> Piece:
     """``token_id`` (with its logprobs in ``entry``) as the next piece after ``token_text``'s context."""
     top = [(t, token_text.peek(t), finite(lp)) for t, lp in entry.top] if entry is not None else []
     text = token_text.add(token_id)
@@ -54,7 +56,7 @@ class OutputPieces:
     """
 
     def __init__(self, tokenizer: object, prompt_token_ids: list[int], skip_special_tokens: bool) -> None:
-        self.token_text = TokenText(tokenizer, prompt_token_ids, skip_special_tokens)
+        self.token_text = IncrementalDecoder(tokenizer, prompt_token_ids, skip_special_tokens)
         self.pending: deque[Piece] = deque()
         self.end = 0  # characters in the pieces so far
         self.shown = 0  # characters of text handed out so far
@@ -122,7 +124,7 @@ class CompletionLogprobsBuilder:
 
     def add_prompt(self, prompt_token_ids: list[int], prompt_logprobs: list[TokenLogprob | None]) -> None:
         """Echo: the prompt's tokens, decoded as the echoed text is (special tokens kept)."""
-        token_text = TokenText(self.tokenizer)
+        token_text = IncrementalDecoder(self.tokenizer, skip_special_tokens=False)
         offset = 0
         for token_id, entry in zip(prompt_token_ids, prompt_logprobs, strict=False):
             piece = _next_piece(token_text, token_id, entry, offset)

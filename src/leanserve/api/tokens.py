@@ -73,61 +73,6 @@ def render_chat(tokenizer: Any, messages: list[ChatMessage], add_generation_prom
     return text
 
 
-class TokenText:
-    """Each token's text as it reads in the decoded output (" world", not "world"), for logprobs.
-
-    The same steps as the engine's incremental detokenizer (``engine/detokenizer.py``), so that the
-    pieces of a choice's tokens concatenate to exactly the text the engine produced: a token is decoded
-    together with the tokens since the last complete character (and a few before them, for merges
-    around a boundary) and adds what lies beyond their text. A token that ends inside a multi-byte
-    character (byte-level BPE splits "¿" into two tokens) adds "", and the character comes with the
-    token that completes it: decoding that token alone would invent a U+FFFD the text never has.
-    """
-
-    _CONTEXT = 5
-
-    def __init__(self, tokenizer: Any, context: list[int] | None = None, skip_special_tokens: bool = False) -> None:
-        self.tokenizer = tokenizer
-        self.skip_special_tokens = skip_special_tokens
-        self.ids = list((context or [])[-self._CONTEXT :])
-        self.prefix_offset = 0  # ids[prefix_offset:read_offset] decode to text already handed out
-        self.read_offset = len(self.ids)  # ids after it end inside a character, so add nothing yet
-        self._prefix: str | None = None
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
-
-    def _decoded(self, token_id: int) -> tuple[str, str]:
-        """The text before ``token_id`` and the text with it, over the same window of tokens."""
-        if self._prefix is None:
-            self._prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
-        return self._prefix, self._decode([*self.ids[self.prefix_offset :], token_id])
-
-    def peek(self, token_id: int) -> str:
-        """What ``token_id`` would add here, for a top_logprobs alternative (nothing changes).
-
-        An alternative that ends inside a character has no later token to complete it, so its text
-        keeps the U+FFFD (its bytes say exactly what it is).
-        """
-        prefix, full = self._decoded(token_id)
-        return full[len(prefix) :]
-
-    def add(self, token_id: int) -> str:
-        """Append the chosen ``token_id``; returns the text it adds ("" while a character is incomplete)."""
-        prefix, full = self._decoded(token_id)
-        self.ids.append(token_id)
-        if len(full) <= len(prefix) or full.endswith("\ufffd"):
-            return ""
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        self._prefix = None
-        if self.prefix_offset > self._CONTEXT:  # keep the window as short as the decode needs
-            drop = self.prefix_offset - self._CONTEXT
-            del self.ids[:drop]
-            self.prefix_offset -= drop
-            self.read_offset -= drop
-        return full[len(prefix) :]
-
-
 # GPT-2's byte-level BPE alphabet, character -> byte (every byte is one visible character).
 _BYTE_LEVEL = {char: byte for byte, char in bytes_to_unicode().items()}
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
