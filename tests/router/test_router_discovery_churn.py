@@ -80,3 +80,24 @@ def test_static_replicas_survive_discovery_however_they_were_spelled(monkeypatch
     router = Router(RouterConfig(replicas=["http://static:8000/"], discover="svc:8000"))
     asyncio.run(router._sync_discovered())
     assert [r.url for r in router.replicas] == ["http://static:8000", "http://10.0.0.1:8000"]
+
+
+def test_a_request_ending_on_a_retired_replica_leaves_its_returned_address_alone(monkeypatch):
+    """A pod restarted in place: the old object's last request must not write the new one's gauge."""
+    answer = ["http://10.0.0.1:8000"]
+    follow(monkeypatch, answer)
+    router = Router(RouterConfig(replicas=[], discover="svc:8000"))
+    asyncio.run(router._sync_discovered())
+    old = router.replicas[0]
+    old.in_flight = 2  # two requests still on the old pod
+    answer[:] = ["http://10.0.0.2:8000"]
+    asyncio.run(router._sync_discovered())
+    answer[:] = ["http://10.0.0.1:8000"]
+    asyncio.run(router._sync_discovered())
+    new = next(r for r in router.replicas if r.url == old.url)
+    new.in_flight = 1
+    gauge = router.metrics.in_flight.labels(new.url)
+    gauge.set(1)
+    router._release(old)
+    router._release(old)
+    assert old.in_flight == 0 and gauge._value.get() == 1

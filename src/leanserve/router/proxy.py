@@ -268,8 +268,9 @@ class Router:
     def _release(self, r: ReplicaState) -> None:
         """The last thing an attempt does to `r`'s metrics: a retired replica's series go after it."""
         r.in_flight -= 1
-        self.metrics.in_flight.labels(r.url).set(r.in_flight)
-        if r.retired and r.in_flight == 0:
+        if not r.retired:
+            self.metrics.in_flight.labels(r.url).set(r.in_flight)
+        elif r.in_flight == 0:  # a retired one's gauge is left alone: its address may be a new replica's now
             self._forget(r)
 
     async def forward(self, method: str, path: str, body: bytes, headers: Mapping[str, str],
