@@ -205,3 +205,35 @@ def test_contiguous_blocks_are_read_as_a_view_with_the_same_tokens(
     assert used[True] and sum(used[True]) >= 0.9 * len(used[True])
     assert used[False] and not any(used[False])  # the comparison run did gather
     assert tokens[True] == tokens[False] and all(len(t) == 40 for t in tokens[True])
+
+
+def test_prompt_logprobs_survive_a_preemption_mid_prefill(tiny_llama_dir: Path) -> None:
+    """A recompute after preemption restarts the prefill in chunks that need not meet where the first
+    pass stopped; every prompt token still gets its logprob, equal to an unpreempted run's."""
+    # fp32: bf16 matmuls block by chunk shape, so chunks of 17 and 24 rows would differ in the 3rd digit.
+    engine = LLMEngine(EngineConfig(model=str(tiny_llama_dir), kv_cache_memory=1 << 20, max_model_len=256,
+                                    max_batch_wait_ms=0, max_num_batched_tokens=24, cpu_matmul_dtype="float32"))
+    prompt = [(7 * i) % 250 + 3 for i in range(100)]
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1)
+
+    def prompt_logprobs(preempt_after: int | None) -> list:
+        engine.add_request("p", prompt, params)
+        seq, steps, got = engine.seqs["p"], 0, None
+        while engine.has_unfinished_requests():
+            if steps == preempt_after:
+                assert 0 < seq.num_computed_tokens < len(prompt) - 1  # mid-prefill
+                engine.scheduler._preempt(seq)  # as when blocks run out
+                engine.scheduler._preempted_this_step.clear()
+                # Recompute in chunks that straddle where the first pass stopped.
+                engine.scheduler.config.max_num_batched_tokens = 17
+            for out in engine.step():
+                got = out.prompt_logprobs if out.prompt_logprobs is not None else got
+            steps += 1
+        engine.scheduler.config.max_num_batched_tokens = 24
+        return got
+
+    alone = prompt_logprobs(None)
+    preempted = prompt_logprobs(2)  # after 48 of 100 tokens
+    assert len(alone) == len(prompt) and len(preempted) == len(prompt)
+    assert preempted[0] is None and [e.token_id for e in preempted[1:]] == prompt[1:]
+    assert all(abs(a.logprob - b.logprob) < 1e-4 for a, b in zip(alone[1:], preempted[1:], strict=True))

@@ -262,11 +262,7 @@ class LLMEngine:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
             reaches_end = seq.num_computed_tokens + num_new == len(seq.token_ids)
-            want_prompt = (
-                seq.prompt_logprobs is not None
-                and len(seq.prompt_logprobs) == seq.num_computed_tokens + 1
-                and seq.num_computed_tokens < seq.num_prompt_tokens - 1
-            )
+            want_prompt = self._chunk_adds_prompt_logprobs(seq, num_new)
             step_seqs.append(
                 StepSeq(
                     token_ids=seq.token_ids,
@@ -292,12 +288,15 @@ class LLMEngine:
         outputs = []
         now = time.monotonic()
         for seq, num_new, result in zip(batch.seqs, batch.num_new_tokens, results, strict=False):
-            seq.num_computed_tokens += num_new
             if result.prompt_logprobs:
+                # The chunk starts at num_computed_tokens; after a preemption its first positions
+                # may predict tokens that already have their logprobs.
+                known = len(seq.prompt_logprobs) - 1 - seq.num_computed_tokens
                 seq.prompt_logprobs.extend(
                     TokenLogprob(seq.token_ids[len(seq.prompt_logprobs)], lp, top)
-                    for lp, top in result.prompt_logprobs
+                    for lp, top in result.prompt_logprobs[known:]
                 )
+            seq.num_computed_tokens += num_new
             if result.token_id is None:
                 self.block_manager.cache_full_blocks(seq)
                 continue
@@ -322,6 +321,18 @@ class LLMEngine:
         stats.step_seconds = time.perf_counter() - start
         self.last_step = stats
         return outputs
+
+    @staticmethod
+    def _chunk_adds_prompt_logprobs(seq: Sequence, num_new: int) -> bool:
+        """Whether this chunk computes the next prompt token's missing prediction: position
+        ``len(prompt_logprobs) - 1`` predicts it. After a preemption the recompute restarts at 0 (or
+        wherever its chunks fall), so the chunk need only cover that position, not start at it."""
+        if seq.prompt_logprobs is None:
+            return False
+        position = len(seq.prompt_logprobs) - 1
+        return position < seq.num_prompt_tokens - 1 and (
+            seq.num_computed_tokens <= position < seq.num_computed_tokens + num_new
+        )
 
     def _blocked_token_ids(self, seq: Sequence) -> tuple[int, ...]:
         """The ids that would end ``seq`` but may not yet: the next token is short of ``min_tokens``."""
