@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 def finite_float(text: str) -> float:
@@ -23,56 +27,28 @@ def finite_float(text: str) -> float:
     return value
 
 
-def positive_float(text: str) -> float:
-    """A finite number > 0."""
-    value = finite_float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text!r}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    """A finite number >= 0."""
-    value = finite_float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text!r}")
-    return value
-
-
-def fraction(text: str) -> float:
-    """A number in (0, 1]."""
-    value = finite_float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text!r}")
-    return value
-
-
-def unit_interval(text: str) -> float:
-    """A number in [0, 1] (a share that may be none or all)."""
-    value = finite_float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text!r}")
-    return value
-
-
-def _integer(text: str) -> int:
+def integer(text: str) -> int:
+    """Any whole number."""
     try:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
 
 
-def positive_int(text: str) -> int:
-    """A whole number > 0."""
-    value = _integer(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text!r}")
-    return value
+def ranged(parse: Callable[[str], T], ok: Callable[[T], bool], rule: str) -> Callable[[str], T]:
+    """A validator: ``parse`` the text, then require ``ok`` of the value ("must be {rule}" otherwise)."""
+    def validate(text: str) -> T:
+        value = parse(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}")
+        return value
+
+    return validate
 
 
-def port(text: str) -> int:
-    """A TCP port, 0-65535 (0: any free port)."""
-    value = _integer(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port number in 0-65535, got {text!r}")
-    return value
+positive_float = ranged(finite_float, lambda v: v > 0, "greater than 0")
+non_negative_float = ranged(finite_float, lambda v: v >= 0, "0 or more")
+fraction = ranged(finite_float, lambda v: 0 < v <= 1, "in (0, 1]")
+unit_interval = ranged(finite_float, lambda v: 0 <= v <= 1, "in [0, 1]")  # a share that may be none or all
+positive_int = ranged(integer, lambda v: v > 0, "greater than 0")
+port = ranged(integer, lambda v: 0 <= v <= 65535, "a port number in 0-65535")  # 0: any free port

@@ -13,27 +13,17 @@ import argparse
 import os
 from pathlib import Path
 
-from leanserve.cli_types import finite_float, positive_int
+from leanserve.cli_types import finite_float, positive_int, ranged
 
 
 class UsageError(ValueError):
     """A bad input found after parsing: the commands print it as one line and exit 2."""
 
 
-def window_size(text: str) -> int:
-    """Tokens per perplexity window: at least 2, since a window scores its last ``window - 1`` tokens."""
-    value = positive_int(text)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"must be at least 2, got {text!r}")
-    return value
-
-
-def open_fraction(text: str) -> float:
-    """A fraction strictly between 0 and 1 (either end would leave one side of a split empty)."""
-    value = finite_float(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (both excluded), got {text!r}")
-    return value
+# A perplexity window scores its last ``window - 1`` tokens, so it needs at least 2.
+window_size = ranged(positive_int, lambda v: v >= 2, "at least 2")
+# Either end of a split fraction would leave one side empty.
+open_fraction = ranged(finite_float, lambda v: 0 < v < 1, "between 0 and 1 (both excluded)")
 
 
 def group_size(text: str) -> str | int:
