@@ -8,7 +8,6 @@ argv, the crash loop a container would be in) and a `serve` container's environm
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import importlib.metadata
 import io
@@ -18,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.deploy.conftest import ROOT
 from tests.deploy.containers import (
     Container,
     Image,
@@ -127,35 +125,12 @@ def settings_env_names() -> set[str]:
     return names
 
 
-def _is_environ(node: ast.AST) -> bool:
-    return (isinstance(node, ast.Attribute) and node.attr == "environ") or (
-        isinstance(node, ast.Name) and node.id == "environ")
-
-
-def _read_names(tree: ast.AST) -> set[str]:
-    """Literal names read through os.environ.get / os.getenv / os.environ[...] / `in os.environ`."""
-    found = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and node.args:
-            f = node.func
-            reads = (isinstance(f, ast.Attribute) and f.attr == "get" and _is_environ(f.value)) or (
-                isinstance(f, ast.Attribute) and f.attr == "getenv") or (isinstance(f, ast.Name) and f.id == "getenv")
-            if reads:
-                found.append(node.args[0])
-        elif isinstance(node, ast.Subscript) and _is_environ(node.value):
-            found.append(node.slice)
-        elif isinstance(node, ast.Compare) and any(isinstance(op, ast.In) for op in node.ops):
-            if any(_is_environ(c) for c in node.comparators):
-                found.append(node.left)
-    return {n.value for n in found if isinstance(n, ast.Constant) and isinstance(n.value, str)}
-
-
 def standalone_env_names() -> set[str]:
-    """LEANSERVE_* variables the code reads itself, outside the settings model."""
-    names: set[str] = set()
-    for source in [*(ROOT / "src" / "leanserve").rglob("*.py"), *(ROOT / "kernels").rglob("*.py")]:
-        names |= _read_names(ast.parse(source.read_text(), filename=str(source)))
-    return {n for n in names if n.startswith("LEANSERVE_")}
+    """LEANSERVE_* variables the code reads itself, outside the settings model: the list in settings,
+    which tests/api/test_settings.py keeps equal to what src/ and kernels/ read."""
+    from leanserve.settings import STANDALONE_ENV_VARS
+
+    return set(STANDALONE_ENV_VARS)
 
 
 def unknown_env_names(named: dict[str, set[str]]) -> list[str]:
