@@ -61,7 +61,8 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, rows: list[SampleRequest]) -> SamplerOutput:
         logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1)
-        processed = self._block_tokens(self._apply_penalties_and_bias(logits, rows), rows)
+        edited = self._apply_penalties_and_bias(logits, rows)
+        processed = self._block_tokens(edited, rows, owned=edited is not logits)
         greedy = [r.params.greedy for r in rows]
         if all(greedy):
             tokens = processed.argmax(dim=-1)
@@ -112,7 +113,7 @@ class Sampler:
         return logits
 
     @staticmethod
-    def _block_tokens(logits: torch.Tensor, rows: list[SampleRequest]) -> torch.Tensor:
+    def _block_tokens(logits: torch.Tensor, rows: list[SampleRequest], owned: bool) -> torch.Tensor:
         """Every row's blocked ids at -inf, in one indexed write for the whole batch. Last of the logit
         edits, so that no bias can lift a blocked token back."""
         if not any(r.blocked_token_ids for r in rows):
@@ -123,8 +124,11 @@ class Sampler:
         if not pairs:
             return logits
         index = torch.tensor(pairs, dtype=torch.long, device=logits.device).T
-        # Out of place: ``logits`` may be the caller's tensor when no bias or penalty cloned it.
-        return logits.index_put((index[0], index[1]), torch.tensor(float("-inf"), device=logits.device))
+        minus_inf = torch.tensor(float("-inf"), device=logits.device)
+        if owned:  # a bias or penalty already copied the logits: edit that copy
+            return logits.index_put_((index[0], index[1]), minus_inf)
+        # Out of place: ``logits`` is the caller's tensor.
+        return logits.index_put((index[0], index[1]), minus_inf)
 
     @staticmethod
     def _sample(
